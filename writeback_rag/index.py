@@ -1,0 +1,206 @@
+"""Derived indexes: FAISS for dense vectors (file + manifest) and BM25 over postings kept in SQLite."""
+
+import json
+import math
+import os
+from collections import Counter
+
+import numpy as np
+
+from . import __version__
+from .text import bm25_tokens
+
+# ---- dense ---------------------------------------------------------------------------------
+
+
+class DenseIndex:
+    """Inner product over normalized vectors = cosine; ids are chunk ids."""
+
+    def __init__(self, dim, kind="flat", hnsw_m=32):
+        import faiss
+
+        self.faiss = faiss
+        self.dim, self.kind = dim, kind
+        if kind == "hnsw":
+            base = faiss.IndexHNSWFlat(dim, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efSearch = 128
+        elif kind == "flat":
+            base = faiss.IndexFlatIP(dim)
+        else:
+            raise ValueError(f"unknown dense index kind {kind!r} (flat or hnsw)")
+        self.index = faiss.IndexIDMap2(base)
+
+    @property
+    def count(self):
+        return self.index.ntotal
+
+    @property
+    def can_remove(self):
+        return self.kind == "flat"
+
+    def add(self, ids, vectors):
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+
+    def remove(self, ids):
+        if len(ids):
+            self.index.remove_ids(np.asarray(ids, dtype=np.int64))
+
+    def search(self, qvec, n, allowed=None):
+        """Top-n (ids, scores); `allowed` (array of chunk ids) restricts the search via an IDSelector."""
+        if self.count == 0 or n <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        params = None
+        if allowed is not None:
+            allowed = np.asarray(allowed, dtype=np.int64)
+            if len(allowed) == 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            sel = self.faiss.IDSelectorBatch(len(allowed), self.faiss.swig_ptr(allowed))
+            params = self.faiss.SearchParametersHNSW(sel=sel, efSearch=128) if self.kind == "hnsw" \
+                else self.faiss.SearchParameters(sel=sel)
+        scores, ids = self.index.search(np.asarray(qvec, dtype=np.float32).reshape(1, -1), min(n, self.count),
+                                        params=params)
+        keep = ids[0] >= 0
+        return ids[0][keep], scores[0][keep]
+
+    def save(self, path, manifest):
+        """Temp file + rename, index first then manifest: a crash leaves a stale manifest, never a torn index."""
+        tmp = path + ".tmp"
+        self.faiss.write_index(self.index, tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        manifest = dict(manifest, package_version=__version__, faiss_version=self.faiss.__version__,
+                        dim=self.dim, metric="inner_product", kind=self.kind, count=self.count)
+        write_json_atomic(path + ".manifest.json", manifest)
+
+    @classmethod
+    def load(cls, path, expect):
+        """The saved index if its manifest matches `expect` (model_id, dim, kind, generation), else (None, why)."""
+        mpath = path + ".manifest.json"
+        if not os.path.exists(path) or not os.path.exists(mpath):
+            return None, "missing"
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            return None, "corrupt manifest"
+        for key, want in expect.items():
+            if manifest.get(key) != want:
+                return None, f"stale ({key} {manifest.get(key)!r} != {want!r})"
+        import faiss
+
+        try:
+            index = faiss.read_index(path)
+        except Exception:
+            return None, "corrupt index file"
+        if index.ntotal != manifest.get("count") or index.d != manifest.get("dim"):
+            return None, "corrupt index file (count or dim differs from manifest)"
+        obj = cls.__new__(cls)
+        obj.faiss, obj.dim, obj.kind, obj.index = faiss, index.d, manifest["kind"], index
+        return obj, "ok"
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- BM25 ----------------------------------------------------------------------------------
+
+
+def write_postings(conn, term_ids, chunk_id, text):
+    """Index one chunk inside the caller's transaction; returns its BM25 length."""
+    counts = Counter(bm25_tokens(text))
+    rows = []
+    for term, tf in counts.items():
+        tid = term_ids.get(term)
+        if tid is None:
+            conn.execute("INSERT OR IGNORE INTO terms(term) VALUES (?)", (term,))
+            tid = conn.execute("SELECT id FROM terms WHERE term=?", (term,)).fetchone()[0]
+            term_ids[term] = tid
+        rows.append((tid, chunk_id, tf))
+    conn.executemany("INSERT OR REPLACE INTO postings(term_id, chunk_id, tf) VALUES (?,?,?)", rows)
+    return sum(counts.values())
+
+
+def delete_postings(conn, chunk_ids):
+    conn.executemany("DELETE FROM postings WHERE chunk_id=?", [(int(c),) for c in chunk_ids])
+
+
+def load_term_ids(conn):
+    return {term: tid for tid, term in conn.execute("SELECT id, term FROM terms")}
+
+
+class BM25:
+    """Okapi BM25 scored exactly like rank-bm25's BM25Okapi, over an in-memory copy of the postings.
+
+    SQLite holds the postings in the same transactions as the documents, so the engine can never
+    disagree with the store after a crash; this class only caches them as numpy arrays per term."""
+
+    def __init__(self, conn, k1=1.2, b=0.75, epsilon=0.25):
+        self.k1, self.b, self.epsilon = float(k1), float(b), epsilon
+        term_ids = {tid: term for tid, term in conn.execute("SELECT id, term FROM terms")}
+        lens = conn.execute(
+            "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'"
+        ).fetchall()
+        self.n_docs = len(lens)
+        max_id = max((r[0] for r in lens), default=0)
+        self.doc_len = np.zeros(max_id + 1, dtype=np.float32)
+        if lens:
+            arr = np.array(lens, dtype=np.int64)
+            self.doc_len[arr[:, 0]] = arr[:, 1]
+        self.avgdl = float(self.doc_len.sum() / self.n_docs) if self.n_docs else 1.0
+        rows = conn.execute("SELECT term_id, chunk_id, tf FROM postings ORDER BY term_id").fetchall()
+        self.postings = {}
+        if rows:
+            arr = np.array(rows, dtype=np.int64)
+            bounds = np.flatnonzero(np.diff(arr[:, 0])) + 1
+            for part in np.split(arr, bounds):
+                term = term_ids[int(part[0, 0])]
+                self.postings[term] = (part[:, 1].copy(), part[:, 2].astype(np.float32))
+        idf = {}
+        for term, (ids, _) in self.postings.items():
+            df = len(ids)
+            idf[term] = math.log(self.n_docs - df + 0.5) - math.log(df + 0.5)
+        avg_idf = sum(idf.values()) / len(idf) if idf else 0.0
+        floor = self.epsilon * avg_idf
+        self.idf = {t: (v if v >= 0 else floor) for t, v in idf.items()}
+        # per-term BM25 contributions precomputed once: query time is a few numpy adds
+        self.contrib = {}
+        for term, (ids, tf) in self.postings.items():
+            norm = self.k1 * (1 - self.b + self.b * self.doc_len[ids] / self.avgdl)
+            self.contrib[term] = (ids, (self.idf[term] * tf * (self.k1 + 1) / (tf + norm)).astype(np.float32))
+
+    def search(self, query, n, allowed=None):
+        """Top-n (chunk ids, scores) for a query string; `allowed` is a boolean mask over chunk ids."""
+        scores = np.zeros(len(self.doc_len), dtype=np.float32)
+        hit = False
+        for term in bm25_tokens(query):
+            entry = self.contrib.get(term)
+            if entry is not None:
+                scores[entry[0]] += entry[1]
+                hit = True
+        if not hit:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if allowed is not None:
+            m = min(len(allowed), len(scores))
+            scores[:m][~allowed[:m]] = 0
+            scores[m:] = 0
+        cand = np.flatnonzero(scores > 0)
+        if len(cand) > n:
+            cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
+        order = np.lexsort((cand, -scores[cand]))
+        cand = cand[order]
+        return cand.astype(np.int64), scores[cand]

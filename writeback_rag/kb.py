@@ -1,0 +1,639 @@
+"""KnowledgeBase: the public API that the CLI and other apps use."""
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import config as cfgmod
+from . import store
+from .backends import embedder_model_id, get_embedder
+from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, WbragError
+from .index import BM25, DenseIndex, delete_postings, load_term_ids, write_postings
+from .loaders import Problem, Record, read_paths
+from .text import chunk_text, content_hash, count_tokens
+
+DB_NAME, DENSE_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "config.toml"
+MODES = ("bm25", "dense", "hybrid")
+
+
+@dataclass
+class Hit:
+    rank: int
+    chunk_id: int
+    doc_id: str
+    title: str
+    text: str
+    kind: str
+    score: float
+    bm25: float | None = None
+    dense: float | None = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    query_id: int | None
+    query: str
+    mode: str
+    hits: list
+    latency_ms: float
+
+    def to_dict(self):
+        return {"query_id": self.query_id, "query": self.query, "mode": self.mode,
+                "latency_ms": round(self.latency_ms, 2), "hits": [h.to_dict() for h in self.hits]}
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    chunks: int = 0
+    skipped: list = field(default_factory=list)  # Problem
+
+    @property
+    def errors(self):
+        return [p for p in self.skipped if p.error]
+
+    def summary(self):
+        s = f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, skipped {len(self.skipped)}"
+        return s + f" ({self.chunks} chunks embedded)"
+
+
+class KnowledgeBase:
+    """A folder: kb.sqlite (truth), dense.faiss + manifest (derived), config.toml."""
+
+    def __init__(self, path, cfg, embedder=None, notify=None):
+        self.path = os.path.abspath(path)
+        self.config = cfg
+        self.db_path = os.path.join(self.path, DB_NAME)
+        self.dense_path = os.path.join(self.path, DENSE_NAME)
+        self._conns = store.Connections(self.db_path)
+        self._lock = threading.RLock()
+        self._embedder = embedder
+        self._dense, self._dense_gen = None, None
+        self._bm25, self._bm25_gen = None, None
+        self._notify = notify or (lambda msg: print(f"wbrag: {msg}", file=sys.stderr))
+        self._llm = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, embedder=None, config=None, notify=None):
+        """Make a new KB folder; `embedder` is a registered name, model name or path (default: minilm)."""
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, DB_NAME)):
+            raise InputError(f"{path}: a knowledge base already exists here; use it or pick another folder")
+        os.makedirs(path, exist_ok=True)
+        overrides = dict(config or {})
+        if embedder is not None:
+            overrides["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
+        cfg = cfgmod.merged(overrides)
+        cfgmod.dump(cfg, os.path.join(path, CONFIG_NAME))
+        conn = store.connect(os.path.join(path, DB_NAME))
+        store.migrate(conn)
+        with store.transaction(conn):
+            store.set_meta(conn, "model_id", embedder_model_id(cfg["embedder"]))
+            store.set_meta(conn, "generation", 0)
+            store.set_meta(conn, "created", time.time())
+        conn.close()
+        return cls.open(path, notify=notify)
+
+    @classmethod
+    def open(cls, path, embedder=None, notify=None):
+        """Open an existing KB; refuses one built with another embedder than `embedder`/config asks for."""
+        path = os.path.abspath(path)
+        db = os.path.join(path, DB_NAME)
+        if not os.path.isfile(db):
+            raise NotAKnowledgeBase(f"{path}: not a writeback-rag knowledge base (no {DB_NAME}); "
+                                    f"create one with: wbrag init --kb {path}")
+        cfg = cfgmod.load(os.path.join(path, CONFIG_NAME)) if os.path.exists(os.path.join(path, CONFIG_NAME)) \
+            else cfgmod.merged()
+        if embedder is not None:
+            cfg["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
+        try:
+            conn = store.connect(db)
+            store.migrate(conn)
+            built_with = store.get_meta(conn, "model_id")
+            conn.close()
+        except Exception as e:
+            raise NotAKnowledgeBase(f"{db}: cannot open the database ({e}); restore it from a backup") from None
+        wanted = embedder_model_id(cfg["embedder"])
+        if built_with and wanted != built_with:
+            raise EmbedderMismatch(
+                f"{path} was built with embedder {built_with!r} but {wanted!r} is configured; use the original "
+                f"embedder, or re-embed everything with: wbrag reindex --kb {path} --re-embed --embedder {cfg['embedder'].get('name')}")
+        return cls(path, cfg, notify=notify)
+
+    def close(self):
+        self._conns.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def conn(self):
+        return self._conns.get()
+
+    @property
+    def embedder(self):
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = get_embedder(self.config["embedder"])
+            return self._embedder
+
+    @property
+    def generation(self):
+        return int(store.get_meta(self.conn, "generation", 0))
+
+    @property
+    def model_id(self):
+        return store.get_meta(self.conn, "model_id")
+
+    # ---- indexes -----------------------------------------------------------------------
+
+    def _dense_expect(self, gen):
+        return {"model_id": self.model_id, "generation": gen, "kind": self.config["dense"]["index"]}
+
+    def _active_embeddings(self, conn, batch=20000):
+        """(ids, vectors) of every indexed chunk, read in batches from the stored float32 blobs."""
+        dim = None
+        ids, vecs = [], []
+        for cid, blob in conn.execute("SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                      "WHERE d.status='active' ORDER BY c.id"):
+            ids.append(cid)
+            vecs.append(blob)
+        if not ids:
+            return np.zeros(0, dtype=np.int64), None
+        dim = len(vecs[0]) // 4
+        arr = np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), dim)
+        return np.asarray(ids, dtype=np.int64), arr
+
+    def _build_dense(self, conn):
+        ids, vecs = self._active_embeddings(conn)
+        dim = vecs.shape[1] if vecs is not None else int(store.get_meta(conn, "dim", 0) or 0) or self.embedder.dim
+        d = DenseIndex(dim, self.config["dense"]["index"], self.config["dense"].get("hnsw_m", 32))
+        if len(ids):
+            d.add(ids, vecs)
+        return d
+
+    def _ensure_indexes(self, need_dense=True):
+        """Bring the in-memory indexes up to the DB generation: load the saved FAISS file when its
+        manifest matches, else rebuild from stored embeddings (no re-embedding) with a notice."""
+        gen = self.generation
+        if self._bm25_gen == gen and (not need_dense or self._dense_gen == gen):
+            return
+        with self._lock:
+            gen = self.generation
+            if need_dense and self._dense_gen != gen:
+                dense, why = DenseIndex.load(self.dense_path, self._dense_expect(gen))
+                if dense is None:
+                    if why != "missing" or gen > 0:
+                        self._notify(f"dense index {why}; rebuilding from stored embeddings")
+                    dense = self._build_dense(self.conn)
+                    try:
+                        dense.save(self.dense_path, self._dense_expect(gen))
+                    except OSError as e:
+                        self._notify(f"cannot save rebuilt dense index ({e.strerror}); using it in memory")
+                self._dense, self._dense_gen = dense, gen
+            if self._bm25_gen != gen:
+                b = self.config["bm25"]
+                self._bm25, self._bm25_gen = BM25(self.conn, b["k1"], b["b"]), gen
+
+    def _save_dense(self):
+        gen = self.generation
+        if self._dense is None or self._dense_gen != gen:
+            self._dense, self._dense_gen = None, None
+            self._ensure_indexes()
+        else:
+            self._dense.save(self.dense_path, self._dense_expect(gen))
+
+    def _apply_dense(self, gen, add_ids=(), add_vecs=None, remove_ids=()):
+        """Mirror a committed change in the in-memory FAISS index (HNSW cannot remove: rebuild later)."""
+        d = self._dense
+        if d is None or self._dense_gen is None or (len(remove_ids) and not d.can_remove):
+            self._dense, self._dense_gen = None, None
+            return
+        d.remove(list(remove_ids))
+        if len(add_ids):
+            d.add(list(add_ids), add_vecs)
+        self._dense_gen = gen
+
+    def reindex(self, re_embed=False, show_progress=False):
+        """Rebuild FAISS and BM25 from SQLite; with re_embed, embed every chunk again with the configured model."""
+        with self._lock:
+            conn = self.conn
+            if re_embed:
+                emb = self.embedder
+                rows = conn.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
+                for start in _progress(range(0, len(rows), 256), show_progress, "re-embedding", unit_scale=256):
+                    part = rows[start:start + 256]
+                    vecs = emb.encode([r["text"] for r in part])
+                    with store.transaction(conn):
+                        conn.executemany("UPDATE chunks SET embedding=?, model=? WHERE id=?",
+                                         [(v.tobytes(), emb.model_id, r["id"]) for r, v in zip(part, vecs)])
+                with store.transaction(conn):
+                    store.set_meta(conn, "model_id", emb.model_id)
+                    store.set_meta(conn, "dim", emb.dim)
+                    store.bump_generation(conn)
+                cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
+            with store.transaction(conn):
+                conn.execute("DELETE FROM postings")
+                term_ids = load_term_ids(conn)
+                for r in conn.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                      "WHERE d.status='active'").fetchall():
+                    n = write_postings(conn, term_ids, r["id"], _index_text(r["title"], r["text"]))
+                    conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, r["id"]))
+                gen = store.bump_generation(conn)
+            self._dense = self._build_dense(conn)
+            self._dense_gen = gen
+            self._dense.save(self.dense_path, self._dense_expect(gen))
+            self._bm25_gen = None
+            return {"chunks": self._dense.count, "generation": gen}
+
+    # ---- writing documents -------------------------------------------------------------
+
+    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=256):
+        """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
+
+        Each document is written with its chunks, embeddings and postings in one transaction, so a
+        crash loses at most the batch in flight, and re-running the same ingest finishes the work."""
+        if isinstance(items, (str, os.PathLike, dict, Record)):
+            items = [items]
+        fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
+        report = IngestReport()
+        paths = [os.fspath(i) for i in items if isinstance(i, (str, os.PathLike))]
+        records = [i for i in items if not isinstance(i, (str, os.PathLike))]
+        max_bytes = int(float(self.config["ingest"]["max_doc_mb"]) * 1e6)
+
+        def stream():
+            for n, r in enumerate(records, 1):
+                if isinstance(r, Record):
+                    yield r
+                    continue
+                try:
+                    from .loaders import _field_record
+                    yield _field_record(r, fields, f"record {n}", r.get("source", "api") if isinstance(r, dict) else "api")
+                except ValueError as e:
+                    yield Problem("<records>", str(e))
+            yield from read_paths(paths, fields, max_bytes, stdin=stdin)
+
+        with self._lock:
+            self._ensure_indexes()
+            conn = self.conn
+            seen, pending, pending_chunks = {}, [], 0
+            bar = _progress(None, show_progress, "ingesting", unit="doc")
+            for item in stream():
+                if isinstance(item, Problem):
+                    report.skipped.append(item)
+                    continue
+                rec = item
+                where = rec.source or "<records>"
+                if rec.id in seen:
+                    report.skipped.append(Problem(where, f"duplicate id {rec.id!r} (first seen in {seen[rec.id]}); "
+                                                         "ids must be unique, set --id-field or rename"))
+                    continue
+                seen[rec.id] = where
+                if rec.id.startswith("unit:"):
+                    report.skipped.append(Problem(where, f"id {rec.id!r}: the 'unit:' prefix is reserved for knowledge units"))
+                    continue
+                if not rec.text.strip():
+                    report.skipped.append(Problem(where, f"document {rec.id!r} has no text", error=False))
+                    continue
+                h = content_hash(rec.title, rec.text, json.dumps(rec.meta, sort_keys=True))
+                row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
+                if row and row["hash"] == h:
+                    report.unchanged += 1
+                    bar.update(1)
+                    continue
+                chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
+                pending.append((rec, h, chunks, row is not None))
+                pending_chunks += len(chunks)
+                if pending_chunks >= batch_chunks:
+                    self._write_docs(pending, report)
+                    bar.update(len(pending))
+                    pending, pending_chunks = [], 0
+            if pending:
+                self._write_docs(pending, report)
+                bar.update(len(pending))
+            bar.close()
+            self._save_dense()
+        return report
+
+    def _write_docs(self, pending, report, kind="source", provenance=None):
+        emb = self.embedder
+        texts = [_index_text(rec.title, c) for rec, _, chunks, _ in pending for c in chunks]
+        vecs = emb.encode(texts)
+        conn = self.conn
+        t = time.time()
+        add_ids, removed = [], []
+        with store.transaction(conn):
+            term_ids = load_term_ids(conn)
+            i = 0
+            for rec, h, chunks, exists in pending:
+                if exists:
+                    old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
+                    delete_postings(conn, old)
+                    conn.execute("DELETE FROM chunks WHERE doc_id=?", (rec.id,))
+                    removed += old + self._on_source_changed(conn, rec.id)
+                conn.execute(
+                    "INSERT INTO documents(id, kind, title, text, source, meta, hash, status, created, updated) "
+                    "VALUES (?,?,?,?,?,?,?, 'active', ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+                    "text=excluded.text, source=excluded.source, meta=excluded.meta, hash=excluded.hash, "
+                    "status='active', updated=excluded.updated",
+                    (rec.id, kind, rec.title, rec.text, rec.source, json.dumps(rec.meta), h, t, t))
+                for seq, c in enumerate(chunks):
+                    cur = conn.execute("INSERT INTO chunks(doc_id, seq, text, n_tokens, bm25_len, embedding, model) "
+                                       "VALUES (?,?,?,?,0,?,?)",
+                                       (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
+                    cid = cur.lastrowid
+                    n = write_postings(conn, term_ids, cid, texts[i])
+                    conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, cid))
+                    add_ids.append(cid)
+                    i += 1
+                if exists:
+                    report.updated += 1
+                else:
+                    report.added += 1
+                report.chunks += len(chunks)
+            if provenance is not None:  # a knowledge unit: its provenance commits with it
+                conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, distiller, "
+                             "model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
+            store.set_meta(conn, "dim", emb.dim)
+            gen = store.bump_generation(conn)
+        self._apply_dense(gen, add_ids, vecs, removed)
+        return add_ids
+
+    def _on_source_changed(self, conn, doc_id):
+        """Units distilled from a changed or deleted source go stale (hook filled in by write-back)."""
+        from .writeback import mark_stale_units
+
+        return mark_stale_units(self, conn, doc_id)
+
+    def delete(self, ids):
+        """Remove documents (and their chunks, postings, vectors) everywhere; returns how many existed."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        with self._lock:
+            self._ensure_indexes()
+            conn = self.conn
+            removed, n = [], 0
+            with store.transaction(conn):
+                for doc_id in ids:
+                    if not conn.execute("SELECT 1 FROM documents WHERE id=?", (doc_id,)).fetchone():
+                        continue
+                    old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))]
+                    delete_postings(conn, old)
+                    removed += old + self._on_source_changed(conn, doc_id)
+                    conn.execute("DELETE FROM units WHERE id=?", (doc_id,))
+                    conn.execute("DELETE FROM chunks WHERE doc_id=?", (doc_id,))
+                    conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))
+                    n += 1
+                gen = store.bump_generation(conn)
+            self._apply_dense(gen, remove_ids=removed)
+            self._save_dense()
+        return n
+
+    def set_status(self, conn, doc_id, status):
+        """Take a document's chunks out of (or back into) both indexes, inside the caller's transaction.
+
+        Returns (add_ids, add_vecs, remove_ids) for _apply_dense once the transaction has committed."""
+        cur = conn.execute("SELECT status, title FROM documents WHERE id=?", (doc_id,)).fetchone()
+        if cur is None or cur["status"] == status:
+            return [], None, []
+        rows = conn.execute("SELECT id, text, embedding FROM chunks WHERE doc_id=?", (doc_id,)).fetchall()
+        conn.execute("UPDATE documents SET status=?, updated=? WHERE id=?", (status, time.time(), doc_id))
+        if status == "active":
+            term_ids = load_term_ids(conn)
+            for r in rows:
+                write_postings(conn, term_ids, r["id"], _index_text(cur["title"], r["text"]))
+            vecs = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows]) if rows else None
+            return [r["id"] for r in rows], vecs, []
+        if cur["status"] == "active":
+            delete_postings(conn, [r["id"] for r in rows])
+            return [], None, [r["id"] for r in rows]
+        return [], None, []
+
+    # ---- reading -----------------------------------------------------------------------
+
+    def _allowed(self, filters, include_units):
+        """Chunk ids passing the filters, or None when nothing restricts the search."""
+        clauses, args = ["d.status='active'"], []
+        if not include_units:
+            clauses.append("d.kind='source'")
+        for key, value in (filters or {}).items():
+            if key == "source":
+                clauses.append("d.source GLOB ?")
+                args.append(value if any(c in value for c in "*?[") else f"*{value}*")
+            elif key in ("doc", "doc_id"):
+                clauses.append("d.id GLOB ?")
+                args.append(value)
+            elif key == "kind":
+                clauses.append("d.kind=?")
+                args.append(value)
+            else:
+                clauses.append("CAST(json_extract(d.meta, ?) AS TEXT)=?")
+                args += ["$." + key.removeprefix("meta."), str(value)]
+        if len(clauses) == 1:
+            return None
+        rows = self.conn.execute("SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE "
+                                 + " AND ".join(clauses), args).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def search(self, query, k=5, mode=None, filters=None, include_units=True, log=True, source="api",
+               fusion=None):
+        """Retrieve top-k chunks; every call is logged (query id in the result) unless log=False."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("empty query; give the question text")
+        mode = mode or self.config["retrieval"]["mode"]
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if int(k) < 1:
+            raise InputError("k must be at least 1")
+        t0 = time.perf_counter()
+        r = self.config["retrieval"]
+        fusion = fusion or r["fusion"]
+        self._ensure_indexes(need_dense=mode != "bm25")
+        allowed = self._allowed(filters, include_units)
+        n = max(int(r["candidates"]), 2 * k)
+        bm, dn = {}, {}
+        if mode in ("bm25", "hybrid"):
+            mask = None
+            if allowed is not None:
+                mask = np.zeros(len(self._bm25.doc_len), dtype=bool)
+                mask[allowed[allowed < len(mask)]] = True
+            ids, scores = self._bm25.search(query, n if mode == "hybrid" else k, mask)
+            bm = dict(zip(ids.tolist(), scores.tolist()))
+        if mode in ("dense", "hybrid"):
+            qv = self.embedder.encode([query])[0]
+            ids, scores = self._dense.search(qv, n if mode == "hybrid" else k, allowed)
+            dn = dict(zip(ids.tolist(), scores.tolist()))
+        fused = fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"]))
+        top = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        hits = self._hits(top, bm, dn)
+        latency = (time.perf_counter() - t0) * 1000
+        qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
+                        latency, hits, source) if log else None
+        return SearchResult(qid, query, mode, hits, latency)
+
+    def _hits(self, top, bm, dn):
+        if not top:
+            return []
+        ids = [cid for cid, _ in top]
+        rows = {r["id"]: r for r in self.conn.execute(
+            f"SELECT c.id, c.doc_id, c.text, d.title, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
+            f"WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
+        out = []
+        for cid, score in top:
+            row = rows.get(cid)
+            if row is None:  # deleted by another process since the index was loaded
+                continue
+            out.append(Hit(len(out) + 1, cid, row["doc_id"], row["title"], row["text"], row["kind"], float(score),
+                           bm.get(cid), dn.get(cid)))
+        return out
+
+    def _log(self, query, mode, k, params, latency, hits, source):
+        conn = self.conn
+        with store.transaction(conn):
+            cur = conn.execute("INSERT INTO queries(text, ts, mode, k, params, latency_ms, source) VALUES (?,?,?,?,?,?,?)",
+                               (query, time.time(), mode, k, json.dumps(params), latency, source))
+            qid = cur.lastrowid
+            conn.executemany("INSERT INTO hits(query_id, rank, chunk_id, doc_id, kind, bm25, dense, fused) "
+                             "VALUES (?,?,?,?,?,?,?,?)",
+                             [(qid, h.rank, h.chunk_id, h.doc_id, h.kind, h.bm25, h.dense, h.score) for h in hits])
+        return qid
+
+    def queries(self, last=20, source=None):
+        """The query log, newest first, each with its hits, feedback and gate decisions."""
+        conn = self.conn
+        sql = "SELECT * FROM queries" + (" WHERE source=?" if source else "") + " ORDER BY id DESC LIMIT ?"
+        rows = conn.execute(sql, ([source] if source else []) + [int(last)]).fetchall()
+        return [self.query_record(r["id"]) for r in rows]
+
+    def query_record(self, query_id):
+        conn = self.conn
+        q = conn.execute("SELECT * FROM queries WHERE id=?", (int(query_id),)).fetchone()
+        if q is None:
+            from .errors import UnknownQuery
+            raise UnknownQuery(f"unknown query id {query_id}; list logged queries with: wbrag log --kb {self.path}")
+        out = dict(q)
+        out["params"] = json.loads(out["params"])
+        out["hits"] = [dict(h) for h in conn.execute("SELECT rank, chunk_id, doc_id, kind, bm25, dense, fused FROM hits "
+                                                     "WHERE query_id=? ORDER BY rank", (q["id"],))]
+        out["feedback"] = [dict(f, docs=json.loads(f["docs"]), gold=json.loads(f["gold"])) for f in
+                           conn.execute("SELECT * FROM feedback WHERE query_id=? ORDER BY id", (q["id"],))]
+        out["gates"] = [dict(g) for g in conn.execute("SELECT * FROM gate_decisions WHERE query_id=? ORDER BY id",
+                                                      (q["id"],))]
+        return out
+
+    def document(self, doc_id):
+        row = self.conn.execute("SELECT * FROM documents WHERE id=?", (doc_id,)).fetchone()
+        return dict(row, meta=json.loads(row["meta"])) if row else None
+
+    def stats(self):
+        conn = self.conn
+        one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+        return {
+            "path": self.path,
+            "model_id": self.model_id,
+            "generation": self.generation,
+            "documents": one("SELECT COUNT(*) FROM documents WHERE kind='source'"),
+            "chunks": one("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source'"),
+            "units_active": one("SELECT COUNT(*) FROM documents WHERE kind='unit' AND status='active'"),
+            "units_inactive": one("SELECT COUNT(*) FROM documents WHERE kind='unit' AND status!='active'"),
+            "queries": one("SELECT COUNT(*) FROM queries"),
+            "feedback": one("SELECT COUNT(*) FROM feedback"),
+            "runs": one("SELECT COUNT(*) FROM runs"),
+            "dense_index": self.config["dense"]["index"],
+        }
+
+    # ---- write-back (see feedback.py / writeback.py) ------------------------------------
+
+    def feedback(self, query_id, correct, docs=(), answer=None, source="user", gold=()):
+        from .feedback import add_feedback
+
+        return add_feedback(self, query_id, correct, docs, answer, source, gold)
+
+    def answer(self, question, k=5, mode=None, **kw):
+        from .feedback import answer
+
+        return answer(self, question, k=k, mode=mode, **kw)
+
+    def label(self, path, split="train", **kw):
+        from .feedback import run_labelled
+
+        return run_labelled(self, path, split=split, **kw)
+
+    def writeback(self, **kw):
+        from .writeback import run_writeback
+
+        return run_writeback(self, **kw)
+
+    def rollback(self, run_id):
+        from .writeback import rollback
+
+        return rollback(self, run_id)
+
+    @property
+    def llm(self):
+        from .backends import get_llm
+
+        with self._lock:
+            if self._llm is None:
+                self._llm = get_llm(self.config.get("llm"))
+            return self._llm
+
+
+def _index_text(title, text):
+    """Titles are indexed with every chunk: they name what a chunk is about."""
+    return f"{title}\n{text}" if title else text
+
+
+def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5):
+    """Reciprocal rank fusion (default) or weighted fusion of min-max normalised scores."""
+    if mode == "bm25":
+        return dict(bm)
+    if mode == "dense":
+        return dict(dn)
+    out = {}
+    if fusion == "rrf":
+        for scores in (bm, dn):
+            for rank, cid in enumerate(sorted(scores, key=lambda c: (-scores[c], c)), 1):
+                out[cid] = out.get(cid, 0.0) + 1.0 / (rrf_k + rank)
+        return out
+    if fusion != "weighted":
+        raise InputError(f"unknown fusion {fusion!r}; use rrf or weighted")
+    for scores, w in ((bm, 1 - dense_weight), (dn, dense_weight)):
+        if not scores:
+            continue
+        lo, hi = min(scores.values()), max(scores.values())
+        for cid, s in scores.items():
+            out[cid] = out.get(cid, 0.0) + w * ((s - lo) / (hi - lo) if hi > lo else 1.0)
+    return out
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(iterable, show, desc, **kw):
+    """tqdm when asked for and stderr is a terminal; otherwise silent."""
+    if not show or not sys.stderr.isatty():
+        return iterable if iterable is not None else _NoBar()
+    from tqdm import tqdm
+
+    kw.pop("unit_scale", None)
+    return tqdm(iterable, desc=desc, **kw)

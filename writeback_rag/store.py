@@ -1,0 +1,219 @@
+"""SQLite store: the single source of truth; every index is derived from it."""
+
+import sqlite3
+import threading
+import time
+
+# Numbered migrations, applied in order on open; PRAGMA user_version records the last one.
+MIGRATIONS = [
+    # 1: documents (source files and, later, knowledge units), their chunks with embeddings,
+    #    a BM25 inverted index kept in the same transactions, and the query log.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+    CREATE TABLE documents (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL DEFAULT 'source',      -- 'source' | 'unit'
+        title TEXT NOT NULL DEFAULT '',
+        text TEXT NOT NULL,
+        source TEXT,                              -- file path or origin
+        meta TEXT NOT NULL DEFAULT '{}',          -- JSON object, used by filters
+        hash TEXT NOT NULL,                       -- content hash: unchanged docs are skipped
+        status TEXT NOT NULL DEFAULT 'active',    -- only 'active' documents are indexed
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE chunks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,     -- also the FAISS id
+        doc_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        n_tokens INTEGER NOT NULL,
+        bm25_len INTEGER NOT NULL,
+        embedding BLOB NOT NULL,                  -- float32, normalized
+        model TEXT NOT NULL
+    );
+    CREATE INDEX chunks_doc ON chunks(doc_id);
+    CREATE TABLE terms (id INTEGER PRIMARY KEY, term TEXT NOT NULL UNIQUE);
+    CREATE TABLE postings (
+        term_id INTEGER NOT NULL,
+        chunk_id INTEGER NOT NULL,
+        tf INTEGER NOT NULL,
+        PRIMARY KEY (term_id, chunk_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX postings_chunk ON postings(chunk_id);
+    CREATE TABLE queries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        text TEXT NOT NULL,
+        ts REAL NOT NULL,
+        mode TEXT NOT NULL,
+        k INTEGER NOT NULL,
+        params TEXT NOT NULL DEFAULT '{}',
+        latency_ms REAL,
+        source TEXT NOT NULL DEFAULT 'api',
+        answer TEXT
+    );
+    CREATE TABLE hits (
+        query_id INTEGER NOT NULL REFERENCES queries(id) ON DELETE CASCADE,
+        rank INTEGER NOT NULL,
+        chunk_id INTEGER NOT NULL,
+        doc_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        bm25 REAL, dense REAL, fused REAL,
+        PRIMARY KEY (query_id, rank)
+    );
+    CREATE INDEX hits_doc ON hits(doc_id);
+    """,
+    # 2: the write-back loop: feedback events, labelled examples with gate decisions,
+    #    knowledge-unit provenance (a unit is also a row of documents with kind='unit'), runs.
+    """
+    CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        query_id INTEGER NOT NULL REFERENCES queries(id),
+        correct INTEGER NOT NULL,
+        docs TEXT NOT NULL DEFAULT '[]',          -- JSON list of doc ids that carried the answer
+        answer TEXT,
+        gold TEXT NOT NULL DEFAULT '[]',          -- JSON list of gold answers (labelled runs)
+        source TEXT NOT NULL DEFAULT 'user',
+        ts REAL NOT NULL
+    );
+    CREATE INDEX feedback_query ON feedback(query_id);
+    CREATE TABLE gate_decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        query_id INTEGER NOT NULL,
+        gate TEXT NOT NULL,                       -- 'utility' | 'document'
+        doc_id TEXT,
+        passed INTEGER NOT NULL,
+        s_nr REAL, s_rag REAL, s_doc REAL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX gate_query ON gate_decisions(query_id);
+    CREATE TABLE units (
+        id TEXT PRIMARY KEY REFERENCES documents(id),
+        query_ids TEXT NOT NULL,
+        feedback_ids TEXT NOT NULL,
+        source_doc_ids TEXT NOT NULL,
+        source_chunk_ids TEXT NOT NULL,
+        distiller TEXT NOT NULL,
+        model TEXT,
+        run_id TEXT NOT NULL,
+        created REAL NOT NULL,
+        against INTEGER NOT NULL DEFAULT 0        -- wrong-feedback events counted against the unit
+    );
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        started REAL NOT NULL,
+        finished REAL,
+        status TEXT NOT NULL,                     -- 'running' | 'done' | 'failed' | 'dry-run' | 'rolled-back'
+        watermark INTEGER NOT NULL DEFAULT 0,     -- last feedback id covered by this run
+        distiller TEXT,
+        counts TEXT NOT NULL DEFAULT '{}',
+        error TEXT
+    );
+    """,
+]
+
+
+def connect(path, readonly=False):
+    """Open with WAL and foreign keys; a busy timeout lets readers and one writer share the file."""
+    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def migrate(conn):
+    """Apply pending migrations, each in its own transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+        with transaction(conn):
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+    return len(MIGRATIONS)
+
+
+def _statements(sql):
+    out, buf = [], []
+    for line in sql.splitlines():
+        line = line.split("--", 1)[0] if "--" in line else line
+        buf.append(line)
+        joined = "\n".join(buf)
+        if sqlite3.complete_statement(joined):
+            if joined.strip():
+                out.append(joined.strip())
+            buf = []
+    return out
+
+
+class transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (so nothing is half-written)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+        return False
+
+
+def get_meta(conn, key, default=None):
+    row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return row[0] if row else default
+
+
+def set_meta(conn, key, value):
+    conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                 (key, str(value)))
+
+
+def bump_generation(conn):
+    """Every change to indexed chunks bumps the generation; index manifests record the one they match."""
+    gen = int(get_meta(conn, "generation", 0)) + 1
+    set_meta(conn, "generation", gen)
+    return gen
+
+
+class Connections:
+    """One connection per thread: sqlite3 connections must not be shared across threads mid-statement."""
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+        self._all = []
+        self._lock = threading.Lock()
+
+    def get(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self):
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+
+def now():
+    return time.time()

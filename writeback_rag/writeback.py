@@ -1,0 +1,385 @@
+"""The write-back job: gates' survivors become knowledge units, with provenance, beside the corpus."""
+
+import fcntl
+import json
+import os
+import re
+import time
+import uuid
+from collections import defaultdict
+
+import numpy as np
+
+from . import store
+from .errors import LLMError, LockBusy
+from .loaders import Record
+from .text import bm25_tokens, chunk_text, contains_answer, content_hash, count_tokens, sentences
+
+DISTILLERS = {}
+
+
+def register_distiller(name):
+    def deco(fn):
+        DISTILLERS[name] = fn
+        return fn
+    return deco
+
+
+# ---- distillers: (kb, query, answers, docs) -> (title, text, model) -------------------------
+
+
+@register_distiller("extractive")
+def extractive(kb, query, answers, docs):
+    """Sentences of the kept documents most relevant to the query (and to the answer when known),
+    within a token budget, in document order, de-duplicated. Deterministic; no LLM."""
+    w = kb.config["writeback"]
+    budget = int(w["budget_tokens"])
+    qtok = set(bm25_tokens(query))
+    idf = kb._bm25.idf if kb._bm25 is not None else {}
+    scored = []
+    seen = set()
+    for di, d in enumerate(docs):
+        for si, s in enumerate(sentences(d["text"])):
+            key = " ".join(bm25_tokens(s))
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            overlap = sum(idf.get(t, 1.0) for t in qtok & set(bm25_tokens(s)))
+            bonus = 100.0 if answers and contains_answer(s, answers) else 0.0
+            scored.append((bonus + overlap, di, si, s))
+    chosen, used = [], 0
+    for score, di, si, s in sorted(scored, key=lambda x: (-x[0], x[1], x[2])):
+        n = count_tokens(s)
+        if score <= 0 and chosen:
+            break
+        if used + n > budget and chosen:
+            continue
+        chosen.append((di, si, s))
+        used += n
+        if used >= budget or len(chosen) >= int(w["max_evidence"]):
+            break
+    chosen.sort()
+    text = " ".join(s for _, _, s in chosen)
+    title = _unit_title(kb, query, docs)
+    return title, text, None
+
+
+def _unit_title(kb, query, docs):
+    """With include_query the unit's title is the question it answered: later paraphrases match it."""
+    if kb.config["writeback"].get("include_query", True):
+        return query.strip()
+    return docs[0]["title"] or docs[0]["id"]
+
+
+STEP1 = ("Copy, word for word, the sentences from the numbered list that help answer the question. "
+         "Reply with their numbers only, comma-separated, at most {n}.")
+STEP2 = ("Rewrite the evidence into one short encyclopedia-style document: a title line, then one paragraph "
+         "of about 70-90 tokens. Use only facts stated in the evidence. Do not add anything.")
+
+
+@register_distiller("llm")
+def llm_distill(kb, query, answers, docs):
+    """The paper's two steps: select evidence sentences verbatim, then rewrite them (gold answer not shown)."""
+    llm = kb.llm
+    if llm is None:
+        raise LLMError(f"the llm distiller needs an LLM; set one with: wbrag config --kb {kb.path} llm.backend=...")
+    w = kb.config["writeback"]
+    sents = [s for d in docs for s in sentences(d["text"])]
+    listing = "\n".join(f"{i}. {s}" for i, s in enumerate(sents, 1))
+    out1 = llm.complete([{"role": "system", "content": STEP1.format(n=w["max_evidence"])},
+                         {"role": "user", "content": f"Question: {query}\n\nSentences:\n{listing}"}],
+                        max_tokens=48, temperature=0.0)
+    picks = [int(x) for x in re.findall(r"\d+", out1) if 1 <= int(x) <= len(sents)]
+    evidence = [sents[i - 1] for i in dict.fromkeys(picks)][: int(w["max_evidence"])]
+    if not evidence:  # the model named no sentence: fall back to query-relevant sentences
+        _, text, _ = extractive(kb, query, [], docs)
+        evidence = sentences(text)
+    out2 = llm.complete([{"role": "system", "content": STEP2},
+                         {"role": "user", "content": f"Topic: {query}\n\nEvidence:\n" + "\n".join(evidence)}],
+                        max_tokens=160, temperature=0.0).strip()
+    lines = [ln.strip() for ln in out2.splitlines() if ln.strip()]
+    if not lines:
+        return _unit_title(kb, query, docs), "", llm.model_id
+    title = re.sub(r"^(#+\s*|title:\s*)", "", lines[0], flags=re.I).strip("* ")
+    body = " ".join(lines[1:]) if len(lines) > 1 else lines[0]
+    if kb.config["writeback"].get("include_query", True):
+        title = query.strip()
+    return title, body, llm.model_id
+
+
+def faithful(text, docs, threshold):
+    """Every sentence must be supported: at least `threshold` of its content words occur in the sources."""
+    source = set(bm25_tokens(" ".join(d["title"] + " " + d["text"] for d in docs)))
+    worst = 1.0
+    for s in sentences(text) or [text]:
+        toks = bm25_tokens(s)
+        if not toks:
+            continue
+        worst = min(worst, sum(t in source for t in toks) / len(toks))
+    return worst >= threshold, worst
+
+
+# ---- staleness, lock, rollback --------------------------------------------------------------
+
+
+def mark_stale_units(kb, conn, doc_id):
+    """Units drawn from a changed or deleted source stop being returned; returns their chunk ids."""
+    removed = []
+    pattern = "%" + json.dumps(doc_id) + "%"
+    for row in conn.execute("SELECT u.id FROM units u JOIN documents d ON d.id=u.id "
+                            "WHERE d.status='active' AND u.source_doc_ids LIKE ?", (pattern,)).fetchall():
+        if doc_id in json.loads(conn.execute("SELECT source_doc_ids FROM units WHERE id=?", (row[0],)).fetchone()[0]):
+            _, _, rem = kb.set_status(conn, row[0], "stale")
+            removed += rem
+    return removed
+
+
+class Lock:
+    """An exclusive flock on KB/writeback.lock: a second concurrent run fails at once (cron-safe)."""
+
+    def __init__(self, kb):
+        self.path = os.path.join(kb.path, "writeback.lock")
+
+    def __enter__(self):
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.seek(0)
+            holder = self.f.read().strip()
+            self.f.close()
+            raise LockBusy(f"another write-back run holds {self.path} ({holder or 'pid unknown'}); try again later") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.f.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def rollback(kb, run_id):
+    """Remove a run's units from the database and both indexes; its feedback stays consumed."""
+    conn = kb.conn
+    with kb._lock:
+        kb._ensure_indexes()
+        run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+        if run is None:
+            from .errors import InputError
+            raise InputError(f"unknown run {run_id!r}; list runs with: wbrag runs --kb {kb.path}")
+        units = [r[0] for r in conn.execute("SELECT id FROM units WHERE run_id=?", (run_id,))]
+        removed = []
+        with store.transaction(conn):
+            for u in units:
+                old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (u,))]
+                from .index import delete_postings
+                delete_postings(conn, old)
+                removed += old
+                conn.execute("DELETE FROM units WHERE id=?", (u,))
+                conn.execute("DELETE FROM chunks WHERE doc_id=?", (u,))
+                conn.execute("DELETE FROM documents WHERE id=?", (u,))
+            conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
+            gen = store.bump_generation(conn)
+        kb._apply_dense(gen, remove_ids=removed)
+        kb._save_dense()
+    return len(units)
+
+
+# ---- the job --------------------------------------------------------------------------------
+
+
+def run_writeback(kb, distiller=None, dry_run=False, show_progress=False, log=None):
+    """Process feedback since the last successful run: gates' survivors -> units. Resumable, idempotent."""
+    w = kb.config["writeback"]
+    distiller = distiller or w["distiller"]
+    if distiller not in DISTILLERS:
+        from .errors import InputError
+        raise InputError(f"unknown distiller {distiller!r}; use one of {', '.join(sorted(DISTILLERS))}")
+    if distiller == "llm" and kb.llm is None:
+        raise LLMError(f"--distiller llm needs an LLM; set one with: wbrag config --kb {kb.path} llm.backend=openai "
+                       "llm.base_url=http://127.0.0.1:8080/v1")
+    with Lock(kb):
+        return _run(kb, distiller, dry_run, show_progress)
+
+
+def _run(kb, distiller, dry_run, show_progress):
+    from .kb import _progress
+
+    conn, w = kb.conn, kb.config["writeback"]
+    kb._ensure_indexes()
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    counts = defaultdict(int)
+    with store.transaction(conn):
+        # a run that died (kill -9) left status 'running': the lock proves it is not running now
+        conn.execute("UPDATE runs SET status='interrupted' WHERE status='running'")
+        if not dry_run:
+            conn.execute("INSERT INTO runs(id, started, status, distiller) VALUES (?,?,?,?)",
+                         (run_id, time.time(), "running", distiller))
+    watermark = conn.execute("SELECT COALESCE(MAX(watermark), 0) FROM runs WHERE status IN ('done','rolled-back')").fetchone()[0]
+    top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
+    qids = [r[0] for r in conn.execute("SELECT DISTINCT query_id FROM feedback WHERE id>? AND id<=? ORDER BY query_id",
+                                       (watermark, top))]
+    # stale units: re-distil if their feedback still supports it
+    for row in conn.execute("SELECT u.query_ids FROM units u JOIN documents d ON d.id=u.id WHERE d.status='stale'"):
+        qids += json.loads(row[0])
+    qids = list(dict.fromkeys(qids))
+    counts["examples"] = len(qids)
+    plans = []
+    for qid in _progress(qids, show_progress, "write-back", unit="q"):
+        plan = _plan(kb, conn, qid, run_id, counts, dry_run)
+        if plan:
+            plans.append(plan)
+    written = []
+    try:
+        for plan in plans:
+            res = _distil_and_write(kb, plan, distiller, run_id, counts, dry_run)
+            if res:
+                written.append(res)
+    except Exception as e:
+        if not dry_run:
+            with store.transaction(conn):
+                conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
+                             (time.time(), json.dumps(counts), str(e)[:500], run_id))
+        raise
+    if not dry_run:
+        with store.transaction(conn):
+            conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
+                         (time.time(), top, json.dumps(counts), run_id))
+        kb._save_dense()
+    return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
+            "units": written, **counts}
+
+
+def _plan(kb, conn, qid, run_id, counts, dry_run):
+    """Gates for one query from all its feedback: support, utility and document evidence."""
+    w = kb.config["writeback"]
+    q = conn.execute("SELECT id, text FROM queries WHERE id=?", (qid,)).fetchone()
+    events = conn.execute("SELECT * FROM feedback WHERE query_id=? ORDER BY id", (qid,)).fetchall()
+    good = [e for e in events if e["correct"]]
+    bad = [e for e in events if not e["correct"] and e["source"] != "label"]
+    support = len(good) - len(bad)
+
+    def decide(gate, passed, reason, doc=None):
+        if not dry_run:
+            with store.transaction(conn):
+                conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, doc_id, passed, reason) VALUES (?,?,?,?,?,?)",
+                             (run_id, qid, gate, doc, int(passed), reason))
+
+    if support < int(w["min_support"]):
+        decide("utility", False, f"support {support} < min_support {w['min_support']} (correct {len(good)}, wrong {len(bad)})")
+        return None
+    counts["passed_utility"] += 1
+    hits = conn.execute("SELECT h.doc_id, h.kind, h.rank FROM hits h WHERE h.query_id=? ORDER BY h.rank", (qid,)).fetchall()
+    retrieved = [h["doc_id"] for h in hits if h["kind"] == "source"]
+    docs = [d for e in good for d in json.loads(e["docs"])]
+    answers = [a for e in good for a in json.loads(e["gold"])] + [e["answer"] for e in good if e["answer"] and e["source"] != "label"]
+    if not docs:  # user said "correct" without naming docs: keep hits holding the answer, else the top 2
+        for d in retrieved:
+            doc = kb.document(d)
+            if doc and answers and contains_answer(doc["title"] + " " + doc["text"], answers):
+                docs.append(d)
+        if not docs:
+            docs = retrieved[: int(w["fallback_docs"])]
+        if not dry_run:
+            for d in docs:
+                decide("document", True, "holds the answer" if answers else "top-rank fallback", d)
+    # poisoning bound: only documents retrieved for this query, only source documents, only live ones
+    kept = []
+    for d in dict.fromkeys(docs):
+        doc = kb.document(d)
+        if d not in retrieved or doc is None or doc["kind"] != "source":
+            decide("document", False, "not a retrieved, live source document", d)
+            continue
+        kept.append(doc)
+    if not kept:
+        return None
+    counts["docs_kept"] += len(kept)
+    return {"query_id": qid, "query": q["text"], "answers": list(dict.fromkeys(answers)), "docs": kept,
+            "feedback_ids": [e["id"] for e in good]}
+
+
+def _distil_and_write(kb, plan, distiller, run_id, counts, dry_run):
+    conn, w = kb.conn, kb.config["writeback"]
+    title, text, model = DISTILLERS[distiller](kb, plan["query"], plan["answers"] if distiller == "extractive" else [],
+                                               plan["docs"])
+    qid = plan["query_id"]
+    if not text.strip():
+        counts["rejected"] += 1
+        _gate(conn, run_id, qid, "faithfulness", False, "distiller produced no text", dry_run)
+        return None
+    ok, support = faithful(text, plan["docs"], float(w["faithfulness"]))
+    if not ok:
+        counts["rejected"] += 1
+        _gate(conn, run_id, qid, "faithfulness", False, f"unsupported sentence (word support {support:.2f})", dry_run)
+        return None
+    src_ids = sorted(d["id"] for d in plan["docs"])
+    unit_id = "unit:" + content_hash(title, text, *src_ids)[:16]
+    existing = conn.execute("SELECT u.id, d.status FROM units u JOIN documents d ON d.id=u.id WHERE u.id=?", (unit_id,)).fetchone()
+    if existing is None:
+        # near-duplicate: an active unit with the same sources and the same evidence text
+        for row in conn.execute("SELECT d.id, d.text FROM units u JOIN documents d ON d.id=u.id "
+                                "WHERE d.status='active' AND u.source_doc_ids=?", (json.dumps(src_ids),)):
+            if _similar(row["text"], text):
+                existing = {"id": row["id"], "status": "active"}
+                break
+    if existing is not None and existing["status"] in ("active",):
+        if not dry_run:
+            _merge(conn, existing["id"], qid, plan["feedback_ids"])
+        counts["merged"] += 1
+        return {"unit_id": existing["id"], "merged": True}
+    if existing is not None:  # a retired unit is not resurrected by the same evidence
+        counts["rejected"] += 1
+        _gate(conn, run_id, qid, "unit", False, f"same as {existing['status']} unit {existing['id']}", dry_run)
+        return None
+    counts["written"] += 1
+    if dry_run:
+        return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
+    rec = Record(id=unit_id, title=title, text=text, source=f"writeback:{run_id}",
+                 meta={"query": plan["query"], "run": run_id})
+    chunks = chunk_text(text, kb.config["chunking"]["size"], kb.config["chunking"]["overlap"]) or [text]
+    src_chunks = [r[0] for d in src_ids for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (d,))]
+    # unit row, chunks, postings and provenance commit together
+    provenance = (unit_id, json.dumps([qid]), json.dumps(plan["feedback_ids"]), json.dumps(src_ids),
+                  json.dumps(src_chunks), distiller, model, run_id, time.time())
+    from .kb import IngestReport
+    kb._write_docs([(rec, content_hash(title, text), chunks, False)], IngestReport(), kind="unit", provenance=provenance)
+    return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
+
+
+def _similar(a, b, threshold=0.9):
+    ta, tb = set(bm25_tokens(a)), set(bm25_tokens(b))
+    return bool(ta and tb) and len(ta & tb) / len(ta | tb) >= threshold
+
+
+def _merge(conn, unit_id, qid, feedback_ids):
+    row = conn.execute("SELECT query_ids, feedback_ids FROM units WHERE id=?", (unit_id,)).fetchone()
+    qs = list(dict.fromkeys(json.loads(row[0]) + [qid]))
+    fs = list(dict.fromkeys(json.loads(row[1]) + list(feedback_ids)))
+    with store.transaction(conn):
+        conn.execute("UPDATE units SET query_ids=?, feedback_ids=? WHERE id=?", (json.dumps(qs), json.dumps(fs), unit_id))
+
+
+def _gate(conn, run_id, qid, gate, passed, reason, dry_run):
+    if not dry_run:
+        with store.transaction(conn):
+            conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, passed, reason) VALUES (?,?,?,?,?)",
+                         (run_id, qid, gate, int(passed), reason))
+
+
+def list_units(kb, include_inactive=True):
+    rows = kb.conn.execute("SELECT d.id, d.title, d.text, d.status, u.* FROM units u JOIN documents d ON d.id=u.id "
+                           + ("" if include_inactive else "WHERE d.status='active' ") + "ORDER BY u.created").fetchall()
+    out = []
+    for r in rows:
+        r = dict(r)
+        for key in ("query_ids", "feedback_ids", "source_doc_ids", "source_chunk_ids"):
+            r[key] = json.loads(r[key])
+        r["tokens"] = count_tokens(r["text"])
+        out.append(r)
+    return out
+
+
+def list_runs(kb):
+    return [dict(r, counts=json.loads(r["counts"])) for r in kb.conn.execute("SELECT * FROM runs ORDER BY started")]
