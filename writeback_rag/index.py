@@ -186,19 +186,17 @@ class BM25:
     def search(self, query, n, allowed=None):
         """Top-n (chunk ids, scores) for a query string; `allowed` is a boolean mask over chunk ids."""
         scores = np.zeros(len(self.doc_len), dtype=np.float32)
-        hit = False
+        matched = np.zeros(len(self.doc_len), dtype=bool)  # a term with idf 0 (tiny corpora) still matches
         for term in bm25_tokens(query):
             entry = self.contrib.get(term)
             if entry is not None:
                 scores[entry[0]] += entry[1]
-                hit = True
-        if not hit:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+                matched[entry[0]] = True
         if allowed is not None:
-            m = min(len(allowed), len(scores))
-            scores[:m][~allowed[:m]] = 0
-            scores[m:] = 0
-        cand = np.flatnonzero(scores > 0)
+            m = min(len(allowed), len(matched))
+            matched[:m] &= allowed[:m]
+            matched[m:] = False
+        cand = np.flatnonzero(matched)
         if len(cand) > n:
             cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
         order = np.lexsort((cand, -scores[cand]))

@@ -459,6 +459,8 @@ class KnowledgeBase:
             raise InputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if int(k) < 1:
             raise InputError("k must be at least 1")
+        if mode != "bm25":
+            self.embedder  # a first call loads the model; that is not query latency
         t0 = time.perf_counter()
         r = self.config["retrieval"]
         fusion = fusion or r["fusion"]

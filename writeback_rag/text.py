@@ -8,6 +8,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SENT = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 
+_ABBREV = re.compile(r"(?:\b(?:Dr|Mr|Mrs|Ms|St|Prof|Sr|Jr|No|vs|etc|e\.g|i\.e|cf|Fig|al|Capt|Lt|Col|Gen|Rev|Mt)|\b[A-Z])\.$")
+
 STOPWORDS = frozenset(
     "a an and are as at be been but by for from had has have he her his i if in into is it its "
     "of on or she so such that the their them then there these they this to was were which who "
@@ -42,8 +44,16 @@ def sentences(text):
     out = []
     for para in re.split(r"\n\s*\n", text):
         para = " ".join(para.split())
-        if para:
-            out.extend(s.strip() for s in _SENT.split(para) if s.strip())
+        if not para:
+            continue
+        for s in _SENT.split(para):
+            s = s.strip()
+            if not s:
+                continue
+            if out and _ABBREV.search(out[-1]) and not out[-1].endswith(("!", "?")) and para.find(out[-1]) >= 0:
+                out[-1] = out[-1] + " " + s  # "Dr." or "J." ended no sentence
+            else:
+                out.append(s)
     return out
 
 

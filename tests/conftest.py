@@ -1,0 +1,64 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "corpora", "lighthouses")
+QUESTIONS = os.path.join(ROOT, "corpora", "lighthouses-questions.jsonl")
+DATASETS = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from writeback_rag import KnowledgeBase  # noqa: E402
+from writeback_rag.backends import register_llm  # noqa: E402
+
+
+@register_llm("scripted")
+class ScriptedLLM:
+    """Answers from a rule list: the first (substring -> reply) whose substring is in the prompt wins."""
+
+    model_id = "scripted"
+    rules = []
+    calls = []
+
+    def __init__(self, **_):
+        pass
+
+    def complete(self, messages, max_tokens=256, temperature=0.0):
+        prompt = "\n".join(m["content"] for m in messages)
+        ScriptedLLM.calls.append(prompt)
+        for needle, reply in ScriptedLLM.rules:
+            if needle in prompt:
+                return reply(prompt) if callable(reply) else reply
+        return "I do not know."
+
+
+@pytest.fixture
+def scripted():
+    ScriptedLLM.rules = []
+    ScriptedLLM.calls = []
+    return ScriptedLLM
+
+
+@pytest.fixture
+def kb(tmp_path):
+    k = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None)
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def corpus_kb(kb):
+    kb.ingest([CORPUS])
+    return kb
+
+
+def write(path, content, mode="w"):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, mode) as f:
+        f.write(content)
+    return str(path)
+
+
+sys.modules.setdefault("wbrag_test_helpers", sys.modules[__name__])

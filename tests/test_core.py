@@ -1,0 +1,250 @@
+"""Store, ingest, indexes and search on the fast hash embedder (real SQLite, real FAISS)."""
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, write
+from writeback_rag import KnowledgeBase
+from writeback_rag.errors import EmbedderMismatch, InputError, NotAKnowledgeBase
+from writeback_rag.index import BM25
+from writeback_rag.text import bm25_tokens, chunk_text, count_tokens, sentences
+
+
+def index_agrees(kb):
+    """Dense and BM25 indexes hold exactly the active chunks of the database."""
+    kb._dense = kb._dense_gen = kb._bm25_gen = None
+    kb._ensure_indexes()
+    active = {r[0] for r in kb.conn.execute(
+        "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")}
+    posted = {r[0] for r in kb.conn.execute("SELECT DISTINCT chunk_id FROM postings")}
+    assert kb._dense.count == len(active)
+    assert posted <= active and kb._bm25.n_docs == len(active)
+    return len(active)
+
+
+def test_chunking_respects_budget_and_sentences():
+    text = " ".join(f"Sentence number {i} is here." for i in range(100))
+    chunks = chunk_text(text, size=40, overlap=10)
+    assert len(chunks) > 5
+    assert all(count_tokens(c) <= 40 for c in chunks)
+    assert all(c.endswith(".") for c in chunks)  # cut on sentence boundaries
+    assert chunks[1].split(".")[0] + "." in chunks[0]  # overlap carries the last sentence over
+    assert sentences("Dr. Who went home. Then 3 cats came!") == ["Dr. Who went home.", "Then 3 cats came!"]
+    long = "word " * 1000  # one sentence far over budget is still cut
+    assert max(count_tokens(c) for c in chunk_text(long, 100, 0)) <= 100
+
+
+def test_create_open_and_not_a_kb(tmp_path, kb):
+    assert os.path.exists(os.path.join(kb.path, "kb.sqlite"))
+    assert kb.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert kb.conn.execute("PRAGMA user_version").fetchone()[0] >= 2
+    with pytest.raises(NotAKnowledgeBase, match="wbrag init"):
+        KnowledgeBase.open(tmp_path / "nothing")
+    with pytest.raises(InputError, match="already exists"):
+        KnowledgeBase.create(kb.path, embedder="hash")
+
+
+def test_ingest_folder_formats_and_idempotency(corpus_kb):
+    kb = corpus_kb
+    st = kb.stats()
+    assert st["documents"] == 44 and st["chunks"] >= 44
+    html = kb.document("lighthouse-stamps-1993.html")
+    assert html["title"] and "<p>" not in html["text"]
+    assert "Mondays only" not in kb.document("visiting-the-lights.html")["text"]  # <script> dropped
+    assert kb.document("fenwick-point-light.md")["title"] == "Fenwick Point Light"
+    again = kb.ingest([CORPUS])
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 44)
+    assert index_agrees(kb) == st["chunks"]
+
+
+def test_changed_document_replaces_chunks_everywhere(kb, tmp_path):
+    d = tmp_path / "docs"
+    write(d / "a.txt", "Alpha\n\nThe zebra lives in the savanna.")
+    write(d / "b.txt", "Beta\n\nThe penguin lives on ice.")
+    kb.ingest([str(d)])
+    assert kb.search("zebra", mode="bm25", log=False).hits[0].doc_id == "a.txt"
+    write(d / "a.txt", "Alpha\n\nThe okapi lives in the forest.")
+    rep = kb.ingest([str(d)])
+    assert (rep.added, rep.updated, rep.unchanged) == (0, 1, 1)
+    assert kb.search("zebra", mode="bm25", log=False).hits == []
+    assert kb.search("okapi", mode="bm25", log=False).hits[0].doc_id == "a.txt"
+    assert kb.conn.execute("SELECT COUNT(*) FROM chunks WHERE doc_id='a.txt'").fetchone()[0] == 1
+    assert kb.delete(["a.txt", "missing"]) == 1
+    assert kb.search("okapi", mode="dense", log=False).hits[0].doc_id == "b.txt"
+    assert index_agrees(kb) == 1
+
+
+def test_json_jsonl_csv_stdin_and_fields(kb, tmp_path):
+    import io
+
+    write(tmp_path / "c.jsonl", json.dumps({"_id": "d1", "title": "T1", "text": "kiwi fruit", "lang": "en"}) + "\n")
+    write(tmp_path / "r.json", json.dumps([{"id": "d2", "text": "mango tree"}]))
+    write(tmp_path / "t.csv", "id,title,text,src\nd3,T3,papaya seeds,x\n")
+    write(tmp_path / "f.jsonl", json.dumps({"key": "d4", "body": "lychee shell"}) + "\n")
+    rep = kb.ingest([str(tmp_path / "c.jsonl"), str(tmp_path / "r.json"), str(tmp_path / "t.csv")])
+    assert rep.added == 3 and not rep.skipped
+    rep = kb.ingest([str(tmp_path / "f.jsonl")], fields={"id_field": "key", "text_field": "body"})
+    assert rep.added == 1
+    rep = kb.ingest(["-"], stdin=io.StringIO(json.dumps({"id": "d5", "text": "guava juice"}) + "\n"))
+    assert rep.added == 1
+    assert kb.document("d1")["meta"] == {"lang": "en"}
+    hits = kb.search("kiwi mango papaya lychee guava", k=10, mode="bm25", filters={"lang": "en"}, log=False).hits
+    assert [h.doc_id for h in hits] == ["d1"]
+    hits = kb.search("kiwi mango papaya", k=10, mode="hybrid", filters={"source": "*.csv"}, log=False).hits
+    assert [h.doc_id for h in hits] == ["d3"]
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("bad.txt", b"caf\xe9 au lait\n", "invalid UTF-8"),
+    ("bin.txt", b"\x00\x01\x02binary", "binary"),
+    ("bad.jsonl", b'{"id": "x", "text": "ok"}\n{"id": oops}\n', "line 2: malformed JSON"),
+    ("notext.jsonl", b'{"id": "x", "body": "no text here"}\n', "no text field"),
+    ("noid.json", b'[{"text": "no id"}]', "no id field"),
+])
+def test_bad_files_are_rejected_whole_with_location(kb, tmp_path, name, content, match):
+    kb.ingest([{"id": "keep", "text": "already stored"}])
+    path = write(tmp_path / name, content, "wb")
+    rep = kb.ingest([path])
+    assert rep.added == 0 and len(rep.errors) == 1
+    assert name in str(rep.errors[0]) and match in str(rep.errors[0])
+    assert kb.stats()["documents"] == 1 and kb.document("x") is None  # nothing half-written, nothing lost
+
+
+def test_empty_duplicate_missing_and_unsupported(kb, tmp_path):
+    write(tmp_path / "d" / "empty.md", "   \n")
+    write(tmp_path / "d" / "dup.jsonl", '{"id": "same", "text": "one"}\n{"id": "same", "text": "two"}\n')
+    write(tmp_path / "d" / "image.png", "x")
+    rep = kb.ingest([str(tmp_path / "d"), str(tmp_path / "missing")])
+    reasons = [str(p) for p in rep.skipped]
+    assert any("empty file" in r for r in reasons)
+    assert any("duplicate id 'same'" in r for r in reasons)
+    assert any("unsupported file type '.png'" in r for r in reasons)
+    assert any("missing: no such file" in r for r in reasons)
+    assert rep.added == 1
+    write(tmp_path / "e" / "x.png", "x")
+    rep = kb.ingest([str(tmp_path / "e")])
+    assert any("no supported files" in str(p) for p in rep.errors)
+
+
+def test_huge_document_and_size_limit(kb, tmp_path):
+    big = " ".join(f"Line {i} mentions the rare word quokka{i % 50}." for i in range(40000))
+    path = write(tmp_path / "big.txt", "Big\n\n" + big)
+    rep = kb.ingest([path])
+    assert rep.added == 1 and rep.chunks > 100
+    assert kb.search("quokka7", mode="bm25", log=False).hits[0].doc_id == "big.txt"
+    kb.config["ingest"]["max_doc_mb"] = 0.1
+    write(tmp_path / "big2.txt", "Big\n\n" + big)
+    rep = kb.ingest([str(tmp_path / "big2.txt")])
+    assert rep.added == 0 and "over the 0 MB limit" in str(rep.errors[0])
+
+
+def test_embedder_mismatch_refused(kb):
+    kb.ingest([{"id": "a", "text": "hello world"}])
+    kb.close()
+    with pytest.raises(EmbedderMismatch, match="reindex"):
+        KnowledgeBase.open(kb.path, embedder="minilm")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "stale"])
+def test_dense_index_missing_stale_or_corrupt_is_rebuilt(corpus_kb, damage):
+    kb = corpus_kb
+    path = kb.dense_path
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    elif damage == "delete":
+        os.remove(path)
+    else:
+        kb.conn.execute("UPDATE meta SET value=value+1 WHERE key='generation'")
+    notes = []
+    kb2 = KnowledgeBase.open(kb.path, notify=notes.append)
+    res = kb2.search("Grey Heron lens", mode="dense", log=False)
+    assert res.hits and notes and "rebuilding" in notes[0]
+    assert index_agrees(kb2) >= 44
+
+
+def test_bm25_scores_equal_rank_bm25(kb):
+    rank_bm25 = pytest.importorskip("rank_bm25")
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(60)]
+    docs = [" ".join(rng.choice(vocab, size=rng.integers(3, 30), p=None)) for _ in range(80)]
+    kb.ingest([{"id": f"d{i}", "text": t} for i, t in enumerate(docs)])
+    ref = rank_bm25.BM25Okapi([bm25_tokens(t) for t in docs], k1=1.2, b=0.75)
+    engine = BM25(kb.conn, 1.2, 0.75)
+    for q in ["w1 w2 w3", "w5 w5 w40", "w59"]:
+        ids, scores = engine.search(q, 80)
+        got = {kb.conn.execute("SELECT doc_id FROM chunks WHERE id=?", (int(i),)).fetchone()[0]: s
+               for i, s in zip(ids, scores)}
+        want = ref.get_scores(bm25_tokens(q))
+        for i, s in enumerate(want):
+            assert got.get(f"d{i}", 0.0) == pytest.approx(s, rel=1e-4, abs=1e-5)
+
+
+def test_search_modes_fusion_and_hits(corpus_kb):
+    kb = corpus_kb
+    for mode in ("bm25", "dense", "hybrid"):
+        res = kb.search("Who designed Fenwick Point Light?", k=4, mode=mode)
+        assert len(res.hits) == 4 and [h.rank for h in res.hits] == [1, 2, 3, 4]
+        assert all(h.kind == "source" and h.text for h in res.hits)
+    h = kb.search("Who designed Fenwick Point Light?", k=3, mode="hybrid", log=False).hits[0]
+    assert h.bm25 is not None and h.dense is not None and h.score == pytest.approx(
+        sum(1 / (60 + r) for r in (1, 1)), rel=0.2)
+    w = kb.search("Fenwick Point", k=3, fusion="weighted", log=False)
+    assert 0 < w.hits[0].score <= 1.0
+    with pytest.raises(InputError):
+        kb.search("x", mode="nope")
+    with pytest.raises(InputError):
+        kb.search("   ")
+
+
+def test_query_log_records_everything(corpus_kb):
+    kb = corpus_kb
+    res = kb.search("fog signal", k=3, mode="bm25")
+    assert kb.search("fog signal", log=False).query_id is None
+    rec = kb.query_record(res.query_id)
+    assert rec["text"] == "fog signal" and rec["mode"] == "bm25" and rec["k"] == 3 and rec["latency_ms"] > 0
+    assert [h["doc_id"] for h in rec["hits"]] == [h.doc_id for h in res.hits]
+    assert rec["hits"][0]["bm25"] == pytest.approx(res.hits[0].bm25)
+    assert len(kb.queries(last=10)) == 1
+
+
+def test_concurrent_readers_in_threads(corpus_kb):
+    kb = corpus_kb
+    errors, results = [], []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                results.append(kb.search(f"lighthouse keeper {i}", k=3).hits[0].doc_id)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(results) == 30
+    assert kb.stats()["queries"] == 30
+
+
+def test_hnsw_option(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "h", embedder="hash", config={"dense": {"index": "hnsw"}}, notify=lambda m: None)
+    kb.ingest([CORPUS])
+    assert kb.search("Grey Heron", mode="dense", log=False).hits
+    kb.delete(["grey-heron-light.md"])  # HNSW cannot remove: rebuilt from stored embeddings
+    assert all(h.doc_id != "grey-heron-light.md" for h in kb.search("Grey Heron", k=10, mode="dense", log=False).hits)
+    assert index_agrees(kb) == 43
+    manifest = json.load(open(kb.dense_path + ".manifest.json"))
+    assert manifest["kind"] == "hnsw" and manifest["dim"] == 256 and manifest["model_id"] == "hash-256"
+
+
+def test_reindex_without_reembedding(corpus_kb):
+    kb = corpus_kb
+    before = kb.search("Corran Head siren", k=3, log=False).hits
+    os.remove(kb.dense_path)
+    out = kb.reindex()
+    assert out["chunks"] == kb.stats()["chunks"]
+    assert [h.doc_id for h in kb.search("Corran Head siren", k=3, log=False).hits] == [h.doc_id for h in before]
