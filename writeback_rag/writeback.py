@@ -329,6 +329,17 @@ def _distil_and_write(kb, plan, distiller, run_id, counts, dry_run):
             _merge(conn, existing["id"], qid, plan["feedback_ids"])
         counts["merged"] += 1
         return {"unit_id": existing["id"], "merged": True}
+    if existing is not None and existing["status"] == "stale":
+        # its sources changed, yet the same text is still distilled from them: it is current again
+        counts["revived"] += 1
+        if not dry_run:
+            with kb._lock:
+                with store.transaction(conn):
+                    add, vecs, rem = kb.set_status(conn, existing["id"], "active")
+                    gen = store.bump_generation(conn)
+                kb._apply_dense(gen, add, vecs, rem)
+            _merge(conn, existing["id"], qid, plan["feedback_ids"])
+        return {"unit_id": existing["id"], "revived": True}
     if existing is not None:  # a retired unit is not resurrected by the same evidence
         counts["rejected"] += 1
         _gate(conn, run_id, qid, "unit", False, f"same as {existing['status']} unit {existing['id']}", dry_run)

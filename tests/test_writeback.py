@@ -1,0 +1,333 @@
+"""Feedback, gates, distillers, units, the job's safety (lock, kill -9, rollback, staleness)."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import QUESTIONS, write
+from writeback_rag import KnowledgeBase
+from writeback_rag.errors import InputError, LLMError, LockBusy, UnknownQuery
+from writeback_rag.feedback import judge, read_labels
+from writeback_rag.writeback import Lock, extractive, faithful, list_runs, list_units
+
+DOCS = [
+    {"id": "heron", "title": "Grey Heron Light", "text": "Grey Heron Light was completed in 1861. Its lens was made "
+     "by the Calder foundry. The tower is painted white with one black band. Herons fish on the rocks nearby."},
+    {"id": "calder", "title": "Calder Foundry", "text": "The Calder foundry stood in the town of Marrowick. It cast "
+     "bells, railings and lighthouse lenses. The foundry closed in 1931 after a fire."},
+    {"id": "gale", "title": "The Great Gale", "text": "The great gale of 1894 wrecked eleven ships. Keepers at "
+     "Inchmurra logged winds of record strength. The supply boat was lost."},
+]
+
+
+@pytest.fixture
+def small(kb):
+    kb.ingest(DOCS)
+    return kb
+
+
+def labelled(kb, query, answers, relevant=(), k=3):
+    return kb.label([{"id": "x", "query": query, "answers": list(answers), "relevant": list(relevant)}], k=k)
+
+
+def test_feedback_validation(small):
+    res = small.search("Calder foundry town", k=2)
+    with pytest.raises(UnknownQuery):
+        small.feedback(999, correct=True)
+    with pytest.raises(InputError, match="not among the hits"):
+        small.feedback(res.query_id, correct=True, docs=["gale-not-retrieved"])
+    fid = small.feedback(res.query_id, correct=True, docs=[res.hits[0].doc_id], answer="Marrowick", source="app")
+    fid2 = small.feedback(res.query_id, correct=False, source="user")
+    rec = small.query_record(res.query_id)
+    assert [f["id"] for f in rec["feedback"]] == [fid, fid2]
+    assert rec["feedback"][0]["source"] == "app" and rec["feedback"][0]["answer"] == "Marrowick"
+
+
+def test_retrieval_judge_gates_and_fallback(small):
+    ex = {"query": "In which town was the Calder foundry?", "answers": ["Marrowick"], "relevant": []}
+    hits = small.search(ex["query"], k=3, log=False).hits
+    j = judge(small, ex, hits)
+    assert j["useful"] and j["s_rag"] == 1.0 and j["s_nr"] == 0.0
+    assert [d for d, s, p in j["docs"] if p] == ["calder"]
+    miss = judge(small, {"query": "gale", "answers": ["Zanzibar"], "relevant": []}, hits)
+    assert not miss["useful"] and miss["docs"] == []
+    # relevant labels pass the gate even when the answer string is absent
+    rel = judge(small, {"query": "x", "answers": [], "relevant": ["heron"]}, hits)
+    assert rel["useful"] and [d for d, _, p in rel["docs"] if p] == ["heron"]
+
+
+def test_llm_judge_uses_paper_gates(small, scripted):
+    small.config["llm"] = {"backend": "scripted"}
+    ex = {"query": "In which town was the Calder foundry?", "answers": ["Marrowick"], "relevant": []}
+    hits = small.search(ex["query"], k=3, log=False).hits
+    # G(q) alone is wrong; with the Calder document in context it is right
+    scripted.rules = [("town of Marrowick", "Marrowick"), ("Question:", "London")]
+    j = judge(small, ex, hits, small.llm)
+    assert j["judge"] == "llm" and j["s_nr"] == 0.0 and j["s_rag"] == 1.0 and j["useful"]
+    assert {d: p for d, _, p in j["docs"]} == {"calder": True, **{h.doc_id: False for h in hits if h.doc_id != "calder"}}
+    # no per-document gain: fall back to the top 2 by rank
+    scripted.rules = [("Context:\n[1]", lambda p: "Marrowick" if "[2]" in p else "London"), ("Question:", "London")]
+    j = judge(small, ex, hits, small.llm)
+    assert j["useful"] and [d for d, _, p in j["docs"] if p] == [h.doc_id for h in hits[:2]]
+    # the model knows it without retrieval: the utility gate fails
+    scripted.rules = [("Question:", "Marrowick")]
+    assert not judge(small, ex, hits, small.llm)["useful"]
+
+
+def test_extractive_distiller_budget_dedup_and_answer(small):
+    small._ensure_indexes()
+    docs = [small.document("heron"), small.document("calder"), small.document("calder")]
+    title, text, _ = extractive(small, "Where was the lens of Grey Heron made?", ["Marrowick"], docs)
+    assert title == "Where was the lens of Grey Heron made?"
+    assert "Marrowick" in text and text.count("stood in the town of Marrowick") == 1
+    small.config["writeback"]["budget_tokens"] = 12
+    _, short, _ = extractive(small, "Where was the lens of Grey Heron made?", ["Marrowick"], docs)
+    assert short == "The Calder foundry stood in the town of Marrowick."
+    small.config["writeback"]["include_query"] = False
+    assert extractive(small, "q", [], docs)[0] == "Grey Heron Light"
+
+
+def test_faithfulness_guard():
+    docs = [{"title": "A", "text": "The lens was made in Marrowick by the Calder foundry."}]
+    assert faithful("The Calder foundry made the lens in Marrowick.", docs, 0.6)[0]
+    ok, support = faithful("The lens was made in Paris by Gustave Eiffel in 1889.", docs, 0.6)
+    assert not ok and support < 0.6
+
+
+def test_writeback_writes_units_with_provenance_and_is_idempotent(small):
+    rep = labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    qid = rep["query_ids"][0]
+    out = small.writeback()
+    assert out["written"] == 1 and out["passed_utility"] == 1
+    [u] = list_units(small)
+    assert u["source_doc_ids"] == ["calder"] and u["query_ids"] == [qid] and u["run_id"] == out["run_id"]
+    assert u["distiller"] == "extractive" and u["source_chunk_ids"] and u["feedback_ids"]
+    assert "Marrowick" in u["text"] and u["status"] == "active"
+    assert small.writeback()["examples"] == 0  # watermark: nothing new
+    # the same question labelled again: same unit id, merged, not duplicated
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    again = small.writeback()
+    assert again["merged"] == 1 and again.get("written", 0) == 0
+    [u] = list_units(small)
+    assert len(u["query_ids"]) == 2
+    hits = small.search("Calder foundry town", k=5, log=False).hits
+    assert any(h.kind == "unit" for h in hits)
+    assert all(h.kind == "source" for h in small.search("Calder foundry town", k=5, include_units=False, log=False).hits)
+    assert small._dense.count == small.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+
+def test_dry_run_writes_nothing(small):
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    out = small.writeback(dry_run=True)
+    assert out["written"] == 1 and out["run_id"] is None and out["units"][0]["sources"] == ["calder"]
+    assert list_units(small) == [] and list_runs(small) == []
+    assert small.writeback()["written"] == 1
+
+
+def test_user_feedback_without_docs_and_min_support(small):
+    small.config["writeback"]["min_support"] = 2
+    res = small.search("Where was the foundry that made the Grey Heron lens?", k=3)
+    small.feedback(res.query_id, correct=True, answer="Marrowick")
+    out = small.writeback()
+    assert out.get("written", 0) == 0 and out.get("passed_utility", 0) == 0
+    gates = small.query_record(res.query_id)["gates"]
+    assert gates[-1]["gate"] == "utility" and "min_support" in gates[-1]["reason"]
+    small.feedback(res.query_id, correct=True)
+    out = small.writeback()
+    assert out["written"] == 1
+    [u] = list_units(small)
+    assert u["source_doc_ids"] == ["calder"]  # the hit holding the user's answer
+
+
+def test_wrong_feedback_retires_unit(small):
+    small.config["writeback"]["retire_after_wrong"] = 2
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    small.writeback()
+    [u] = list_units(small)
+    for i in range(2):
+        res = small.search("Calder foundry town", k=5)
+        assert any(h.doc_id == u["id"] for h in res.hits)
+        small.feedback(res.query_id, correct=False, docs=[u["id"]])
+    [u] = list_units(small)
+    assert u["status"] == "retired" and u["against"] == 2
+    assert all(h.kind == "source" for h in small.search("Calder foundry town", k=5, log=False).hits)
+
+
+def test_rollback_removes_units_everywhere(small):
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    run = small.writeback()["run_id"]
+    n_chunks = small._dense.count
+    assert small.rollback(run) == 1
+    assert list_units(small) == [] and small._dense.count == n_chunks - 1
+    assert all(h.kind == "source" for h in small.search("Calder foundry Marrowick", k=5, log=False).hits)
+    assert [r["status"] for r in list_runs(small)] == ["rolled-back"]
+    assert small.writeback()["examples"] == 0  # rolled-back feedback is not replayed
+    with pytest.raises(InputError):
+        small.rollback("nope")
+
+
+def test_stale_units_hidden_then_redistilled(small):
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    small.writeback()
+    [u] = list_units(small)
+    changed = dict(DOCS[1], text=DOCS[1]["text"].replace("It cast bells", "It cast anchors"))
+    small.ingest([changed])
+    [u] = list_units(small)
+    assert u["status"] == "stale"
+    assert all(h.kind == "source" for h in small.search("Calder foundry Marrowick", k=5, log=False).hits)
+    out = small.writeback()  # the distilled sentences did not change: the same unit is current again
+    assert out["revived"] == 1 and list_units(small)[0]["status"] == "active"
+    changed = dict(DOCS[1], text=DOCS[1]["text"].replace("stood in", "was built in"))
+    small.ingest([changed])
+    assert list_units(small)[0]["status"] == "stale"
+    out = small.writeback()
+    assert out["written"] == 1
+    statuses = sorted(x["status"] for x in list_units(small))
+    assert statuses == ["active", "stale"]
+    small.delete(["calder"])
+    assert all(x["status"] != "active" for x in list_units(small))
+
+
+def test_lock_refuses_a_second_run(small):
+    with Lock(small):
+        with pytest.raises(LockBusy, match="another write-back run"):
+            small.writeback()
+    from typer.testing import CliRunner
+    from writeback_rag.cli import app
+
+    with Lock(small):
+        r = CliRunner().invoke(app, ["writeback", "--kb", small.path])
+    assert r.exit_code == 75 and "another write-back run" in r.output
+
+
+def test_llm_distiller_and_faithfulness_rejection(small, scripted):
+    small.config["llm"] = {"backend": "scripted"}
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    scripted.rules = [("Reply with their numbers", "1"),
+                      ("Rewrite the evidence", "Title: Calder Foundry\nThe Calder foundry stood in the town of Marrowick."),
+                      ("Question:", "London")]
+    # with an LLM configured the label run used the LLM judge: G(q,docs) says London, so the gate failed
+    assert small.writeback(distiller="llm").get("written", 0) == 0
+    scripted.rules.insert(0, ("Context:", lambda p: "Marrowick" if "town of Marrowick" in p else "London"))
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    out = small.writeback(distiller="llm")
+    assert out["written"] == 1
+    [u] = list_units(small)
+    assert u["distiller"] == "llm" and u["model"] == "scripted" and "Marrowick" in u["text"]
+    # a hallucinating distiller is rejected and logged, nothing written
+    scripted.rules[2] = ("Rewrite the evidence", "Title: X\nThe foundry was founded by Napoleon on Mars in 1492.")
+    res = labelled(small, "Which town had the Calder foundry in it?", ["Marrowick"])
+    out = small.writeback(distiller="llm")
+    assert out["rejected"] == 1 and out.get("written", 0) == 0 and len(list_units(small)) == 1
+    gates = small.query_record(res["query_ids"][0])["gates"]
+    assert any(g["gate"] == "faithfulness" and not g["passed"] for g in gates)
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    reply = b""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(type(self).reply)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def http_llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield server
+    server.shutdown()
+
+
+def test_openai_backend_over_loopback_http(small, http_llm):
+    url = f"http://127.0.0.1:{http_llm.server_address[1]}/v1"
+    small.config["llm"] = {"backend": "openai", "base_url": url, "model": "m"}
+    _FakeOpenAI.reply = json.dumps({"choices": [{"message": {"content": "Marrowick"}}]}).encode()
+    out = small.answer("In which town was the Calder foundry?", k=2)
+    assert out["answer"] == "Marrowick" and small.query_record(out["query_id"])["answer"] == "Marrowick"
+    _FakeOpenAI.reply = b"<html>garbage</html>"
+    small._llm = None
+    with pytest.raises(LLMError, match="malformed response"):
+        small.answer("anything")
+
+
+def test_llm_server_down_fails_cleanly(small):
+    small.config["llm"] = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "timeout": 2}
+    small.config["writeback"]["min_support"] = 1
+    res = small.search("Calder foundry town", k=3)
+    small.feedback(res.query_id, correct=True, docs=["calder"])
+    with pytest.raises(LLMError, match="cannot reach LLM server"):
+        small.writeback(distiller="llm")
+    assert list_units(small) == []
+    assert [r["status"] for r in list_runs(small)] == ["failed"]
+    small.config["llm"] = {"backend": ""}
+    small._llm = None
+    assert small.writeback()["written"] == 1  # the feedback was not consumed by the failed run
+
+
+def test_label_file_errors(tmp_path, small):
+    with pytest.raises(InputError, match="l.jsonl:2: malformed JSON"):
+        read_labels(write(tmp_path / "l.jsonl", '{"query": "a", "answers": ["b"]}\n{oops\n'))
+    with pytest.raises(InputError, match="no labelled examples"):
+        read_labels(write(tmp_path / "e.jsonl", "\n"))
+    with pytest.raises(InputError, match="needs 'answers' or 'relevant'"):
+        read_labels(write(tmp_path / "n.jsonl", '{"query": "a"}\n'))
+    with pytest.raises(InputError, match="empty labelled set"):
+        small.label([])
+    assert len(read_labels(QUESTIONS, split="test")) == 20
+
+
+SLOW_RUN = """
+import sys, time
+from writeback_rag import KnowledgeBase
+from writeback_rag.writeback import DISTILLERS, register_distiller, extractive
+@register_distiller("extractive")
+def slow(kb, q, a, d):
+    time.sleep(0.15)
+    return extractive(kb, q, a, d)
+kb = KnowledgeBase.open(sys.argv[1])
+print(kb.writeback())
+"""
+
+
+def test_kill_minus_9_mid_run_then_resume(tmp_path, corpus_kb):
+    kb = corpus_kb
+    kb.label(QUESTIONS, split="train")
+    kb.close()
+    script = write(tmp_path / "slow.py", SLOW_RUN)
+    proc = subprocess.Popen([sys.executable, script, kb.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = os.path.join(kb.path, "kb.sqlite")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if sqlite3.connect(db, timeout=30).execute("SELECT COUNT(*) FROM units").fetchone()[0] >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    k = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    partial = len(list_units(k))
+    assert 5 <= partial < 37
+    assert [r["status"] for r in list_runs(k)] == ["running"]
+    out = k.writeback()
+    assert out["written"] + out.get("merged", 0) >= 37 and out["written"] == len(list_units(k)) - partial
+    statuses = [r["status"] for r in list_runs(k)]
+    assert statuses == ["interrupted", "done"]
+    k._dense = k._dense_gen = None
+    k._ensure_indexes()
+    assert k._dense.count == k.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    assert k.writeback()["examples"] == 0
