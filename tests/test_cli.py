@@ -112,3 +112,11 @@ def test_sigkill_during_ingest_leaves_consistent_resumable_kb(tmp_path):
     assert rep.unchanged == stored and rep.added == 6000 - stored and not rep.skipped
     assert k.stats()["documents"] == 6000
     k.close()
+
+
+def test_cli_ingest_from_stdin(tmp_path):
+    kb = str(tmp_path / "kb")
+    run("init", "--kb", kb, "--embedder", "hash")
+    lines = "\n".join(json.dumps({"id": f"s{i}", "text": f"stdin record {i}"}) for i in range(3))
+    r = run("ingest", "--kb", kb, "-", "--quiet", input=lines)
+    assert r.exit_code == 0 and "added 3" in r.output

@@ -248,3 +248,19 @@ def test_reindex_without_reembedding(corpus_kb):
     out = kb.reindex()
     assert out["chunks"] == kb.stats()["chunks"]
     assert [h.doc_id for h in kb.search("Corran Head siren", k=3, log=False).hits] == [h.doc_id for h in before]
+
+
+def test_unreadable_file_is_reported(kb, tmp_path, monkeypatch):
+    import builtins
+
+    path = write(tmp_path / "secret.txt", "Secret\n\nhidden text")
+    real_open = builtins.open
+
+    def guarded(p, *a, **k):  # root ignores file modes, so refuse the read the way the OS would
+        if str(p) == path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    rep = kb.ingest([path])
+    assert rep.added == 0 and "secret.txt: cannot read (Permission denied)" in str(rep.errors[0])

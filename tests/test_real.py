@@ -140,3 +140,16 @@ def test_real_llm_in_process(tmp_path):
     out = kb.writeback(distiller="llm")
     assert out.get("written", 0) + out.get("rejected", 0) + out.get("merged", 0) >= 1
     kb.close()
+
+
+def test_reindex_re_embed_switches_embedder(tmp_path):
+    kb_path = str(tmp_path / "kb")
+    runner = CliRunner()
+    runner.invoke(app, ["init", "--kb", kb_path, "--embedder", "hash"])
+    runner.invoke(app, ["ingest", "--kb", kb_path, CORPUS, "--quiet"])
+    r = runner.invoke(app, ["reindex", "--kb", kb_path, "--re-embed", "--embedder", "minilm", "--quiet"])
+    assert r.exit_code == 0, r.output
+    kb = KnowledgeBase.open(kb_path)
+    assert kb.model_id == "sentence-transformers/all-MiniLM-L6-v2" and kb.config["embedder"]["name"] == "minilm"
+    assert kb.search("Fenwick Point designer", mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
+    assert json.load(open(kb.dense_path + ".manifest.json"))["dim"] == 384

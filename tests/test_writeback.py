@@ -301,6 +301,7 @@ def slow(kb, q, a, d):
     time.sleep(0.15)
     return extractive(kb, q, a, d)
 kb = KnowledgeBase.open(sys.argv[1])
+kb.config["writeback"]["batch"] = 2  # commit often, so the kill lands between commits
 print(kb.writeback())
 """
 
@@ -331,3 +332,17 @@ def test_kill_minus_9_mid_run_then_resume(tmp_path, corpus_kb):
     k._ensure_indexes()
     assert k._dense.count == k.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     assert k.writeback()["examples"] == 0
+
+
+def test_label_beir_folder(tmp_path, small):
+    folder = tmp_path / "beir"
+    write(folder / "queries.jsonl", json.dumps({"_id": "q1", "text": "Calder foundry town"}) + "\n"
+          + json.dumps({"_id": "q2", "text": "great gale ships"}) + "\n")
+    write(folder / "qrels" / "train.tsv", "query-id\tcorpus-id\tscore\nq1\tcalder\t1\n")
+    rep = small.label(str(folder), split="train")
+    assert rep["examples"] == 1 and rep["useful"] == 1
+    with pytest.raises(InputError, match="qrels/test.tsv"):
+        small.label(str(folder), split="test")
+    write(folder / "qrels" / "dev.tsv", "query-id\tcorpus-id\tscore\nq1 calder\n")
+    with pytest.raises(InputError, match=r"dev.tsv:2: expected"):
+        small.label(str(folder), split="dev")

@@ -17,7 +17,7 @@ DEFAULTS = {
     "writeback": {
         "k": 5, "utility_margin": 0.01, "utility_min": 0.10, "doc_margin": 0.01, "fallback_docs": 2,
         "distiller": "extractive", "budget_tokens": 128, "include_query": True, "min_support": 1,
-        "retire_after_wrong": 1, "faithfulness": 0.6, "max_evidence": 8,
+        "retire_after_wrong": 1, "faithfulness": 0.6, "max_evidence": 8, "batch": 64,
     },
 }
 

@@ -317,7 +317,7 @@ class KnowledgeBase:
                     bar.update(1)
                     continue
                 chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
-                pending.append((rec, h, chunks, row is not None))
+                pending.append((rec, h, chunks, row is not None, None))
                 pending_chunks += len(chunks)
                 if pending_chunks >= batch_chunks:
                     self._write_docs(pending, report)
@@ -330,17 +330,19 @@ class KnowledgeBase:
             self._save_dense()
         return report
 
-    def _write_docs(self, pending, report, kind="source", provenance=None):
+    def _write_docs(self, pending, report, kind="source"):
+        """pending: (record, hash, chunks, exists, unit provenance or None); one transaction for all."""
         emb = self.embedder
-        texts = [_index_text(rec.title, c) for rec, _, chunks, _ in pending for c in chunks]
+        texts = [_index_text(p[0].title, c) for p in pending for c in p[2]]
         vecs = emb.encode(texts)
         conn = self.conn
         t = time.time()
         add_ids, removed = [], []
         with store.transaction(conn):
-            term_ids = load_term_ids(conn)
+            # big batches load the vocabulary once; small ones (units) look terms up as needed
+            term_ids = load_term_ids(conn) if len(texts) >= 64 else {}
             i = 0
-            for rec, h, chunks, exists in pending:
+            for rec, h, chunks, exists, provenance in pending:
                 if exists:
                     old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
                     delete_postings(conn, old)
@@ -366,9 +368,9 @@ class KnowledgeBase:
                 else:
                     report.added += 1
                 report.chunks += len(chunks)
-            if provenance is not None:  # a knowledge unit: its provenance commits with it
-                conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, distiller, "
-                             "model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
+                if provenance is not None:  # a knowledge unit: its provenance commits with it
+                    conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
+                                 "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
             store.set_meta(conn, "dim", emb.dim)
             gen = store.bump_generation(conn)
         self._apply_dense(gen, add_ids, vecs, removed)

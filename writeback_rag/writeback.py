@@ -231,12 +231,15 @@ def _run(kb, distiller, dry_run, show_progress):
         plan = _plan(kb, conn, qid, run_id, counts, dry_run)
         if plan:
             plans.append(plan)
-    written = []
+    written, pending = [], []
     try:
         for plan in plans:
-            res = _distil_and_write(kb, plan, distiller, run_id, counts, dry_run)
+            res = _distil(kb, plan, distiller, run_id, counts, dry_run, pending)
             if res:
                 written.append(res)
+            if len(pending) >= int(kb.config["writeback"]["batch"]):
+                _flush(kb, pending)
+        _flush(kb, pending)
     except Exception as e:
         if not dry_run:
             with store.transaction(conn):
@@ -300,7 +303,16 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
             "feedback_ids": [e["id"] for e in good]}
 
 
-def _distil_and_write(kb, plan, distiller, run_id, counts, dry_run):
+def _flush(kb, pending):
+    """Units (rows, chunks, postings, provenance) commit together, a batch at a time."""
+    from .kb import IngestReport
+
+    if pending:
+        kb._write_docs(pending, IngestReport(), kind="unit")
+        pending.clear()
+
+
+def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
     conn, w = kb.conn, kb.config["writeback"]
     title, text, model = DISTILLERS[distiller](kb, plan["query"], plan["answers"] if distiller == "extractive" else [],
                                                plan["docs"])
@@ -316,6 +328,16 @@ def _distil_and_write(kb, plan, distiller, run_id, counts, dry_run):
         return None
     src_ids = sorted(d["id"] for d in plan["docs"])
     unit_id = "unit:" + content_hash(title, text, *src_ids)[:16]
+    if any(p[0].id == unit_id for p in pending):  # the same unit twice in this run
+        for p in pending:
+            if p[0].id == unit_id:
+                prov = list(p[4])
+                prov[1] = json.dumps(list(dict.fromkeys(json.loads(prov[1]) + [qid])))
+                prov[2] = json.dumps(list(dict.fromkeys(json.loads(prov[2]) + plan["feedback_ids"])))
+                pending[pending.index(p)] = (*p[:4], tuple(prov))
+                break
+        counts["merged"] += 1
+        return {"unit_id": unit_id, "merged": True}
     existing = conn.execute("SELECT u.id, d.status FROM units u JOIN documents d ON d.id=u.id WHERE u.id=?", (unit_id,)).fetchone()
     if existing is None:
         # near-duplicate: an active unit with the same sources and the same evidence text
@@ -354,8 +376,7 @@ def _distil_and_write(kb, plan, distiller, run_id, counts, dry_run):
     # unit row, chunks, postings and provenance commit together
     provenance = (unit_id, json.dumps([qid]), json.dumps(plan["feedback_ids"]), json.dumps(src_ids),
                   json.dumps(src_chunks), distiller, model, run_id, time.time())
-    from .kb import IngestReport
-    kb._write_docs([(rec, content_hash(title, text), chunks, False)], IngestReport(), kind="unit", provenance=provenance)
+    pending.append((rec, content_hash(title, text), chunks, False, provenance))
     return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
 
 
