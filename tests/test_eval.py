@@ -194,7 +194,7 @@ def test_run_protocol_end_to_end(beir, tmp_path):
             assert c["lo"] <= c["delta"] <= c["hi"], key
         assert res["after"][m]["credit/R@100"] >= res["after"][m]["strict/R@100"]
     assert 0 < res["units"]["compression_mean"] < 1 and res["units"]["avg_tokens"] > 0
-    assert res["ingest"]["documents"] == 6 and res["timings"]["total_s"] > 0
+    assert res["ingest"]["documents"] == 6 and res["timings"]["total_s"] >= 0
     # test queries were searched with log=False: only the three train queries are in the log
     with KnowledgeBase.open(str(tmp_path / "kb")) as kb:
         assert [q["source"] for q in kb.queries(last=100)] == ["label"] * 3

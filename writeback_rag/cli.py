@@ -345,6 +345,11 @@ def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
     typer.echo(f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(u['created']))}")
 
 
+from .eval import register_cli as _register_eval  # noqa: E402
+
+_register_eval(app)
+
+
 def main():
     app()
 
