@@ -346,3 +346,13 @@ def test_label_beir_folder(tmp_path, small):
     write(folder / "qrels" / "dev.tsv", "query-id\tcorpus-id\tscore\nq1 calder\n")
     with pytest.raises(InputError, match=r"dev.tsv:2: expected"):
         small.label(str(folder), split="dev")
+
+
+def test_beir_folder_missing_or_bad_queries(tmp_path, small):
+    folder = tmp_path / "b"
+    write(folder / "qrels" / "train.tsv", "query-id\tcorpus-id\tscore\nq1\tcalder\t1\n")
+    with pytest.raises(InputError, match="queries.jsonl: cannot read"):
+        small.label(str(folder))
+    write(folder / "queries.jsonl", json.dumps({"id": "q1", "text": "x"}) + "\n")
+    with pytest.raises(InputError, match="record 1: needs '_id' and 'text'"):
+        small.label(str(folder))

@@ -172,7 +172,11 @@ def read_qrels(path):
 
 def read_jsonl(path):
     out = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -190,9 +194,12 @@ def _read_beir(folder, split):
     answers = {}
     apath = os.path.join(folder, "answers.jsonl")
     if os.path.exists(apath):
-        answers = {str(o["_id"]): o.get("answers", []) for o in read_jsonl(apath)}
+        answers = {str(o.get("_id")): o.get("answers", []) for o in read_jsonl(apath)}
     out = []
-    for q in read_jsonl(os.path.join(folder, "queries.jsonl")):
+    qfile = os.path.join(folder, "queries.jsonl")
+    for n, q in enumerate(read_jsonl(qfile), 1):
+        if not isinstance(q, dict) or "_id" not in q or not isinstance(q.get("text"), str):
+            raise InputError(f"{qfile}: record {n}: needs '_id' and 'text'")
         qid = str(q.get("_id"))
         if qid in qrels:
             out.append({"id": qid, "query": q["text"], "answers": answers.get(qid, []),

@@ -151,37 +151,31 @@ class BM25:
 
     def __init__(self, conn, k1=1.2, b=0.75, epsilon=0.25):
         self.k1, self.b, self.epsilon = float(k1), float(b), epsilon
-        term_ids = {tid: term for tid, term in conn.execute("SELECT id, term FROM terms")}
-        lens = conn.execute(
-            "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'"
-        ).fetchall()
+        lens = np.array([tuple(r) for r in conn.execute(
+            "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")],
+            dtype=np.int64).reshape(-1, 2)
         self.n_docs = len(lens)
-        max_id = max((r[0] for r in lens), default=0)
-        self.doc_len = np.zeros(max_id + 1, dtype=np.float32)
-        if lens:
-            arr = np.array(lens, dtype=np.int64)
-            self.doc_len[arr[:, 0]] = arr[:, 1]
+        self.doc_len = np.zeros(int(lens[:, 0].max()) + 1 if self.n_docs else 1, dtype=np.float32)
+        self.doc_len[lens[:, 0]] = lens[:, 1]
         self.avgdl = float(self.doc_len.sum() / self.n_docs) if self.n_docs else 1.0
-        rows = conn.execute("SELECT term_id, chunk_id, tf FROM postings ORDER BY term_id").fetchall()
-        self.postings = {}
+        # one row per term with its postings concatenated: far fewer Python objects than a row per posting
+        rows = conn.execute("SELECT t.term, COUNT(*), group_concat(p.chunk_id), group_concat(p.tf) FROM postings p "
+                            "JOIN terms t ON t.id=p.term_id GROUP BY p.term_id").fetchall()
+        self.idf, self.contrib = {}, {}
         if rows:
-            arr = np.array(rows, dtype=np.int64)
-            bounds = np.flatnonzero(np.diff(arr[:, 0])) + 1
-            for part in np.split(arr, bounds):
-                term = term_ids[int(part[0, 0])]
-                self.postings[term] = (part[:, 1].copy(), part[:, 2].astype(np.float32))
-        idf = {}
-        for term, (ids, _) in self.postings.items():
-            df = len(ids)
-            idf[term] = math.log(self.n_docs - df + 0.5) - math.log(df + 0.5)
-        avg_idf = sum(idf.values()) / len(idf) if idf else 0.0
-        floor = self.epsilon * avg_idf
-        self.idf = {t: (v if v >= 0 else floor) for t, v in idf.items()}
-        # per-term BM25 contributions precomputed once: query time is a few numpy adds
-        self.contrib = {}
-        for term, (ids, tf) in self.postings.items():
+            terms = [r[0] for r in rows]
+            df = np.array([r[1] for r in rows], dtype=np.int64)
+            ids = np.array(",".join(r[2] for r in rows).split(","), dtype=np.int64)
+            tf = np.array(",".join(r[3] for r in rows).split(","), dtype=np.float32)
+            idf = np.log(self.n_docs - df + 0.5) - np.log(df + 0.5)
+            idf = np.where(idf >= 0, idf, self.epsilon * float(idf.mean()))  # rank-bm25's epsilon floor
             norm = self.k1 * (1 - self.b + self.b * self.doc_len[ids] / self.avgdl)
-            self.contrib[term] = (ids, (self.idf[term] * tf * (self.k1 + 1) / (tf + norm)).astype(np.float32))
+            # per-term BM25 contributions precomputed once: query time is a few numpy adds
+            c = (np.repeat(idf, df) * tf * (self.k1 + 1) / (tf + norm)).astype(np.float32)
+            ends = np.cumsum(df).tolist()
+            starts = [0] + ends[:-1]
+            self.idf = dict(zip(terms, idf.tolist()))
+            self.contrib = {t: (ids[a:b], c[a:b]) for t, a, b in zip(terms, starts, ends)}
 
     def search(self, query, n, allowed=None):
         """Top-n (chunk ids, scores) for a query string; `allowed` is a boolean mask over chunk ids."""

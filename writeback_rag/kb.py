@@ -82,6 +82,7 @@ class KnowledgeBase:
         self._bm25, self._bm25_gen = None, None
         self._notify = notify or (lambda msg: print(f"wbrag: {msg}", file=sys.stderr))
         self._llm = None
+        self._term_ids = None  # terms are append-only: one dict serves every write
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -187,11 +188,11 @@ class KnowledgeBase:
             d.add(ids, vecs)
         return d
 
-    def _ensure_indexes(self, need_dense=True):
+    def _ensure_indexes(self, need_dense=True, need_bm25=True):
         """Bring the in-memory indexes up to the DB generation: load the saved FAISS file when its
         manifest matches, else rebuild from stored embeddings (no re-embedding) with a notice."""
         gen = self.generation
-        if self._bm25_gen == gen and (not need_dense or self._dense_gen == gen):
+        if (not need_bm25 or self._bm25_gen == gen) and (not need_dense or self._dense_gen == gen):
             return
         with self._lock:
             gen = self.generation
@@ -206,7 +207,7 @@ class KnowledgeBase:
                     except OSError as e:
                         self._notify(f"cannot save rebuilt dense index ({e.strerror}); using it in memory")
                 self._dense, self._dense_gen = dense, gen
-            if self._bm25_gen != gen:
+            if need_bm25 and self._bm25_gen != gen:
                 b = self.config["bm25"]
                 self._bm25, self._bm25_gen = BM25(self.conn, b["k1"], b["b"]), gen
 
@@ -214,7 +215,7 @@ class KnowledgeBase:
         gen = self.generation
         if self._dense is None or self._dense_gen != gen:
             self._dense, self._dense_gen = None, None
-            self._ensure_indexes()
+            self._ensure_indexes(need_bm25=False)
         else:
             self._dense.save(self.dense_path, self._dense_expect(gen))
 
@@ -289,7 +290,7 @@ class KnowledgeBase:
             yield from read_paths(paths, fields, max_bytes, stdin=stdin)
 
         with self._lock:
-            self._ensure_indexes()
+            self._ensure_indexes(need_bm25=False)  # writing needs the dense index in memory, not BM25
             conn = self.conn
             seen, pending, pending_chunks = {}, [], 0
             bar = _progress(None, show_progress, "ingesting", unit="doc")
@@ -336,11 +337,24 @@ class KnowledgeBase:
         texts = [_index_text(p[0].title, c) for p in pending for c in p[2]]
         vecs = emb.encode(texts)
         conn = self.conn
-        t = time.time()
         add_ids, removed = [], []
+        try:
+            gen = self._write_batch(conn, pending, report, kind, texts, vecs, emb, add_ids, removed)
+        except BaseException:
+            self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
+            raise
+        self._apply_dense(gen, add_ids, vecs, removed)
+        return add_ids
+
+    def _terms(self, conn):
+        if self._term_ids is None:
+            self._term_ids = load_term_ids(conn)
+        return self._term_ids
+
+    def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, add_ids, removed):
+        t = time.time()
         with store.transaction(conn):
-            # big batches load the vocabulary once; small ones (units) look terms up as needed
-            term_ids = load_term_ids(conn) if len(texts) >= 64 else {}
+            term_ids = self._terms(conn)
             i = 0
             for rec, h, chunks, exists, provenance in pending:
                 if exists:
@@ -372,9 +386,7 @@ class KnowledgeBase:
                     conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
                                  "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
             store.set_meta(conn, "dim", emb.dim)
-            gen = store.bump_generation(conn)
-        self._apply_dense(gen, add_ids, vecs, removed)
-        return add_ids
+            return store.bump_generation(conn)
 
     def _on_source_changed(self, conn, doc_id):
         """Units distilled from a changed or deleted source go stale (hook filled in by write-back)."""
@@ -386,7 +398,7 @@ class KnowledgeBase:
         """Remove documents (and their chunks, postings, vectors) everywhere; returns how many existed."""
         ids = [ids] if isinstance(ids, str) else list(ids)
         with self._lock:
-            self._ensure_indexes()
+            self._ensure_indexes(need_bm25=False)
             conn = self.conn
             removed, n = [], 0
             with store.transaction(conn):
@@ -415,7 +427,7 @@ class KnowledgeBase:
         rows = conn.execute("SELECT id, text, embedding FROM chunks WHERE doc_id=?", (doc_id,)).fetchall()
         conn.execute("UPDATE documents SET status=?, updated=? WHERE id=?", (status, time.time(), doc_id))
         if status == "active":
-            term_ids = load_term_ids(conn)
+            term_ids = {}  # looked up as needed: the caller's transaction may still roll back
             for r in rows:
                 write_postings(conn, term_ids, r["id"], _index_text(cur["title"], r["text"]))
             vecs = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows]) if rows else None

@@ -111,6 +111,10 @@ MIGRATIONS = [
         error TEXT
     );
     """,
+    # 3: the near-duplicate check looks units up by their source set.
+    """
+    CREATE INDEX units_sources ON units(source_doc_ids);
+    """,
 ]
 
 
