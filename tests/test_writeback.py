@@ -356,3 +356,17 @@ def test_beir_folder_missing_or_bad_queries(tmp_path, small):
     write(folder / "queries.jsonl", json.dumps({"id": "q1", "text": "x"}) + "\n")
     with pytest.raises(InputError, match="record 1: needs '_id' and 'text'"):
         small.label(str(folder))
+
+
+def test_max_units_caps_unit_slots(small):
+    for q in ["In which town was the Calder foundry?", "Which town had the Calder foundry?",
+              "When did the Calder foundry close?"]:
+        labelled(small, q, ["Marrowick", "1931"])
+    small.writeback()
+    assert len(list_units(small)) >= 2
+    free = small.search("Calder foundry town Marrowick", k=5, log=False).hits
+    assert sum(h.kind == "unit" for h in free) >= 2
+    capped = small.search("Calder foundry town Marrowick", k=5, max_units=1, log=False).hits
+    assert sum(h.kind == "unit" for h in capped) == 1 and len(capped) == len(DOCS) + 1  # sources fill the rest
+    small.config["retrieval"]["max_units"] = 0
+    assert all(h.kind == "source" for h in small.search("Calder foundry town", k=5, log=False).hits)

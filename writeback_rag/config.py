@@ -11,7 +11,8 @@ DEFAULTS = {
     "chunking": {"size": 200, "overlap": 40},
     "bm25": {"k1": 1.2, "b": 0.75},
     "dense": {"index": "flat", "hnsw_m": 32},
-    "retrieval": {"mode": "hybrid", "fusion": "rrf", "rrf_k": 60, "dense_weight": 0.5, "candidates": 100},
+    "retrieval": {"mode": "hybrid", "fusion": "rrf", "rrf_k": 60, "dense_weight": 0.5, "candidates": 100,
+                  "max_units": -1},
     "ingest": {"id_field": "id", "title_field": "title", "text_field": "text", "max_doc_mb": 50.0},
     "llm": {"backend": ""},
     "writeback": {

@@ -464,7 +464,7 @@ class KnowledgeBase:
         return np.array([r[0] for r in rows], dtype=np.int64)
 
     def search(self, query, k=5, mode=None, filters=None, include_units=True, log=True, source="api",
-               fusion=None):
+               fusion=None, max_units=None):
         """Retrieve top-k chunks; every call is logged (query id in the result) unless log=False."""
         if not isinstance(query, str) or not query.strip():
             raise InputError("empty query; give the question text")
@@ -494,12 +494,38 @@ class KnowledgeBase:
             ids, scores = self._dense.search(qv, n if mode == "hybrid" else k, allowed)
             dn = dict(zip(ids.tolist(), scores.tolist()))
         fused = fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"]))
-        top = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        cap = int(r.get("max_units", -1) if max_units is None else max_units)
+        top = self._top(fused, k, cap if include_units else -1)
         hits = self._hits(top, bm, dn)
         latency = (time.perf_counter() - t0) * 1000
         qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
                         latency, hits, source) if log else None
         return SearchResult(qid, query, mode, hits, latency)
+
+    def _top(self, fused, k, cap):
+        """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units
+        cannot crowd the original documents out of the top k."""
+        ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+        if cap < 0 or not ranked:
+            return ranked[:k]
+        ids = [cid for cid, _ in ranked[: k * 4 + cap]]
+        units = {r[0] for r in self.conn.execute(
+            f"SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='unit' AND c.id IN "
+            f"({','.join('?' * len(ids))})", ids)}
+        out, n_units = [], 0
+        for cid, score in ranked:
+            if cid in units or (cid not in ids and self._is_unit(cid)):
+                if n_units >= cap:
+                    continue
+                n_units += 1
+            out.append((cid, score))
+            if len(out) == k:
+                break
+        return out
+
+    def _is_unit(self, cid):
+        row = self.conn.execute("SELECT d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE c.id=?", (cid,)).fetchone()
+        return bool(row) and row[0] == "unit"
 
     def _hits(self, top, bm, dn):
         if not top:
