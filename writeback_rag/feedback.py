@@ -113,16 +113,20 @@ def metric(name, pred, answers):
 # ---- labelled sets -------------------------------------------------------------------------
 
 
+def open_text(path):
+    """Open a UTF-8 input file, or fail with a one-line InputError naming it."""
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def read_labels(path, split="train"):
     """Examples from a JSONL file or a BEIR folder; raises InputError naming file and line."""
     if os.path.isdir(path):
         return _read_beir(path, split)
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     out = []
-    with f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -153,11 +157,7 @@ def read_labels(path, split="train"):
 
 def read_qrels(path):
     qrels = {}
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if n == 1 and parts[0] in ("query-id", "qid", "query_id"):
@@ -172,11 +172,7 @@ def read_qrels(path):
 
 def read_jsonl(path):
     out = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
