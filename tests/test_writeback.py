@@ -364,7 +364,7 @@ def test_max_units_caps_unit_slots(small):
         labelled(small, q, ["Marrowick", "1931"])
     small.writeback()
     assert len(list_units(small)) >= 2
-    free = small.search("Calder foundry town Marrowick", k=5, log=False).hits
+    free = small.search("Calder foundry town Marrowick", k=5, max_units=-1, log=False).hits
     assert sum(h.kind == "unit" for h in free) >= 2
     capped = small.search("Calder foundry town Marrowick", k=5, max_units=1, log=False).hits
     assert sum(h.kind == "unit" for h in capped) == 1 and len(capped) == len(DOCS) + 1  # sources fill the rest
