@@ -1,5 +1,4 @@
 import os
-import sys
 
 import pytest
 
@@ -60,5 +59,3 @@ def write(path, content, mode="w"):
         f.write(content)
     return str(path)
 
-
-sys.modules.setdefault("wbrag_test_helpers", sys.modules[__name__])

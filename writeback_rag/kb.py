@@ -166,9 +166,8 @@ class KnowledgeBase:
     def _dense_expect(self, gen):
         return {"model_id": self.model_id, "generation": gen, "kind": self.config["dense"]["index"]}
 
-    def _active_embeddings(self, conn, batch=20000):
-        """(ids, vectors) of every indexed chunk, read in batches from the stored float32 blobs."""
-        dim = None
+    def _active_embeddings(self, conn):
+        """(ids, vectors) of every indexed chunk, from the stored float32 blobs."""
         ids, vecs = [], []
         for cid, blob in conn.execute("SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id=c.doc_id "
                                       "WHERE d.status='active' ORDER BY c.id"):
