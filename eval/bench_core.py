@@ -84,6 +84,34 @@ def pct(values, q):
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
 
 
+
+def latency_vs_parts(kb, queries, engine, k, cand, encode, faiss_search):
+    """kb.search latency per mode (log on/off, interleaved per query) vs the sum of its raw parts."""
+    conds = [(m, lg) for m in ("bm25", "dense", "hybrid") for lg in (False, True)]
+    lat = {f"{m}|{'log' if lg else 'nolog'}": [] for m, lg in conds}
+    parts = {"encode": [], "faiss_k": [], "faiss_cand": [], "bm25_k": [], "bm25_cand": []}
+    for q in queries:
+        for m, lg in conds:
+            t0 = T()
+            kb.search(q, k=k, mode=m, log=lg)
+            lat[f"{m}|{'log' if lg else 'nolog'}"].append((T() - t0) * 1000)
+        t0 = T()
+        qv = encode(q)
+        parts["encode"].append((T() - t0) * 1000)
+        for key, nn in (("faiss_k", k), ("faiss_cand", cand)):
+            t0 = T()
+            faiss_search(qv, nn)
+            parts[key].append((T() - t0) * 1000)
+        for key, nn in (("bm25_k", k), ("bm25_cand", cand)):
+            t0 = T()
+            engine.search(q, nn)
+            parts[key].append((T() - t0) * 1000)
+    P = {key: np.array(v) for key, v in parts.items()}
+    raw = {"bm25": P["bm25_k"], "dense": P["encode"] + P["faiss_k"],
+           "hybrid": P["encode"] + P["faiss_cand"] + P["bm25_cand"]}
+    summary = lambda d: {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in d.items()}  # noqa: E731
+    return {"latency": summary(lat), "raw_latency": summary(raw), "raw_parts": summary(P)}
+
 def loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -396,32 +424,11 @@ def stage_scifact_minilm(a):
         for mode in ("bm25", "dense", "hybrid"):
             kb.search(q, k=k, mode=mode, log=False)
     engine = kb._bm25  # the KB's in-memory BM25 engine (loaded by the searches above)
-    conds = [(m, lg) for m in ("bm25", "dense", "hybrid") for lg in (False, True)]
-    lat = {f"{m}|{'log' if lg else 'nolog'}": [] for m, lg in conds}
-    parts = {"encode": [], "faiss_k": [], "faiss_cand": [], "bm25_k": [], "bm25_cand": []}
-    for q in queries:
-        for m, lg in conds:
-            t0 = T()
-            kb.search(q, k=k, mode=m, log=lg)
-            lat[f"{m}|{'log' if lg else 'nolog'}"].append((T() - t0) * 1000)
-        t0 = T()
-        qv = model.encode([q], batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
-        parts["encode"].append((T() - t0) * 1000)
-        qv = np.ascontiguousarray(qv, dtype=np.float32)
-        for key, nn in (("faiss_k", k), ("faiss_cand", cand)):
-            t0 = T()
-            flat.search(qv, min(nn, flat.ntotal))
-            parts[key].append((T() - t0) * 1000)
-        for key, nn in (("bm25_k", k), ("bm25_cand", cand)):
-            t0 = T()
-            engine.search(q, nn)
-            parts[key].append((T() - t0) * 1000)
-    P = {key: np.array(v) for key, v in parts.items()}
-    raw = {"bm25": P["bm25_k"], "dense": P["encode"] + P["faiss_k"],
-           "hybrid": P["encode"] + P["faiss_cand"] + P["bm25_cand"]}
-    res["latency"] = {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in lat.items()}
-    res["raw_latency"] = {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in raw.items()}
-    res["raw_parts"] = {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in P.items()}
+    res.update(latency_vs_parts(kb, queries, engine, k, cand,
+                                lambda q: np.ascontiguousarray(
+                                    model.encode([q], batch_size=batch, normalize_embeddings=True, convert_to_numpy=True),
+                                    dtype=np.float32),
+                                lambda qv, nn: flat.search(qv, min(nn, flat.ntotal))))
     res["latency_queries"] = len(queries)
     res["k"], res["candidates"] = k, cand
     # thread sensitivity of a one-query encode: the pinned setting vs torch's default (all cores)
@@ -757,35 +764,12 @@ def stage_synth_query(a):
     raw_index = faiss.read_index(os.path.join(path, "dense.faiss"))
     engine = kb._bm25
     k, cand = 10, max(int(kb.config["retrieval"]["candidates"]), 20)
-    conds = [(m, lg) for m in ("bm25", "dense", "hybrid") for lg in (False, True)]
-    lat = {f"{m}|{'log' if lg else 'nolog'}": [] for m, lg in conds}
-    parts = {"encode": [], "faiss_k": [], "faiss_cand": [], "bm25_k": [], "bm25_cand": []}
     for q in queries[1:6]:
         for m in ("bm25", "dense", "hybrid"):
             kb.search(q, k=k, mode=m, log=False)
     log(f"2: latency, {len(queries)} queries x 6 conditions + raw parts")
-    for q in queries:
-        for m, lg in conds:
-            t0 = T()
-            kb.search(q, k=k, mode=m, log=lg)
-            lat[f"{m}|{'log' if lg else 'nolog'}"].append((T() - t0) * 1000)
-        t0 = T()
-        qv = emb.encode([q])
-        parts["encode"].append((T() - t0) * 1000)
-        for key, nn in (("faiss_k", k), ("faiss_cand", cand)):
-            t0 = T()
-            raw_index.search(qv, nn)
-            parts[key].append((T() - t0) * 1000)
-        for key, nn in (("bm25_k", k), ("bm25_cand", cand)):
-            t0 = T()
-            engine.search(q, nn)
-            parts[key].append((T() - t0) * 1000)
-    P = {key: np.array(v) for key, v in parts.items()}
-    raw = {"bm25": P["bm25_k"], "dense": P["encode"] + P["faiss_k"],
-           "hybrid": P["encode"] + P["faiss_cand"] + P["bm25_cand"]}
-    res["latency"] = {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in lat.items()}
-    res["raw_latency"] = {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in raw.items()}
-    res["raw_parts"] = {key: {"p50": pct(v, 50), "p95": pct(v, 95)} for key, v in P.items()}
+    res.update(latency_vs_parts(kb, queries, engine, k, cand, lambda q: emb.encode([q]),
+                                lambda qv, nn: raw_index.search(qv, nn)))
     res["peak_rss_end_mb"] = peak_rss_mb()
 
     # FAISS thread sensitivity: the pinned setting vs all cores, one query at a time

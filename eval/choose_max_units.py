@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "eval", "results", "choose-max-units.md"))
     args = ap.parse_args()
     modes = tuple(args.modes.split(","))
-    lines = [f"# Choosing retrieval.max_units on train data\n", "Command: `" + " ".join(
+    lines = ["# Choosing retrieval.max_units on train data\n", "Command: `" + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)] + sys.argv) + "`\n",
         "Deltas (points) on held-out train queries, write-back from the rest of train; 95% bootstrap CI.\n"]
     for folder in args.datasets:

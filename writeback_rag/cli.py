@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from .errors import InputError, WbragError
+from .errors import EmbedderMismatch, InputError, WbragError
 from .kb import KnowledgeBase
 
 
@@ -172,8 +172,8 @@ def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="E
     path = _kb_path(kb)
     try:
         k = KnowledgeBase.open(path, embedder=embedder)
-    except WbragError as e:
-        if not (re_embed and embedder and e.__class__.__name__ == "EmbedderMismatch"):
+    except EmbedderMismatch:
+        if not (re_embed and embedder):
             raise
         cfg = cfgmod.load(os.path.join(os.path.abspath(path), CONFIG_NAME))
         cfg["embedder"] = {"name": embedder}

@@ -1,7 +1,6 @@
 """Derived indexes: FAISS for dense vectors (file + manifest) and BM25 over postings kept in SQLite."""
 
 import json
-import math
 import os
 from collections import Counter
 

@@ -12,9 +12,9 @@ import numpy as np
 from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
-from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, WbragError
+from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase
 from .index import BM25, DenseIndex, delete_postings, load_term_ids, write_postings
-from .loaders import Problem, Record, read_paths
+from .loaders import Problem, Record, _field_record, read_paths
 from .text import chunk_text, content_hash, count_tokens
 
 DB_NAME, DENSE_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "config.toml"
@@ -83,6 +83,7 @@ class KnowledgeBase:
         self._notify = notify or (lambda msg: print(f"wbrag: {msg}", file=sys.stderr))
         self._llm = None
         self._term_ids = None  # terms are append-only: one dict serves every write
+        self._units, self._units_gen = frozenset(), None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class KnowledgeBase:
             if re_embed:
                 emb = self.embedder
                 rows = conn.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
-                for start in _progress(range(0, len(rows), 256), show_progress, "re-embedding", unit_scale=256):
+                for start in _progress(range(0, len(rows), 256), show_progress, "re-embedding"):
                     part = rows[start:start + 256]
                     vecs = emb.encode([r["text"] for r in part])
                     with store.transaction(conn):
@@ -282,7 +283,6 @@ class KnowledgeBase:
                     yield r
                     continue
                 try:
-                    from .loaders import _field_record
                     yield _field_record(r, fields, f"record {n}", r.get("source", "api") if isinstance(r, dict) else "api")
                 except ValueError as e:
                     yield Problem("<records>", str(e))
@@ -505,15 +505,12 @@ class KnowledgeBase:
         """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units
         cannot crowd the original documents out of the top k."""
         ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
-        if cap < 0 or not ranked:
+        units = self._unit_chunks() if cap >= 0 else ()
+        if not units:
             return ranked[:k]
-        ids = [cid for cid, _ in ranked[: k * 4 + cap]]
-        units = {r[0] for r in self.conn.execute(
-            f"SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='unit' AND c.id IN "
-            f"({','.join('?' * len(ids))})", ids)}
         out, n_units = [], 0
         for cid, score in ranked:
-            if cid in units or (cid not in ids and self._is_unit(cid)):
+            if cid in units:
                 if n_units >= cap:
                     continue
                 n_units += 1
@@ -522,9 +519,14 @@ class KnowledgeBase:
                 break
         return out
 
-    def _is_unit(self, cid):
-        row = self.conn.execute("SELECT d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE c.id=?", (cid,)).fetchone()
-        return bool(row) and row[0] == "unit"
+    def _unit_chunks(self):
+        """Chunk ids of active units, cached per generation: the unit cap costs no query per search."""
+        gen = self.generation
+        if self._units_gen != gen:
+            self._units = frozenset(r[0] for r in self.conn.execute(
+                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='unit' AND d.status='active'"))
+            self._units_gen = gen
+        return self._units
 
     def _hits(self, top, bm, dn):
         if not top:
@@ -676,5 +678,4 @@ def _progress(iterable, show, desc, **kw):
         return iterable if iterable is not None else _NoBar()
     from tqdm import tqdm
 
-    kw.pop("unit_scale", None)
     return tqdm(iterable, desc=desc, **kw)

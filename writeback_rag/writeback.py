@@ -8,8 +8,6 @@ import time
 import uuid
 from collections import defaultdict
 
-import numpy as np
-
 from . import store
 from .errors import LLMError, LockBusy
 from .loaders import Record
@@ -126,10 +124,10 @@ def mark_stale_units(kb, conn, doc_id):
     """Units drawn from a changed or deleted source stop being returned; returns their chunk ids."""
     removed = []
     pattern = "%" + json.dumps(doc_id) + "%"
-    for row in conn.execute("SELECT u.id FROM units u JOIN documents d ON d.id=u.id "
-                            "WHERE d.status='active' AND u.source_doc_ids LIKE ?", (pattern,)).fetchall():
-        if doc_id in json.loads(conn.execute("SELECT source_doc_ids FROM units WHERE id=?", (row[0],)).fetchone()[0]):
-            _, _, rem = kb.set_status(conn, row[0], "stale")
+    for unit_id, sources in conn.execute("SELECT u.id, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
+                                         "WHERE d.status='active' AND u.source_doc_ids LIKE ?", (pattern,)).fetchall():
+        if doc_id in json.loads(sources):  # LIKE narrows; the JSON list decides
+            _, _, rem = kb.set_status(conn, unit_id, "stale")
             removed += rem
     return removed
 
@@ -207,7 +205,7 @@ def run_writeback(kb, distiller=None, dry_run=False, show_progress=False, log=No
 def _run(kb, distiller, dry_run, show_progress):
     from .kb import _progress
 
-    conn, w = kb.conn, kb.config["writeback"]
+    conn = kb.conn
     kb._ensure_indexes()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     counts = defaultdict(int)
