@@ -370,3 +370,19 @@ def test_max_units_caps_unit_slots(small):
     assert sum(h.kind == "unit" for h in capped) == 1 and len(capped) == len(DOCS) + 1  # sources fill the rest
     small.config["retrieval"]["max_units"] = 0
     assert all(h.kind == "source" for h in small.search("Calder foundry town", k=5, log=False).hits)
+
+
+def test_unit_fusion_separate_keeps_the_static_source_ranking(small):
+    for q in ["In which town was the Calder foundry?", "Which town had the Calder foundry?",
+              "When did the Calder foundry close?"]:
+        labelled(small, q, ["Marrowick", "1931"])
+    small.writeback()
+    q = "Calder foundry town Marrowick"
+    static = [h.chunk_id for h in small.search(q, k=10, mode="hybrid", include_units=False, log=False).hits]
+    small.config["retrieval"].update(unit_fusion="separate", max_units=-1)
+    hits = small.search(q, k=10, mode="hybrid", log=False).hits
+    assert any(h.kind == "unit" for h in hits)
+    assert [h.chunk_id for h in hits if h.kind == "source"] == static[:sum(h.kind == "source" for h in hits)]
+    small.config["retrieval"]["unit_fusion"] = "paper"
+    with pytest.raises(InputError, match="unknown unit_fusion 'paper'"):
+        small.search(q, log=False)

@@ -12,7 +12,8 @@ DEFAULTS = {
     "bm25": {"k1": 1.2, "b": 0.75},
     "dense": {"index": "flat", "hnsw_m": 32},
     "retrieval": {"mode": "hybrid", "fusion": "rrf", "rrf_k": 60, "dense_weight": 0.5, "candidates": 100,
-                  "max_units": 1},  # chosen on train data: eval/results/choose-max-units.md
+                  # how units compete with documents, chosen on train data: eval/results/choose-unit-use.md
+                  "max_units": 1, "unit_fusion": "joint"},
     "ingest": {"id_field": "id", "title_field": "title", "text_field": "text", "max_doc_mb": 50.0},
     "llm": {"backend": ""},
     "writeback": {

@@ -479,34 +479,56 @@ class KnowledgeBase:
         fusion = fusion or r["fusion"]
         self._ensure_indexes(need_dense=mode != "bm25")
         allowed = self._allowed(filters, include_units)
+        bm_all, dn_all = {}, {}
         n = max(int(r["candidates"]), 2 * k)
+        units = self._unit_chunks() if include_units else frozenset()
+        separate = bool(units) and r.get("unit_fusion", "joint") == "separate"
+        if r.get("unit_fusion", "joint") not in ("joint", "separate"):
+            raise InputError(f"unknown unit_fusion {r['unit_fusion']!r} in config.toml; use joint or separate")
+        fused = {}
+        qv = self.embedder.encode([query])[0] if mode != "bm25" else None
+        for part in (self._split(allowed, units) if separate else (allowed,)):
+            bm, dn = self._candidates(query, qv, mode, part, n if mode == "hybrid" else k)
+            fused.update(fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"])))
+            bm_all.update(bm)
+            dn_all.update(dn)
+        cap = int(r.get("max_units", -1) if max_units is None else max_units)
+        top = self._top(fused, k, cap, units)
+        hits = self._hits(top, bm_all, dn_all)
+        latency = (time.perf_counter() - t0) * 1000
+        qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
+                        latency, hits, source) if log else None
+        return SearchResult(qid, query, mode, hits, latency)
+
+    def _candidates(self, query, qv, mode, allowed, n):
+        """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `allowed`."""
         bm, dn = {}, {}
         if mode in ("bm25", "hybrid"):
             mask = None
             if allowed is not None:
                 mask = np.zeros(len(self._bm25.doc_len), dtype=bool)
                 mask[allowed[allowed < len(mask)]] = True
-            ids, scores = self._bm25.search(query, n if mode == "hybrid" else k, mask)
+            ids, scores = self._bm25.search(query, n, mask)
             bm = dict(zip(ids.tolist(), scores.tolist()))
         if mode in ("dense", "hybrid"):
-            qv = self.embedder.encode([query])[0]
-            ids, scores = self._dense.search(qv, n if mode == "hybrid" else k, allowed)
+            ids, scores = self._dense.search(qv, n, allowed)
             dn = dict(zip(ids.tolist(), scores.tolist()))
-        fused = fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"]))
-        cap = int(r.get("max_units", -1) if max_units is None else max_units)
-        top = self._top(fused, k, cap if include_units else -1)
-        hits = self._hits(top, bm, dn)
-        latency = (time.perf_counter() - t0) * 1000
-        qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
-                        latency, hits, source) if log else None
-        return SearchResult(qid, query, mode, hits, latency)
+        return bm, dn
 
-    def _top(self, fused, k, cap):
+    def _split(self, allowed, units):
+        """(source chunk ids, unit chunk ids) within `allowed`: separate candidate lists, as if units had
+        their own index (the paper's layout), so units never shift the ranks the sources fuse on."""
+        ids = np.fromiter(units, dtype=np.int64, count=len(units))
+        if allowed is None:
+            allowed = np.arange(len(self._bm25.doc_len), dtype=np.int64)
+        is_unit = np.isin(allowed, ids)
+        return allowed[~is_unit], allowed[is_unit]
+
+    def _top(self, fused, k, cap, units):
         """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units
         cannot crowd the original documents out of the top k."""
         ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
-        units = self._unit_chunks() if cap >= 0 else ()
-        if not units:
+        if not units or cap < 0:
             return ranked[:k]
         out, n_units = [], 0
         for cid, score in ranked:
