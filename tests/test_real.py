@@ -153,3 +153,26 @@ def test_reindex_re_embed_switches_embedder(tmp_path):
     assert kb.model_id == "sentence-transformers/all-MiniLM-L6-v2" and kb.config["embedder"]["name"] == "minilm"
     assert kb.search("Fenwick Point designer", mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
     assert json.load(open(kb.dense_path + ".manifest.json"))["dim"] == 384
+
+
+def test_eval_protocol_with_real_embedder_and_reader(tmp_path):
+    """The benchmark protocol end to end on MiniLM, FAISS and SmolLM2 as judge and reader (EM/F1)."""
+    from test_eval import CORPUS as TINY, QUERIES, _jsonl
+    from writeback_rag.eval import run_protocol
+
+    d = tmp_path / "tiny"
+    os.makedirs(d / "qrels")
+    _jsonl(d / "corpus.jsonl", TINY)
+    _jsonl(d / "queries.jsonl", [{"_id": q, "text": t} for q, t, _, _, _ in QUERIES])
+    _jsonl(d / "answers.jsonl", [{"_id": q, "answers": a} for q, _, a, _, _ in QUERIES])
+    for split in ("train", "test"):
+        with open(d / "qrels" / f"{split}.tsv", "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            f.writelines(f"{q}\t{doc}\t1\n" for q, _, _, doc, s in QUERIES if s == split)
+    res = run_protocol(str(d), str(tmp_path / "kb"), modes=("hybrid",), config={"llm": {"backend": "llamacpp"}},
+                       k=10)
+    assert res["embedder"] == "sentence-transformers/all-MiniLM-L6-v2" and res["label"]["judge"] == "llm"
+    for side in ("before", "after"):
+        for m in ("reader_em", "reader_f1", "answer_recall@5", "credit/nDCG@10"):
+            assert 0.0 <= res[side]["hybrid"][m] <= 1.0
+    assert res["after"]["hybrid"]["answer_recall@5"] >= res["before"]["hybrid"]["answer_recall@5"]
