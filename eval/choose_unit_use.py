@@ -13,25 +13,13 @@ Writes eval/results/choose-unit-use.md (and .json) with the command on top.
 
 import argparse
 import os
-import shlex
 import shutil
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from writeback_rag import eval as ev  # noqa: E402
-from writeback_rag.text import contains_answer  # noqa: E402
-from writeback_rag.writeback import list_units  # noqa: E402
-
-DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets"))
-T0 = time.time()
-
-
-def log(msg):
-    print(f"[{time.time() - T0:7.0f}s] {msg}", file=sys.stderr, flush=True)
+from common import DATA, ROOT, command_line, log
+from writeback_rag import eval as ev
+from writeback_rag.text import contains_answer
+from writeback_rag.writeback import list_units
 
 
 def headroom(kb, val, static, k):
@@ -62,8 +50,7 @@ def main():
     modes = ev._check_modes(args.modes.split(","))
     caps = [int(x) for x in args.caps.split(",")]
     fusions = args.fusions.split(",")
-    exe = os.path.relpath(sys.executable, ROOT)
-    command = " ".join(shlex.quote(a) for a in [exe] + sys.argv)
+    command = command_line()
     lines = ["# Choosing how retrieval uses knowledge units, on train data\n", f"Command: `{command}`\n",
              "Train queries are split with a fixed seed; write-back from 80%, every setting measured on the held-out "
              "20% (the test split is never used). Deltas are after write-back - static KB, in points, paired bootstrap "

@@ -17,31 +17,13 @@ The corpus is ingested once per dataset into a base KB under --work; every run s
 
 import argparse
 import os
-import shlex
 import shutil
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from writeback_rag.errors import WbragError  # noqa: E402
-from writeback_rag import eval as ev  # noqa: E402
-
-DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "datasets"))
-T0 = time.time()
-
-
-def log(msg):
-    print(f"[{time.time() - T0:7.0f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def command_line():
-    exe = sys.executable
-    rel = os.path.relpath(exe, ROOT)
-    exe = rel if not rel.startswith("..") else exe
-    return " ".join(shlex.quote(a) for a in [exe] + sys.argv)
+from common import DATA, ROOT, command_line, log
+from writeback_rag.errors import WbragError
+from writeback_rag import eval as ev
 
 
 def fresh(path):

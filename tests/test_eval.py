@@ -46,9 +46,8 @@ def _jsonl(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-@pytest.fixture
-def beir(tmp_path):
-    d = tmp_path / "tiny"
+def write_tiny_beir(d):
+    """The tiny BEIR-layout dataset above, written to folder `d`; returns its path as a string."""
     os.makedirs(d / "qrels")
     _jsonl(d / "corpus.jsonl", CORPUS)
     _jsonl(d / "queries.jsonl", [{"_id": q, "text": t} for q, t, _, _, _ in QUERIES])
@@ -58,6 +57,11 @@ def beir(tmp_path):
             f.write("query-id\tcorpus-id\tscore\n")
             f.writelines(f"{q}\t{doc}\t1\n" for q, _, _, doc, s in QUERIES if s == split)
     return str(d)
+
+
+@pytest.fixture
+def beir(tmp_path):
+    return write_tiny_beir(tmp_path / "tiny")
 
 
 # ---- metrics ---------------------------------------------------------------------------------

@@ -157,19 +157,11 @@ def test_reindex_re_embed_switches_embedder(tmp_path):
 
 def test_eval_protocol_with_real_embedder_and_reader(tmp_path):
     """The benchmark protocol end to end on MiniLM, FAISS and SmolLM2 as judge and reader (EM/F1)."""
-    from test_eval import CORPUS as TINY, QUERIES, _jsonl
+    from test_eval import write_tiny_beir
     from writeback_rag.eval import run_protocol
 
-    d = tmp_path / "tiny"
-    os.makedirs(d / "qrels")
-    _jsonl(d / "corpus.jsonl", TINY)
-    _jsonl(d / "queries.jsonl", [{"_id": q, "text": t} for q, t, _, _, _ in QUERIES])
-    _jsonl(d / "answers.jsonl", [{"_id": q, "answers": a} for q, _, a, _, _ in QUERIES])
-    for split in ("train", "test"):
-        with open(d / "qrels" / f"{split}.tsv", "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n")
-            f.writelines(f"{q}\t{doc}\t1\n" for q, _, _, doc, s in QUERIES if s == split)
-    res = run_protocol(str(d), str(tmp_path / "kb"), modes=("hybrid",), config={"llm": {"backend": "llamacpp"}},
+    d = write_tiny_beir(tmp_path / "tiny")
+    res = run_protocol(d, str(tmp_path / "kb"), modes=("hybrid",), config={"llm": {"backend": "llamacpp"}},
                        k=10)
     assert res["embedder"] == "sentence-transformers/all-MiniLM-L6-v2" and res["label"]["judge"] == "llm"
     for side in ("before", "after"):
