@@ -61,6 +61,20 @@ def test_ingest_folder_formats_and_idempotency(corpus_kb):
     assert index_agrees(kb) == st["chunks"]
 
 
+def test_small_write_batches_give_the_same_kb(corpus_kb, tmp_path):
+    """Batch size is a speed setting only: many small transactions store and rank exactly as one."""
+    small = KnowledgeBase.create(tmp_path / "small", embedder="hash", notify=lambda m: None)
+    rep = small.ingest([CORPUS], batch_chunks=5)
+    assert rep.added == 44 and small.stats()["chunks"] == corpus_kb.stats()["chunks"]
+    assert index_agrees(small) == rep.chunks
+    for mode in ("bm25", "dense", "hybrid"):
+        for q in ("Who built Fenwick Point Light?", "lighthouse stamps"):
+            a = [(h.doc_id, round(h.score, 6)) for h in corpus_kb.search(q, k=5, mode=mode, log=False).hits]
+            b = [(h.doc_id, round(h.score, 6)) for h in small.search(q, k=5, mode=mode, log=False).hits]
+            assert a == b
+    small.close()
+
+
 def test_changed_document_replaces_chunks_everywhere(kb, tmp_path):
     d = tmp_path / "docs"
     write(d / "a.txt", "Alpha\n\nThe zebra lives in the savanna.")
