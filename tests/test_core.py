@@ -181,6 +181,55 @@ def test_dense_index_missing_stale_or_corrupt_is_rebuilt(corpus_kb, damage):
     assert index_agrees(kb2) >= 44
 
 
+def _bm25_hits(kb, queries=("Fenwick Point keeper", "lighthouse stamps 1993", "Grey Heron lens")):
+    return [[(h.chunk_id, h.score) for h in kb.search(q, k=10, mode="bm25", log=False).hits] for q in queries]
+
+
+def test_bm25_arrays_saved_and_reused_by_the_next_process(corpus_kb, monkeypatch, tmp_path):
+    """The saved arrays replace the SQL load only while they match the KB, its generation and BM25 params."""
+    from_sql = _bm25_hits(corpus_kb)
+    manifest = json.load(open(corpus_kb.bm25_path + ".manifest.json"))
+    assert manifest["generation"] == corpus_kb.generation and manifest["n_docs"] == corpus_kb.stats()["chunks"]
+
+    loads = []
+    real_init = BM25.__init__
+    monkeypatch.setattr(BM25, "__init__", lambda self, *a, **k: (loads.append(1), real_init(self, *a, **k))[1])
+    kb2 = KnowledgeBase.open(corpus_kb.path)
+    assert _bm25_hits(kb2) == from_sql and loads == []  # identical ranking and scores, no SQL load
+
+    kb2.ingest([{"id": "new", "text": "The Fenwick Point keeper kept a logbook of stamps."}])
+    kb3 = KnowledgeBase.open(corpus_kb.path)
+    hits = kb3.search("Fenwick Point keeper logbook", k=3, mode="bm25", log=False).hits
+    assert hits[0].doc_id == "new" and loads == [1]  # stale generation: loaded from SQLite, then saved
+    assert _bm25_hits(KnowledgeBase.open(corpus_kb.path)) == _bm25_hits(kb3) and loads == [1]
+
+    with open(kb3.bm25_path, "r+b") as f:  # a torn file is never used
+        f.truncate(200)
+    assert _bm25_hits(KnowledgeBase.open(corpus_kb.path)) == _bm25_hits(kb3) and loads == [1, 1]
+
+    # arrays of one save under the manifest of another (two processes saving at once) are refused
+    _bm25_hits(KnowledgeBase.open(corpus_kb.path))
+    assert len(loads) == 2
+    m = json.load(open(kb3.bm25_path + ".manifest.json"))
+    m["generation"] += 1
+    json.dump(m, open(kb3.bm25_path + ".manifest.json", "w"))
+    kb3.conn.execute("UPDATE meta SET value=? WHERE key='generation'", (m["generation"],))
+    assert _bm25_hits(KnowledgeBase.open(corpus_kb.path)) == _bm25_hits(kb3) and len(loads) == 3
+
+    other = KnowledgeBase.open(corpus_kb.path)  # other BM25 parameters: the saved arrays do not apply
+    other.config["bm25"]["k1"] = 2.0
+    assert _bm25_hits(other) != _bm25_hits(kb3) and len(loads) == 4
+
+    clone = tmp_path / "clone"  # arrays copied next to another KB of the same generation are refused
+    other_kb = KnowledgeBase.create(clone, embedder="hash", notify=lambda m: None)
+    other_kb.ingest([{"id": f"x{i}", "text": "unrelated words here"} for i in range(3)])
+    other_kb.conn.execute("UPDATE meta SET value=? WHERE key='generation'", (kb3.generation,))
+    for suffix in ("", ".manifest.json"):
+        with open(kb3.bm25_path + suffix, "rb") as src, open(other_kb.bm25_path + suffix, "wb") as dst:
+            dst.write(src.read())
+    assert not KnowledgeBase.open(clone).search("Fenwick keeper", mode="bm25", log=False).hits
+
+
 def test_bm25_scores_equal_rank_bm25(kb):
     rank_bm25 = pytest.importorskip("rank_bm25")
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 from collections import Counter
 
 import numpy as np
@@ -64,7 +65,7 @@ class DenseIndex:
 
     def save(self, path, manifest):
         """Temp file + rename, index first then manifest: a crash leaves a stale manifest, never a torn index."""
-        tmp = path + ".tmp"
+        tmp = _tmp_name(path)
         self.faiss.write_index(self.index, tmp)
         _fsync_path(tmp)
         os.replace(tmp, path)
@@ -107,8 +108,13 @@ def _fsync_path(path):
         os.close(fd)
 
 
+def _tmp_name(path):
+    """Per process and thread: two processes saving the same derived file never write one temp file."""
+    return f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
 def write_json_atomic(path, obj):
-    tmp = path + ".tmp"
+    tmp = _tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()
@@ -148,6 +154,8 @@ class BM25:
     SQLite holds the postings in the same transactions as the documents, so the engine can never
     disagree with the store after a crash; this class only caches them as numpy arrays per term."""
 
+    FORMAT = 1  # of the saved arrays; bump when save() changes
+
     def __init__(self, conn, k1=1.2, b=0.75, epsilon=0.25):
         self.k1, self.b, self.epsilon = float(k1), float(b), epsilon
         lens = np.array([tuple(r) for r in conn.execute(
@@ -171,10 +179,71 @@ class BM25:
             norm = self.k1 * (1 - self.b + self.b * self.doc_len[ids] / self.avgdl)
             # per-term BM25 contributions precomputed once: query time is a few numpy adds
             c = (np.repeat(idf, df) * tf * (self.k1 + 1) / (tf + norm)).astype(np.float32)
-            ends = np.cumsum(df).tolist()
-            starts = [0] + ends[:-1]
-            self.idf = dict(zip(terms, idf.tolist()))
-            self.contrib = {t: (ids[a:b], c[a:b]) for t, a, b in zip(terms, starts, ends)}
+            self._set_terms(terms, idf, df, ids, c)
+
+    def _set_terms(self, terms, idf, df, ids, contrib):
+        ends = np.cumsum(df).tolist()
+        starts = [0] + ends[:-1]
+        self.idf = dict(zip(terms, np.asarray(idf).tolist()))
+        self.contrib = {t: (ids[a:b], contrib[a:b]) for t, a, b in zip(terms, starts, ends)}
+
+    def save(self, path, manifest):
+        """Persist the arrays (temp file + rename, then the manifest), so a new process skips the SQL load."""
+        terms = list(self.contrib)
+        entries = [self.contrib[t] for t in terms]
+        manifest = dict(manifest, **self._params(), package_version=__version__, n_docs=self.n_docs, n_terms=len(terms))
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            np.savez(f, manifest=np.frombuffer(json.dumps(manifest, sort_keys=True).encode("utf-8"), dtype=np.uint8),
+                     doc_len=self.doc_len,
+                     terms=np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8),
+                     idf=np.array([self.idf[t] for t in terms], dtype=np.float64),
+                     df=np.array([len(e[0]) for e in entries], dtype=np.int64),
+                     ids=np.concatenate([e[0] for e in entries]) if entries else np.zeros(0, np.int64),
+                     contrib=np.concatenate([e[1] for e in entries]) if entries else np.zeros(0, np.float32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        write_json_atomic(path + ".manifest.json", manifest)
+
+    def _params(self):
+        return {"format": self.FORMAT, "k1": self.k1, "b": self.b, "epsilon": self.epsilon}
+
+    @classmethod
+    def load(cls, path, expect, k1=1.2, b=0.75, epsilon=0.25):
+        """The saved engine if its manifest matches `expect` (generation) and these parameters, else (None, why)."""
+        mpath = path + ".manifest.json"
+        if not os.path.exists(path) or not os.path.exists(mpath):
+            return None, "missing"
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            return None, "corrupt manifest"
+        want = dict(expect, format=cls.FORMAT, k1=float(k1), b=float(b), epsilon=epsilon, package_version=__version__)
+        for key, value in want.items():
+            if manifest.get(key) != value:
+                return None, f"stale ({key} {manifest.get(key)!r} != {value!r})"
+        obj = cls.__new__(cls)
+        obj.k1, obj.b, obj.epsilon = float(k1), float(b), epsilon
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in ("manifest", "doc_len", "terms", "idf", "df", "ids", "contrib")}
+            inner = json.loads(arrays["manifest"].tobytes().decode("utf-8"))
+        except Exception:
+            return None, "corrupt file"
+        if inner != manifest:  # two processes saving different generations at once: file and manifest differ
+            return None, "file and manifest from different saves"
+        terms = arrays["terms"].tobytes().decode("utf-8").split("\n") if len(arrays["terms"]) else []
+        if len(terms) != manifest.get("n_terms") or len(arrays["df"]) != len(terms) \
+                or int(arrays["df"].sum()) != len(arrays["ids"]) or len(arrays["ids"]) != len(arrays["contrib"]):
+            return None, "corrupt file (sizes differ from the manifest)"
+        obj.doc_len, obj.n_docs = arrays["doc_len"], int(manifest["n_docs"])
+        obj.avgdl = float(obj.doc_len.sum() / obj.n_docs) if obj.n_docs else 1.0
+        obj.idf, obj.contrib = {}, {}
+        if terms:
+            obj._set_terms(terms, arrays["idf"], arrays["df"], arrays["ids"], arrays["contrib"])
+        return obj, "ok"
 
     def search(self, query, n, allowed=None):
         """Top-n (chunk ids, scores) for a query string; `allowed` is a boolean mask over chunk ids."""

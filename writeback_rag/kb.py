@@ -17,7 +17,7 @@ from .index import BM25, DenseIndex, delete_postings, load_term_ids, write_posti
 from .loaders import Problem, Record, _field_record, read_paths
 from .text import chunk_text, content_hash, count_tokens
 
-DB_NAME, DENSE_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "config.toml"
+DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 MODES = ("bm25", "dense", "hybrid")
 
 
@@ -68,13 +68,14 @@ class IngestReport:
 
 
 class KnowledgeBase:
-    """A folder: kb.sqlite (truth), dense.faiss + manifest (derived), config.toml."""
+    """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
     def __init__(self, path, cfg, embedder=None, notify=None):
         self.path = os.path.abspath(path)
         self.config = cfg
         self.db_path = os.path.join(self.path, DB_NAME)
         self.dense_path = os.path.join(self.path, DENSE_NAME)
+        self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path)
         self._lock = threading.RLock()
         self._embedder = embedder
@@ -208,8 +209,23 @@ class KnowledgeBase:
                         self._notify(f"cannot save rebuilt dense index ({e.strerror}); using it in memory")
                 self._dense, self._dense_gen = dense, gen
             if need_bm25 and self._bm25_gen != gen:
-                b = self.config["bm25"]
-                self._bm25, self._bm25_gen = BM25(self.conn, b["k1"], b["b"]), gen
+                self._bm25, self._bm25_gen = self._load_bm25(gen), gen
+
+    def _load_bm25(self, gen):
+        """The saved BM25 arrays when their manifest matches this KB and generation, else a load from the
+        postings in SQLite (seconds per 100k chunks), saved for the next process."""
+        b = self.config["bm25"]
+        expect = {"generation": gen, "kb_created": store.get_meta(self.conn, "created")}
+        engine, why = BM25.load(self.bm25_path, expect, b["k1"], b["b"])
+        if engine is not None:
+            return engine
+        engine = BM25(self.conn, b["k1"], b["b"])
+        if self.generation == gen:  # a write by another process during the load: do not label it with gen
+            try:
+                engine.save(self.bm25_path, expect)
+            except OSError as e:
+                self._notify(f"cannot save the BM25 cache ({e.strerror}); it is rebuilt from SQLite on open")
+        return engine
 
     def _save_dense(self):
         gen = self.generation
