@@ -75,6 +75,16 @@ def test_small_write_batches_give_the_same_kb(corpus_kb, tmp_path):
     small.close()
 
 
+def test_commits_by_size_or_time(tmp_path):
+    """Each write transaction bumps the generation once: count them for size- and time-bound commits."""
+    docs = [{"id": f"d{i}", "text": f"word{i} shared text"} for i in range(600)]
+    for batch, seconds, commits in ((10**6, 1e9, 1), (10**6, 0.0, 3), (300, 1e9, 2), (100, 1e9, 6)):
+        kb = KnowledgeBase.create(tmp_path / f"kb{batch}-{seconds}", embedder="hash", notify=lambda m: None)
+        rep = kb.ingest(docs, batch_chunks=batch, commit_seconds=seconds)
+        assert (rep.added, kb.generation, index_agrees(kb)) == (600, commits, 600)
+        kb.close()
+
+
 def test_changed_document_replaces_chunks_everywhere(kb, tmp_path):
     d = tmp_path / "docs"
     write(d / "a.txt", "Alpha\n\nThe zebra lives in the savanna.")

@@ -280,13 +280,15 @@ class KnowledgeBase:
 
     # ---- writing documents -------------------------------------------------------------
 
-    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048):
+    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0):
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
 
         Each document is written with its chunks, embeddings and postings in one transaction, so a
         crash loses at most the batch in flight, and re-running the same ingest finishes the work.
         Big batches keep ingest speed flat as the KB grows: each commit rewrites the postings pages it
-        touched, and small batches touch the same pages over and over (eval/results/bench.md)."""
+        touched, and small batches touch the same pages over and over (eval/results/ingest-batching.md).
+        Chunks are embedded 256 at a time and committed once `batch_chunks` are ready or `commit_seconds`
+        have passed, so a slow embedder still commits (and moves the progress bar) every few seconds."""
         if isinstance(items, (str, os.PathLike, dict, Record)):
             items = [items]
         fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
@@ -310,6 +312,20 @@ class KnowledgeBase:
             self._ensure_indexes(need_bm25=False)  # writing needs the dense index in memory, not BM25
             conn = self.conn
             seen, pending, pending_chunks = {}, [], 0
+            ready, ready_texts, ready_vecs, last_commit = [], [], [], time.monotonic()
+            embed_chunks = max(1, min(256, batch_chunks))
+
+            def embed_pending():
+                texts, vecs = self._embed(pending)
+                ready.extend(pending)
+                ready_texts.extend(texts)
+                ready_vecs.append(vecs)
+                bar.update(len(pending))
+
+            def commit_ready():
+                self._write_docs(ready, report, embedded=(ready_texts, np.concatenate(ready_vecs)))
+                ready.clear(), ready_texts.clear(), ready_vecs.clear()
+
             bar = _progress(None, show_progress, "ingesting", unit="doc")
             for item in stream():
                 if isinstance(item, Problem):
@@ -337,22 +353,29 @@ class KnowledgeBase:
                 chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
                 pending.append((rec, h, chunks, row is not None, None))
                 pending_chunks += len(chunks)
-                if pending_chunks >= batch_chunks:
-                    self._write_docs(pending, report)
-                    bar.update(len(pending))
+                if pending_chunks >= embed_chunks:
+                    embed_pending()
                     pending, pending_chunks = [], 0
+                    if len(ready_texts) >= batch_chunks or time.monotonic() - last_commit >= commit_seconds:
+                        commit_ready()
+                        last_commit = time.monotonic()
             if pending:
-                self._write_docs(pending, report)
-                bar.update(len(pending))
+                embed_pending()
+            if ready:
+                commit_ready()
             bar.close()
             self._save_dense()
         return report
 
-    def _write_docs(self, pending, report, kind="source"):
-        """pending: (record, hash, chunks, exists, unit provenance or None); one transaction for all."""
-        emb = self.embedder
+    def _embed(self, pending):
         texts = [_index_text(p[0].title, c) for p in pending for c in p[2]]
-        vecs = emb.encode(texts)
+        return texts, self.embedder.encode(texts)
+
+    def _write_docs(self, pending, report, kind="source", embedded=None):
+        """pending: (record, hash, chunks, exists, unit provenance or None); one transaction for all.
+        `embedded`: their (texts, vectors) when already computed."""
+        emb = self.embedder
+        texts, vecs = embedded if embedded is not None else self._embed(pending)
         conn = self.conn
         add_ids, removed = [], []
         try:
