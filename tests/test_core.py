@@ -240,6 +240,16 @@ def test_bm25_arrays_saved_and_reused_by_the_next_process(corpus_kb, monkeypatch
     assert not KnowledgeBase.open(clone).search("Fenwick keeper", mode="bm25", log=False).hits
 
 
+def test_saves_remove_temp_files_left_by_killed_saves(corpus_kb):
+    old, fresh = corpus_kb.bm25_path + ".111.1.tmp", corpus_kb.bm25_path + ".222.2.tmp"
+    for p in (old, fresh):
+        write(p, "partial")
+    os.utime(old, (1, 1))
+    corpus_kb.ingest([{"id": "new", "text": "one more"}])
+    corpus_kb.search("one more", mode="bm25", log=False)  # loads from SQLite and saves bm25.npz
+    assert not os.path.exists(old) and os.path.exists(fresh)
+
+
 def test_bm25_scores_equal_rank_bm25(kb):
     rank_bm25 = pytest.importorskip("rank_bm25")
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -108,8 +109,17 @@ def _fsync_path(path):
         os.close(fd)
 
 
-def _tmp_name(path):
-    """Per process and thread: two processes saving the same derived file never write one temp file."""
+def _tmp_name(path, stale_after=3600):
+    """Per process and thread: two processes saving the same derived file never write one temp file.
+    Temp files an hour old were left by a killed save: they are removed here."""
+    folder, base = os.path.split(path)
+    try:
+        for name in os.listdir(folder or "."):
+            full = os.path.join(folder, name)
+            if name.startswith(base + ".") and name.endswith(".tmp") and time.time() - os.path.getmtime(full) > stale_after:
+                os.remove(full)
+    except OSError:
+        pass
     return f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
 
 

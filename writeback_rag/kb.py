@@ -324,7 +324,9 @@ class KnowledgeBase:
 
             def commit_ready():
                 self._write_docs(ready, report, embedded=(ready_texts, np.concatenate(ready_vecs)))
-                ready.clear(), ready_texts.clear(), ready_vecs.clear()
+                ready.clear()
+                ready_texts.clear()
+                ready_vecs.clear()
 
             bar = _progress(None, show_progress, "ingesting", unit="doc")
             for item in stream():
