@@ -77,17 +77,9 @@ class DenseIndex:
     @classmethod
     def load(cls, path, expect):
         """The saved index if its manifest matches `expect` (model_id, dim, kind, generation), else (None, why)."""
-        mpath = path + ".manifest.json"
-        if not os.path.exists(path) or not os.path.exists(mpath):
-            return None, "missing"
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, ValueError):
-            return None, "corrupt manifest"
-        for key, want in expect.items():
-            if manifest.get(key) != want:
-                return None, f"stale ({key} {manifest.get(key)!r} != {want!r})"
+        manifest, why = read_manifest(path, expect)
+        if manifest is None:
+            return None, why
         import faiss
 
         try:
@@ -107,6 +99,22 @@ def _fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_manifest(path, expect):
+    """(manifest, "ok") when the file and its manifest exist and the manifest has every `expect` value."""
+    mpath = path + ".manifest.json"
+    if not os.path.exists(path) or not os.path.exists(mpath):
+        return None, "missing"
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None, "corrupt manifest"
+    for key, want in expect.items():
+        if manifest.get(key) != want:
+            return None, f"stale ({key} {manifest.get(key)!r} != {want!r})"
+    return manifest, "ok"
 
 
 def _tmp_name(path, stale_after=3600):
@@ -222,18 +230,10 @@ class BM25:
     @classmethod
     def load(cls, path, expect, k1=1.2, b=0.75, epsilon=0.25):
         """The saved engine if its manifest matches `expect` (generation) and these parameters, else (None, why)."""
-        mpath = path + ".manifest.json"
-        if not os.path.exists(path) or not os.path.exists(mpath):
-            return None, "missing"
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, ValueError):
-            return None, "corrupt manifest"
-        want = dict(expect, format=cls.FORMAT, k1=float(k1), b=float(b), epsilon=epsilon, package_version=__version__)
-        for key, value in want.items():
-            if manifest.get(key) != value:
-                return None, f"stale ({key} {manifest.get(key)!r} != {value!r})"
+        manifest, why = read_manifest(path, dict(expect, format=cls.FORMAT, k1=float(k1), b=float(b), epsilon=epsilon,
+                                                 package_version=__version__))
+        if manifest is None:
+            return None, why
         obj = cls.__new__(cls)
         obj.k1, obj.b, obj.epsilon = float(k1), float(b), epsilon
         try:
