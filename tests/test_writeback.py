@@ -386,3 +386,18 @@ def test_unit_fusion_separate_keeps_the_static_source_ranking(small):
     small.config["retrieval"]["unit_fusion"] = "paper"
     with pytest.raises(InputError, match="unknown unit_fusion 'paper'"):
         small.search(q, log=False)
+
+
+def test_dense_queries_never_load_bm25(small):
+    """A dense query needs neither the BM25 arrays nor their file, also with units in a separate list."""
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    small.writeback()
+    kb = KnowledgeBase.open(small.path)
+    kb.config["retrieval"].update(unit_fusion="separate", max_units=-1)
+    for p in (kb.bm25_path, kb.bm25_path + ".manifest.json"):
+        if os.path.exists(p):
+            os.remove(p)
+    hits = kb.search("Calder foundry town", k=5, mode="dense", log=False).hits
+    assert any(h.kind == "unit" for h in hits) and any(h.kind == "source" for h in hits)
+    assert kb._bm25 is None and not os.path.exists(kb.bm25_path)
+    assert kb.search("Calder foundry town", k=5, mode="bm25", log=False).hits and kb._bm25 is not None

@@ -520,14 +520,15 @@ class KnowledgeBase:
         t0 = time.perf_counter()
         r = self.config["retrieval"]
         fusion = fusion or r["fusion"]
-        self._ensure_indexes(need_dense=mode != "bm25")
+        unit_fusion = r.get("unit_fusion", "joint")
+        if unit_fusion not in ("joint", "separate"):
+            raise InputError(f"unknown unit_fusion {unit_fusion!r} in config.toml; use joint or separate")
+        self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         allowed = self._allowed(filters, include_units)
         bm_all, dn_all = {}, {}
         n = max(int(r["candidates"]), 2 * k)
         units = self._unit_chunks() if include_units else frozenset()
-        separate = bool(units) and r.get("unit_fusion", "joint") == "separate"
-        if r.get("unit_fusion", "joint") not in ("joint", "separate"):
-            raise InputError(f"unknown unit_fusion {r['unit_fusion']!r} in config.toml; use joint or separate")
+        separate = bool(units) and unit_fusion == "separate"
         fused = {}
         qv = self.embedder.encode([query])[0] if mode != "bm25" else None
         for part in (self._split(allowed, units) if separate else (allowed,)):
@@ -562,8 +563,9 @@ class KnowledgeBase:
         """(source chunk ids, unit chunk ids) within `allowed`: separate candidate lists, as if units had
         their own index (the paper's layout), so units never shift the ranks the sources fuse on."""
         ids = np.fromiter(units, dtype=np.int64, count=len(units))
-        if allowed is None:
-            allowed = np.arange(len(self._bm25.doc_len), dtype=np.int64)
+        if allowed is None:  # every chunk id (ids of deleted chunks match nothing)
+            top = self.conn.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0
+            allowed = np.arange(top + 1, dtype=np.int64)
         is_unit = np.isin(allowed, ids)
         return allowed[~is_unit], allowed[is_unit]
 
