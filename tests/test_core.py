@@ -42,7 +42,7 @@ def test_create_open_and_not_a_kb(tmp_path, kb):
     assert os.path.exists(os.path.join(kb.path, "kb.sqlite"))
     assert kb.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert kb.conn.execute("PRAGMA user_version").fetchone()[0] >= 2
-    with pytest.raises(NotAKnowledgeBase, match="wbrag init"):
+    with pytest.raises(NotAKnowledgeBase, match="KnowledgeBase.create"):
         KnowledgeBase.open(tmp_path / "nothing")
     with pytest.raises(InputError, match="already exists"):
         KnowledgeBase.create(kb.path, embedder="hash")

@@ -13,6 +13,7 @@ from .errors import LLMError, WbragError
 
 EMBEDDERS = {}
 LLMS = {}
+DISTILLERS = {}
 
 
 def register_embedder(name):
@@ -26,6 +27,14 @@ def register_llm(name):
     def deco(factory):
         LLMS[name] = factory
         return factory
+    return deco
+
+
+def register_distiller(name):
+    """A distiller is fn(kb, query, answers, docs) -> (title, text) or None (see writeback.py)."""
+    def deco(fn):
+        DISTILLERS[name] = fn
+        return fn
     return deco
 
 
@@ -172,6 +181,57 @@ def smollm2_path():
     return path if os.path.exists(path) else None
 
 
+_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)
+llm.create_chat_completion(messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0.0)
+"""
+
+PORTABLE_BUILD = ("CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --no-cache-dir --force-reinstall --no-binary "
+                  "llama-cpp-python llama-cpp-python")
+
+
+def probe_native(model_path, code=_PROBE, cache_dir=None):
+    """Run llama.cpp once in a child process before it runs in this one: a build that crashes on this CPU
+    (a -march=native wheel from another machine, AMX) kills the child, not the caller, and becomes an
+    LLMError that says how to rebuild it. A passing (library, model) pair is remembered on disk."""
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("llama_cpp")
+    lib = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    stamp = []
+    for root in (lib, model_path):
+        for dirpath, _, files in os.walk(root) if os.path.isdir(root) else [("", [], [root])]:
+            for name in files:
+                full = os.path.join(dirpath, name)
+                if full.endswith((".so", ".gguf", ".py")) and os.path.isfile(full):
+                    st = os.stat(full)
+                    stamp.append(f"{full}:{st.st_size}:{int(st.st_mtime)}")
+    key = hashlib.sha256("\n".join(sorted(stamp) + [code]).encode()).hexdigest()[:24]
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "writeback-rag", "llamacpp-ok")
+    marker = os.path.join(cache_dir, key)
+    if os.path.exists(marker):
+        return
+    proc = subprocess.run([sys.executable, "-c", code, model_path], capture_output=True, text=True)
+    if proc.returncode < 0:
+        import signal
+
+        name = signal.Signals(-proc.returncode).name
+        raise LLMError(f"llama-cpp-python crashed ({name}) running {os.path.basename(model_path)} on this CPU: "
+                       f"its build does not fit this machine; rebuild it portable: {PORTABLE_BUILD}; or use an "
+                       "LLM server (llm.backend=openai)")
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LLMError(f"llama-cpp-python cannot run {model_path}: {last[:200]}")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        open(marker, "w").close()
+    except OSError:
+        pass  # checked again next time
+
+
 @register_llm("llamacpp")
 class LlamaCppLLM:
     """In-process llama-cpp-python with a local GGUF file (`path`, default: the SmolLM2 package's)."""
@@ -183,7 +243,8 @@ class LlamaCppLLM:
             raise LLMError("the llamacpp backend needs llama-cpp-python: pip install 'writeback-rag[llm]'") from None
         path = path or smollm2_path()
         if not path or not os.path.exists(path):
-            raise LLMError(f"GGUF model file not found: {path!r}; set [llm] path")
+            raise LLMError(f"GGUF model file not found: {path!r}; set llm.path")
+        probe_native(path)
         self.model_id = "llamacpp:" + os.path.basename(path)
         self.llm = Llama(model_path=path, n_ctx=int(n_ctx), seed=int(seed), verbose=False)
 

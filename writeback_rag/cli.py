@@ -20,7 +20,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except WbragError as e:
-            typer.echo(f"wbrag: error: {e}", err=True)
+            typer.echo(f"wbrag: error: {e.render('cli')}", err=True)
             raise typer.Exit(e.exit_code)
 
 
@@ -48,15 +48,15 @@ def _dump(obj):
 
 @app.command()
 def init(kb: Optional[str] = KB,
-         embedder: str = typer.Option("minilm", help="Registered embedder, sentence-transformers name or local path."),
-         dense_index: str = typer.Option("flat", help="flat (exact) or hnsw (large corpora)."),
-         chunk_size: int = typer.Option(200, help="Chunk size in tokens."),
-         chunk_overlap: int = typer.Option(40, help="Overlap between chunks in tokens.")):
+         embedder: Optional[str] = typer.Option(None, help="Registered embedder (minilm, hash) or a local model "
+                                                             "folder [default: embedder.name]."),
+         dense_index: Optional[str] = typer.Option(None, help="flat (exact) or hnsw (large corpora) [default: dense.index]."),
+         chunk_size: Optional[int] = typer.Option(None, help="Chunk size in tokens [default: chunking.size]."),
+         chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens [default: chunking.overlap].")):
     """Create a knowledge base folder."""
-    if dense_index not in ("flat", "hnsw"):
-        raise InputError("--dense-index must be flat or hnsw")
-    k = KnowledgeBase.create(_kb_path(kb), embedder=embedder,
-                             config={"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap}})
+    config = {"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap}}
+    config = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in config.items()}
+    k = KnowledgeBase.create(_kb_path(kb), embedder=embedder, config=config)
     typer.echo(f"created knowledge base {k.path} (embedder {k.model_id})")
 
 
@@ -96,18 +96,23 @@ def delete(doc_ids: List[str], kb: Optional[str] = KB):
 def _filters(items):
     out = {}
     for item in items or []:
-        if "=" not in item:
+        key, _, value = item.partition("=")
+        if "=" not in item or not key.strip():
             raise InputError(f"--filter {item!r}: expected KEY=VALUE (source=, doc=, kind=, or a metadata key)")
-        key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+def _one_line(text):
+    """Control characters (a newline in an id or a query) shown escaped: one record, one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _print_hits(hits, width=240):
     for h in hits:
         scores = ", ".join(f"{n} {v:.3f}" for n, v in (("bm25", h.bm25), ("dense", h.dense)) if v is not None)
         tag = " [unit]" if h.kind == "unit" else ""
-        typer.echo(f"{h.rank}. {h.doc_id}{tag}  {h.title}  score {h.score:.4f} ({scores})")
+        typer.echo(f"{h.rank}. {_one_line(h.doc_id)}{tag}  {_one_line(h.title)}  score {h.score:.4f} ({scores})")
         text = " ".join(h.text.split())
         typer.echo("   " + (text[:width] + ("..." if len(text) > width else "")))
 
@@ -142,10 +147,10 @@ def log(kb: Optional[str] = KB, last: int = typer.Option(20, "--last", help="How
     for q in rows:
         fb = "".join("+" if f["correct"] else "-" for f in q["feedback"])
         gates = ",".join(f"{g['gate'][0]}{'+' if g['passed'] else '-'}" for g in q["gates"] if g["gate"] == "utility")
-        top = q["hits"][0]["doc_id"] if q["hits"] else "-"
+        top = _one_line(q["hits"][0]["doc_id"]) if q["hits"] else "-"
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(q["ts"]))
         typer.echo(f"{q['id']:>6}  {ts}  {q['source']:<5} {q['mode']:<6} k={q['k']:<3} {q['latency_ms']:.1f}ms  "
-                   f"top={top}  fb={fb or '.'} {gates}  {q['text'][:70]}")
+                   f"top={top}  fb={fb or '.'} {gates}  {_one_line(q['text'])[:70]}")
 
 
 @app.command()
@@ -184,41 +189,23 @@ def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="E
 
 
 @app.command("config")
-def config_cmd(settings: List[str] = typer.Argument(None, help="SECTION.KEY=VALUE pairs; none: print the config."),
+def config_cmd(settings: List[str] = typer.Argument(None, help="SECTION.NAME=VALUE to change; SECTION.NAME alone "
+                                                               "prints one value; none prints every setting."),
                kb: Optional[str] = KB):
-    """Show or change the KB's config.toml (e.g. llm.backend=openai llm.base_url=http://127.0.0.1:8080/v1)."""
+    """Show or change the KB's config.toml (every key: docs/config.md), e.g. llm.backend=openai."""
     from . import config as cfgmod
-    from .kb import CONFIG_NAME
 
-    path = os.path.join(os.path.abspath(_kb_path(kb)), CONFIG_NAME)
-    with _open(kb) as k:
-        cfg = k.config
-    for s in settings or []:
-        if "=" not in s or "." not in s.split("=", 1)[0]:
-            raise InputError(f"{s!r}: expected SECTION.KEY=VALUE")
-        key, value = s.split("=", 1)
-        section, name = key.split(".", 1)
-        if section == "embedder":
-            raise InputError("the embedder is changed with: wbrag reindex --re-embed --embedder NAME")
-        old = cfg.get(section, {}).get(name)
-        cfg.setdefault(section, {})[name] = _coerce(value, old)
-    if settings:
-        cfgmod.dump(cfg, path)
+    settings = settings or []
+    reads = [s for s in settings if "=" not in s]
+    if reads and (len(settings) > 1):
+        raise InputError("give one SECTION.NAME to print it, or SECTION.NAME=VALUE pairs to change them")
+    cfg = KnowledgeBase.configure(_kb_path(kb), [] if reads else settings)
+    if reads:
+        v = cfgmod.get(cfg, reads[0].strip())
+        return typer.echo(v if isinstance(v, str) else cfgmod.toml_value(v))
     for section, values in cfg.items():
         for name, v in values.items():
-            typer.echo(f"{section}.{name} = {v!r}")
-
-
-def _coerce(value, old):
-    if isinstance(old, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    for t in (int, float):
-        if isinstance(old, t):
-            try:
-                return t(value)
-            except ValueError:
-                raise InputError(f"{value!r} is not a valid {t.__name__}") from None
-    return value
+            typer.echo(f"{section}.{name} = {cfgmod.toml_value(v)}")
 
 
 @app.command()

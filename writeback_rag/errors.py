@@ -1,4 +1,5 @@
-"""Domain errors: the CLI turns each into one line on stderr and a non-zero exit."""
+"""Domain errors. The library says what went wrong and carries a hint per front end (`cli`: a command to
+run, `api`: a method to call); each front end renders its own, so no caller reads another's advice."""
 
 
 class WbragError(Exception):
@@ -6,11 +7,28 @@ class WbragError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message, cli=None, api=None):
+        super().__init__(message)
+        self.message = message
+        self.hint = {k: v for k, v in (("cli", cli), ("api", api)) if v}
+
+    def render(self, front="api"):
+        """The message with the hint for `front` ('cli' or 'api'), or the message alone."""
+        hint = self.hint.get(front)
+        return f"{self.message}; {hint}" if hint else self.message
+
+    def __str__(self):
+        return self.render("api")
+
 
 class InputError(WbragError):
-    """Bad input file, record or argument; names the place and the fix."""
+    """Bad input file, record, argument or setting; names the place and the fix."""
 
     exit_code = 2
+
+
+class ConfigError(InputError):
+    """A setting that is unknown, of the wrong type or out of range (config.toml, `config=`, `wbrag config`)."""
 
 
 class NotAKnowledgeBase(WbragError):
@@ -25,6 +43,12 @@ class UnknownQuery(InputError):
     pass
 
 
+class StorageError(WbragError):
+    """The KB's files cannot be read or written: damaged database, read-only folder, full disk."""
+
+    exit_code = 6
+
+
 class LockBusy(WbragError):
     """Another write-back run holds the lock (cron overlap)."""
 
@@ -32,6 +56,23 @@ class LockBusy(WbragError):
 
 
 class LLMError(WbragError):
-    """The configured LLM is missing, unreachable or answered garbage."""
+    """The configured LLM is missing, unreachable, crashed or answered garbage."""
 
     exit_code = 5
+
+
+def storage_error(e, path):
+    """A StorageError that says what an sqlite3/OS error means for the KB at `path` and what to do."""
+    text = str(e).lower()
+    if "readonly" in text or "read-only" in text or getattr(e, "errno", None) in (13, 30):
+        return StorageError(f"{path}: the knowledge base cannot be written (read-only folder or file)",
+                            cli="make the folder writable, or run the command with --no-log",
+                            api="make the folder writable, or search with log=False")
+    if "full" in text or getattr(e, "errno", None) == 28:
+        return StorageError(f"{path}: the disk is full; nothing was changed by the failed write",
+                            cli="free some space and run the command again", api="free some space and retry")
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return StorageError(f"{path}: the database is damaged ({e})",
+                            cli="restore kb.sqlite from a backup (sqlite3 kb.sqlite .recover can save what is left)",
+                            api="restore kb.sqlite from a backup (sqlite3 kb.sqlite .recover can save what is left)")
+    return StorageError(f"{path}: storage error ({e})")

@@ -306,7 +306,7 @@ def copy_kb(base_path, kb_path, embedder="minilm", config=None, progress=_quiet)
         if section in ("chunking", "dense") and any(kb.config[section].get(k) != v for k, v in values.items()):
             kb.close()
             raise InputError(f"{base_path}: built with other [{section}] settings; build a new base KB")
-        kb.config.setdefault(section, {}).update(values)
+        kb.config = cfgmod.validate({section: values}, base=kb.config)
     cfgmod.dump(kb.config, os.path.join(kb.path, CONFIG_NAME))
     info = {}
     ipath = os.path.join(base_path, "eval-ingest.json")

@@ -21,9 +21,12 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
     except (TypeError, ValueError):
         raise UnknownQuery(f"query id must be a number, got {query_id!r}") from None
     if not conn.execute("SELECT 1 FROM queries WHERE id=?", (qid,)).fetchone():
-        raise UnknownQuery(f"unknown query id {qid}; list logged queries with: wbrag log --kb {kb.path}")
+        raise UnknownQuery(f"unknown query id {qid}", cli=f"list logged queries with: wbrag log --kb {kb.path}",
+                           api="list logged queries with kb.queries()")
     hit_docs = [r[0] for r in conn.execute("SELECT doc_id FROM hits WHERE query_id=? ORDER BY rank", (qid,))]
-    docs = list(dict.fromkeys(docs or []))
+    from .kb import normalize_id
+
+    docs = list(dict.fromkeys(normalize_id(d) for d in ([docs] if isinstance(docs, str) else (docs or []))))
     for d in docs:
         if d not in hit_docs:
             raise InputError(f"document {d!r} was not among the hits of query {qid} ({', '.join(hit_docs) or 'none'}); "
@@ -75,8 +78,11 @@ def answer(kb, question, k=5, mode=None, source="api"):
     """Retrieve then generate with the configured LLM; the answer is logged with the query."""
     llm = kb.llm
     if llm is None:
-        raise LLMError(f"no LLM configured; set one with: wbrag config --kb {kb.path} llm.backend=openai "
-                       "llm.base_url=http://127.0.0.1:8080/v1 llm.model=NAME")
+        raise LLMError("no LLM configured (setting llm.backend)",
+                       cli=f"set one with: wbrag config --kb {kb.path} llm.backend=openai "
+                           "llm.base_url=http://127.0.0.1:8080/v1 llm.model=NAME",
+                       api="create or open the KB with config={'llm': {'backend': 'openai', 'base_url': ..., "
+                           "'model': ...}}")
     result = kb.search(question, k=k, mode=mode, source=source)
     text = generate(llm, question, _context(result.hits))
     with store.transaction(kb.conn):
@@ -212,7 +218,7 @@ def judge(kb, ex, hits, llm=None):
     sources = [h for h in hits if h.kind == "source"]
     use_llm = llm is not None and ex["answers"]
     if use_llm:
-        m = w.get("metric", "accuracy")
+        m = w["metric"]
         s_nr = metric(m, generate(llm, ex["query"]), ex["answers"])
         pred = generate(llm, ex["query"], _context(hits))
         s_rag = metric(m, pred, ex["answers"])
@@ -237,6 +243,23 @@ def judge(kb, ex, hits, llm=None):
             "judge": "llm" if use_llm else "retrieval"}
 
 
+def _example(obj, where):
+    """A labelled example given as a dict (API): the same checks and defaults as a JSONL line."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a dict with 'query' and 'answers' or 'relevant'")
+    query = obj.get("query") or obj.get("question") or obj.get("text")
+    if not isinstance(query, str) or not query.strip():
+        raise InputError(f"{where}: no 'query' text")
+    answers, relevant = obj.get("answers", []), obj.get("relevant", [])
+    answers = [answers] if isinstance(answers, str) else answers
+    if not isinstance(answers, (list, tuple)) or not isinstance(relevant, (list, tuple)):
+        raise InputError(f"{where}: 'answers' and 'relevant' must be lists")
+    if not answers and not relevant:
+        raise InputError(f"{where}: needs 'answers' or 'relevant' to judge retrieval")
+    return {**obj, "id": str(obj.get("id", where)), "query": query, "answers": [str(a) for a in answers],
+            "relevant": [str(r) for r in relevant]}
+
+
 def _holds(hit, ex):
     if hit.doc_id in ex["relevant"]:
         return True
@@ -247,8 +270,10 @@ def run_labelled(kb, path_or_examples, split="train", k=None, mode=None, show_pr
     """Retrieve and judge every example; gate decisions and a feedback event (source 'label') are stored."""
     from .kb import _progress
 
-    examples = read_labels(path_or_examples, split) if isinstance(path_or_examples, (str, os.PathLike)) \
-        else list(path_or_examples)
+    if isinstance(path_or_examples, (str, os.PathLike)):
+        examples = read_labels(path_or_examples, split)
+    else:
+        examples = [_example(e, f"example {n}") for n, e in enumerate(path_or_examples, 1)]
     if not examples:
         raise InputError("empty labelled set: nothing to judge")
     k = int(k or kb.config["writeback"]["k"])

@@ -1,10 +1,13 @@
 """KnowledgeBase: the public API that the CLI and other apps use."""
 
+import functools
 import json
 import os
+import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,13 +15,14 @@ import numpy as np
 from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
-from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase
+from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, WbragError, storage_error
 from .index import BM25, DenseIndex, delete_postings, load_term_ids, write_postings
 from .loaders import Problem, Record, _field_record, read_paths
 from .text import chunk_text, content_hash, count_tokens
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 MODES = ("bm25", "dense", "hybrid")
+FUSIONS = ("rrf", "weighted")
 
 
 @dataclass
@@ -67,6 +71,24 @@ class IngestReport:
         return s + f" ({self.chunks} chunks embedded)"
 
 
+def normalize_id(value):
+    """Document ids are compared in Unicode NFC: 'café' typed or pasted in either form is one document."""
+    return unicodedata.normalize("NFC", str(value))
+
+
+def _storage_guard(method):
+    """sqlite3 and OS failures below a public method become one StorageError saying what to do."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except WbragError:
+            raise
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise storage_error(e, self.path) from None
+    return wrapper
+
+
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
@@ -81,7 +103,7 @@ class KnowledgeBase:
         self._embedder = embedder
         self._dense, self._dense_gen = None, None
         self._bm25, self._bm25_gen = None, None
-        self._notify = notify or (lambda msg: print(f"wbrag: {msg}", file=sys.stderr))
+        self._notify = notify or _stderr
         self._llm = None
         self._term_ids = None  # terms are append-only: one dict serves every write
         self._units, self._units_gen = frozenset(), None
@@ -92,22 +114,32 @@ class KnowledgeBase:
     def create(cls, path, embedder=None, config=None, notify=None):
         """Make a new KB folder; `embedder` is a registered name, model name or path (default: minilm)."""
         path = os.path.abspath(path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InputError(f"{path}: is a file, not a folder; pick a new or empty folder for the knowledge base")
         if os.path.exists(os.path.join(path, DB_NAME)):
             raise InputError(f"{path}: a knowledge base already exists here; use it or pick another folder")
-        os.makedirs(path, exist_ok=True)
-        overrides = dict(config or {})
+        overrides = {s: dict(v) if isinstance(v, dict) else v for s, v in (config or {}).items()}
         if embedder is not None:
             overrides["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
         cfg = cfgmod.merged(overrides)
-        cfgmod.dump(cfg, os.path.join(path, CONFIG_NAME))
-        conn = store.connect(os.path.join(path, DB_NAME))
-        store.migrate(conn)
-        with store.transaction(conn):
-            store.set_meta(conn, "model_id", embedder_model_id(cfg["embedder"]))
-            store.set_meta(conn, "generation", 0)
-            store.set_meta(conn, "created", time.time())
-        conn.close()
-        return cls.open(path, notify=notify)
+        emb = get_embedder(cfg["embedder"])  # an embedder that cannot load is refused before anything is written
+        try:
+            os.makedirs(path, exist_ok=True)
+            cfgmod.dump(cfg, os.path.join(path, CONFIG_NAME))
+            conn = store.connect(os.path.join(path, DB_NAME))
+            store.migrate(conn)
+            with store.transaction(conn):
+                store.set_meta(conn, "model_id", embedder_model_id(cfg["embedder"]))
+                store.set_meta(conn, "dim", emb.dim)
+                store.set_meta(conn, "generation", 0)
+                store.set_meta(conn, "created", time.time())
+            conn.close()
+        except (OSError, sqlite3.Error) as e:
+            raise InputError(f"{path}: cannot create the knowledge base here "
+                             f"({getattr(e, 'strerror', None) or e}); pick a writable folder") from None
+        kb = cls.open(path, notify=notify)
+        kb._embedder = emb
+        return kb
 
     @classmethod
     def open(cls, path, embedder=None, notify=None):
@@ -115,27 +147,61 @@ class KnowledgeBase:
         path = os.path.abspath(path)
         db = os.path.join(path, DB_NAME)
         if not os.path.isfile(db):
-            raise NotAKnowledgeBase(f"{path}: not a writeback-rag knowledge base (no {DB_NAME}); "
-                                    f"create one with: wbrag init --kb {path}")
-        cfg = cfgmod.load(os.path.join(path, CONFIG_NAME)) if os.path.exists(os.path.join(path, CONFIG_NAME)) \
-            else cfgmod.merged()
-        if embedder is not None:
-            cfg["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
+            raise NotAKnowledgeBase(f"{path}: not a writeback-rag knowledge base (no {DB_NAME})",
+                                    cli=f"create one with: wbrag init --kb {path}",
+                                    api="create one with KnowledgeBase.create(path)")
         try:
             conn = store.connect(db)
             store.migrate(conn)
             built_with = store.get_meta(conn, "model_id")
             conn.close()
-        except Exception as e:
-            raise NotAKnowledgeBase(f"{db}: cannot open the database ({e}); restore it from a backup") from None
+        except sqlite3.DatabaseError as e:
+            raise storage_error(e, path) from None
+        except OSError as e:
+            raise storage_error(e, path) from None
+        cpath = os.path.join(path, CONFIG_NAME)
+        if os.path.exists(cpath):
+            cfg = cfgmod.load(cpath)
+        else:  # settings lost, data intact: defaults, with the embedder the KB was built with
+            cfg = cfgmod.merged({"embedder": {"name": embedder_name(built_with)}} if built_with else None)
+            try:
+                cfgmod.dump(cfg, cpath)
+                (notify or _stderr)(f"{cpath} was missing; recreated it with default settings and the KB's "
+                                    f"embedder ({cfg['embedder']['name']})")
+            except OSError:
+                pass
+        if embedder is not None:
+            cfg["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
         wanted = embedder_model_id(cfg["embedder"])
         if built_with and wanted != built_with:
             raise EmbedderMismatch(
                 f"{path} was built with embedder {built_with!r} but {wanted!r} is configured; use the original "
-                f"embedder, or re-embed everything with: wbrag reindex --kb {path} --re-embed --embedder {cfg['embedder'].get('name')}")
+                "embedder, or re-embed every chunk with the new one",
+                cli=f"to switch, run: wbrag reindex --kb {path} --re-embed --embedder {cfg['embedder'].get('name')}",
+                api="to switch, open with the KB's embedder and call kb.reindex(re_embed=True) after changing it")
         return cls(path, cfg, notify=notify)
 
+    @staticmethod
+    def configure(path, settings=()):
+        """Read (no settings) or change a KB's config.toml with 'SECTION.NAME=VALUE' strings; returns the
+        validated settings. Works on a file with a bad value, so that value can be put right."""
+        path = os.path.abspath(path)
+        if not os.path.isfile(os.path.join(path, DB_NAME)):
+            raise NotAKnowledgeBase(f"{path}: not a writeback-rag knowledge base (no {DB_NAME})",
+                                    cli=f"create one with: wbrag init --kb {path}",
+                                    api="create one with KnowledgeBase.create(path)")
+        for s in settings:
+            if s.split("=", 1)[0].strip().startswith("embedder."):
+                raise InputError("the embedder is fixed when a KB is built: every chunk must be embedded again",
+                                 cli="switch with: wbrag reindex --re-embed --embedder NAME",
+                                 api="switch with kb.reindex(re_embed=True) on a KB opened with the new embedder")
+        try:
+            return cfgmod.update_file(os.path.join(path, CONFIG_NAME), list(settings))
+        except OSError as e:
+            raise storage_error(e, path) from None
+
     def close(self):
+        self._closed = True
         self._conns.close()
 
     def __enter__(self):
@@ -146,6 +212,8 @@ class KnowledgeBase:
 
     @property
     def conn(self):
+        if getattr(self, "_closed", False):
+            raise InputError(f"{self.path}: this KnowledgeBase is closed; open it again")
         return self._conns.get()
 
     @property
@@ -184,7 +252,7 @@ class KnowledgeBase:
     def _build_dense(self, conn):
         ids, vecs = self._active_embeddings(conn)
         dim = vecs.shape[1] if vecs is not None else int(store.get_meta(conn, "dim", 0) or 0) or self.embedder.dim
-        d = DenseIndex(dim, self.config["dense"]["index"], self.config["dense"].get("hnsw_m", 32))
+        d = DenseIndex(dim, self.config["dense"]["index"], self.config["dense"]["hnsw_m"])
         if len(ids):
             d.add(ids, vecs)
         return d
@@ -246,6 +314,7 @@ class KnowledgeBase:
             d.add(list(add_ids), add_vecs)
         self._dense_gen = gen
 
+    @_storage_guard
     def reindex(self, re_embed=False, show_progress=False):
         """Rebuild FAISS and BM25 from SQLite; with re_embed, embed every chunk again with the configured model."""
         with self._lock:
@@ -280,6 +349,7 @@ class KnowledgeBase:
 
     # ---- writing documents -------------------------------------------------------------
 
+    @_storage_guard
     def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0):
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
 
@@ -334,10 +404,11 @@ class KnowledgeBase:
                     report.skipped.append(item)
                     continue
                 rec = item
+                rec.id = normalize_id(rec.id)
                 where = rec.source or "<records>"
                 if rec.id in seen:
                     report.skipped.append(Problem(where, f"duplicate id {rec.id!r} (first seen in {seen[rec.id]}); "
-                                                         "ids must be unique, set --id-field or rename"))
+                                                         "ids must be unique: choose another id field or rename"))
                     continue
                 seen[rec.id] = where
                 if rec.id.startswith("unit:"):
@@ -436,9 +507,10 @@ class KnowledgeBase:
 
         return mark_stale_units(self, conn, doc_id)
 
+    @_storage_guard
     def delete(self, ids):
         """Remove documents (and their chunks, postings, vectors) everywhere; returns how many existed."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
+        ids = [normalize_id(i) for i in ([ids] if isinstance(ids, str) else list(ids))]
         with self._lock:
             self._ensure_indexes(need_bm25=False)
             conn = self.conn
@@ -487,6 +559,8 @@ class KnowledgeBase:
         if not include_units:
             clauses.append("d.kind='source'")
         for key, value in (filters or {}).items():
+            if not isinstance(key, str) or not key.strip():
+                raise InputError(f"filter {key!r}={value!r}: empty key; use source, doc, kind or a metadata key")
             if key == "source":
                 clauses.append("d.source GLOB ?")
                 args.append(value if any(c in value for c in "*?[") else f"*{value}*")
@@ -505,6 +579,7 @@ class KnowledgeBase:
                                  + " AND ".join(clauses), args).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    @_storage_guard
     def search(self, query, k=5, mode=None, filters=None, include_units=True, log=True, source="api",
                fusion=None, max_units=None):
         """Retrieve top-k chunks; every call is logged (query id in the result) unless log=False."""
@@ -520,9 +595,9 @@ class KnowledgeBase:
         t0 = time.perf_counter()
         r = self.config["retrieval"]
         fusion = fusion or r["fusion"]
-        unit_fusion = r.get("unit_fusion", "joint")
-        if unit_fusion not in ("joint", "separate"):
-            raise InputError(f"unknown unit_fusion {unit_fusion!r} in config.toml; use joint or separate")
+        unit_fusion = r["unit_fusion"]
+        if fusion not in FUSIONS:
+            raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         allowed = self._allowed(filters, include_units)
         bm_all, dn_all = {}, {}
@@ -536,7 +611,7 @@ class KnowledgeBase:
             fused.update(fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"])))
             bm_all.update(bm)
             dn_all.update(dn)
-        cap = int(r.get("max_units", -1) if max_units is None else max_units)
+        cap = int(r["max_units"] if max_units is None else max_units)
         top = self._top(fused, k, cap, units)
         hits = self._hits(top, bm_all, dn_all)
         latency = (time.perf_counter() - t0) * 1000
@@ -622,6 +697,7 @@ class KnowledgeBase:
                              [(qid, h.rank, h.chunk_id, h.doc_id, h.kind, h.bm25, h.dense, h.score) for h in hits])
         return qid
 
+    @_storage_guard
     def queries(self, last=20, source=None):
         """The query log, newest first, each with its hits, feedback and gate decisions."""
         conn = self.conn
@@ -629,12 +705,14 @@ class KnowledgeBase:
         rows = conn.execute(sql, ([source] if source else []) + [int(last)]).fetchall()
         return [self.query_record(r["id"]) for r in rows]
 
+    @_storage_guard
     def query_record(self, query_id):
         conn = self.conn
         q = conn.execute("SELECT * FROM queries WHERE id=?", (int(query_id),)).fetchone()
         if q is None:
             from .errors import UnknownQuery
-            raise UnknownQuery(f"unknown query id {query_id}; list logged queries with: wbrag log --kb {self.path}")
+            raise UnknownQuery(f"unknown query id {query_id}", cli=f"list logged queries with: wbrag log --kb {self.path}",
+                               api="list logged queries with kb.queries()")
         out = dict(q)
         out["params"] = json.loads(out["params"])
         out["hits"] = [dict(h) for h in conn.execute("SELECT rank, chunk_id, doc_id, kind, bm25, dense, fused FROM hits "
@@ -645,10 +723,13 @@ class KnowledgeBase:
                                                       (q["id"],))]
         return out
 
+    @_storage_guard
     def document(self, doc_id):
-        row = self.conn.execute("SELECT * FROM documents WHERE id=?", (doc_id,)).fetchone()
+        """One document or unit as a dict (meta decoded), or None."""
+        row = self.conn.execute("SELECT * FROM documents WHERE id=?", (normalize_id(doc_id),)).fetchone()
         return dict(row, meta=json.loads(row["meta"])) if row else None
 
+    @_storage_guard
     def stats(self):
         conn = self.conn
         one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
@@ -668,26 +749,31 @@ class KnowledgeBase:
 
     # ---- write-back (see feedback.py / writeback.py) ------------------------------------
 
+    @_storage_guard
     def feedback(self, query_id, correct, docs=(), answer=None, source="user", gold=()):
         from .feedback import add_feedback
 
         return add_feedback(self, query_id, correct, docs, answer, source, gold)
 
+    @_storage_guard
     def answer(self, question, k=5, mode=None, **kw):
         from .feedback import answer
 
         return answer(self, question, k=k, mode=mode, **kw)
 
+    @_storage_guard
     def label(self, path, split="train", **kw):
         from .feedback import run_labelled
 
         return run_labelled(self, path, split=split, **kw)
 
+    @_storage_guard
     def writeback(self, **kw):
         from .writeback import run_writeback
 
         return run_writeback(self, **kw)
 
+    @_storage_guard
     def rollback(self, run_id):
         from .writeback import rollback
 
@@ -701,6 +787,20 @@ class KnowledgeBase:
             if self._llm is None:
                 self._llm = get_llm(self.config.get("llm"))
             return self._llm
+
+
+def _stderr(msg):
+    print(f"wbrag: {msg}", file=sys.stderr)
+
+
+def embedder_name(model_id):
+    """The registered embedder name whose model id is `model_id`, else the id itself (a model folder)."""
+    from .backends import EMBEDDERS
+
+    for name, factory in EMBEDDERS.items():
+        if getattr(factory, "model_id", None) == model_id:
+            return name
+    return model_id
 
 
 def _index_text(title, text):
@@ -721,7 +821,7 @@ def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5):
                 out[cid] = out.get(cid, 0.0) + 1.0 / (rrf_k + rank)
         return out
     if fusion != "weighted":
-        raise InputError(f"unknown fusion {fusion!r}; use rrf or weighted")
+        raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
     for scores, w in ((bm, 1 - dense_weight), (dn, dense_weight)):
         if not scores:
             continue

@@ -71,7 +71,17 @@ def html_to_text(html):
     return " ".join(p.title.split()), "\n\n".join(x for x in paras if x)
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"))
+
+
 def _decode(raw, where):
+    for bom, codec in _BOMS:  # UTF-16/32 text (Windows tools write it) has NUL bytes but is not binary
+        if raw.startswith(bom):
+            try:
+                return raw.decode(codec)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"invalid {codec.upper()} at byte {e.start}; re-save the file as UTF-8") from None
     if b"\0" in raw[:8192]:
         raise ValueError("binary file (NUL bytes); only text formats are ingested")
     try:
@@ -86,10 +96,10 @@ def _field_record(obj, fields, where, source):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     text_f = fields["text_field"] if fields["text_field"] in obj else ("text" if "text" in obj else None)
     if text_f is None or not isinstance(obj.get(text_f), str):
-        raise ValueError(f"{where}: no text field {fields['text_field']!r}; set --text-field to the field that holds the text")
+        raise ValueError(f"{where}: no text field {fields['text_field']!r}; name the field that holds the text (text_field)")
     rid = obj.get(fields["id_field"], obj.get("_id"))
     if rid is None or str(rid).strip() == "":
-        raise ValueError(f"{where}: no id field {fields['id_field']!r} (or '_id'); set --id-field")
+        raise ValueError(f"{where}: no id field {fields['id_field']!r} (or '_id'); name the field that holds the id (id_field)")
     title = obj.get(fields["title_field"]) or ""
     known = {fields["id_field"], "_id", fields["title_field"], text_f}
     meta = {k: v for k, v in obj.items() if k not in known and isinstance(v, (str, int, float, bool))}
@@ -122,7 +132,7 @@ def parse_text(content, path, doc_id, fields):
     if ext == ".csv":
         reader = csv.DictReader(io.StringIO(content))
         if not reader.fieldnames or fields["text_field"] not in reader.fieldnames:
-            raise ValueError(f"line 1: no column {fields['text_field']!r} in the header; set --text-field")
+            raise ValueError(f"line 1: no column {fields['text_field']!r} in the header; name the column that holds the text (text_field)")
         out = []
         for n, row in enumerate(reader, 2):
             rid = row.get(fields["id_field"]) or f"{doc_id}#{n - 1}"
@@ -142,10 +152,11 @@ def parse_text(content, path, doc_id, fields):
     return [Record(id=doc_id, title=title, text="\n".join(lines).strip(), source=path)]
 
 
-def iter_files(path):
-    """(file, id) pairs: a folder recursively, ids relative to it; a file alone, its name."""
+def iter_files(path, errors=None):
+    """(file, id) pairs: a folder recursively, ids relative to it; a file alone, its name.
+    Folders that cannot be listed are appended to `errors` as OSError."""
     if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
+        for root, dirs, files in os.walk(path, onerror=(errors.append if errors is not None else None)):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if name.startswith("."):
@@ -169,11 +180,13 @@ def read_paths(paths, fields, max_bytes, stdin=None):
         if not os.path.exists(path):
             yield Problem(path, "no such file or folder")
             continue
-        found = False
-        for full, doc_id in iter_files(path):
+        found, walk_errors = False, []
+        named = not os.path.isdir(path)
+        for full, doc_id in iter_files(path, walk_errors):
             ext = os.path.splitext(full)[1].lower()
-            if ext not in SUPPORTED:
-                yield Problem(full, f"unsupported file type {ext or '(none)'!r}", error=False)
+            if ext not in SUPPORTED:  # an error when the file was named, a note when met in a folder
+                yield Problem(full, f"unsupported file type {ext or '(none)'!r}; supported: "
+                                    f"{', '.join(sorted(SUPPORTED))}", error=named)
                 continue
             found = True
             try:
@@ -197,5 +210,7 @@ def read_paths(paths, fields, max_bytes, stdin=None):
                 yield Problem(full, str(e))
                 continue
             yield from records
-        if os.path.isdir(path) and not found:
+        for e in walk_errors:
+            yield Problem(e.filename or path, f"cannot read folder ({e.strerror}); check permissions")
+        if os.path.isdir(path) and not found and not walk_errors:
             yield Problem(path, f"folder has no supported files ({', '.join(sorted(SUPPORTED))})")

@@ -40,20 +40,26 @@ def contains_answer(text, answers):
 
 
 def sentences(text):
-    """Split on sentence ends followed by a capital or digit; keeps abbreviations mostly intact."""
+    """Split on sentence ends followed by a capital or digit; keeps abbreviations mostly intact.
+    Linear in the text: a sentence is built from a list of pieces, and only a piece's tail is checked."""
     out = []
     for para in re.split(r"\n\s*\n", text):
         para = " ".join(para.split())
         if not para:
             continue
+        cur = []  # pieces of the sentence being built: "Dr." ended no sentence
         for s in _SENT.split(para):
             s = s.strip()
             if not s:
                 continue
-            if out and _ABBREV.search(out[-1]) and not out[-1].endswith(("!", "?")) and para.find(out[-1]) >= 0:
-                out[-1] = out[-1] + " " + s  # "Dr." or "J." ended no sentence
+            if cur and _ABBREV.search(cur[-1], max(0, len(cur[-1]) - 12)):
+                cur.append(s)
             else:
-                out.append(s)
+                if cur:
+                    out.append(" ".join(cur))
+                cur = [s]
+        if cur:
+            out.append(" ".join(cur))
     return out
 
 
@@ -65,12 +71,13 @@ def chunk_text(text, size=200, overlap=40):
         if count_tokens(sent) <= size:
             pieces.append(sent)
             continue
-        buf = []
+        buf, buf_len = [], 0
         for w in words:  # an over-long "sentence" (tables, lists): cut it by words
             buf.append(w)
-            if count_tokens(" ".join(buf)) >= size:
+            buf_len += count_tokens(w)  # tokens never span a space: the sum is the count of the joined text
+            if buf_len >= size:
                 pieces.append(" ".join(buf))
-                buf = []
+                buf, buf_len = [], 0
         if buf:
             pieces.append(" ".join(buf))
     chunks, cur, cur_len = [], [], 0

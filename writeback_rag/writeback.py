@@ -13,14 +13,7 @@ from .errors import LLMError, LockBusy
 from .loaders import Record
 from .text import bm25_tokens, chunk_text, contains_answer, content_hash, count_tokens, sentences
 
-DISTILLERS = {}
-
-
-def register_distiller(name):
-    def deco(fn):
-        DISTILLERS[name] = fn
-        return fn
-    return deco
+from .backends import DISTILLERS, register_distiller  # noqa: F401  (the one registry; re-exported)
 
 
 # ---- distillers: (kb, query, answers, docs) -> (title, text, model) -------------------------
@@ -80,7 +73,8 @@ def llm_distill(kb, query, answers, docs):
     """The paper's two steps: select evidence sentences verbatim, then rewrite them (gold answer not shown)."""
     llm = kb.llm
     if llm is None:
-        raise LLMError(f"the llm distiller needs an LLM; set one with: wbrag config --kb {kb.path} llm.backend=...")
+        raise LLMError("the llm distiller needs an LLM (setting llm.backend)",
+                       cli=f"set one with: wbrag config --kb {kb.path} llm.backend=openai llm.base_url=URL")
     w = kb.config["writeback"]
     sents = [s for d in docs for s in sentences(d["text"])]
     listing = "\n".join(f"{i}. {s}" for i, s in enumerate(sents, 1))
@@ -123,10 +117,11 @@ def faithful(text, docs, threshold):
 def mark_stale_units(kb, conn, doc_id):
     """Units drawn from a changed or deleted source stop being returned; returns their chunk ids."""
     removed = []
-    pattern = "%" + json.dumps(doc_id) + "%"
+    needle = json.dumps(doc_id)  # instr, not LIKE: ids of any length, and '%' or '_' in an id match only itself
     for unit_id, sources in conn.execute("SELECT u.id, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
-                                         "WHERE d.status='active' AND u.source_doc_ids LIKE ?", (pattern,)).fetchall():
-        if doc_id in json.loads(sources):  # LIKE narrows; the JSON list decides
+                                         "WHERE d.status='active' AND instr(u.source_doc_ids, ?) > 0",
+                                         (needle,)).fetchall():
+        if doc_id in json.loads(sources):  # instr narrows; the JSON list decides
             _, _, rem = kb.set_status(conn, unit_id, "stale")
             removed += rem
     return removed
@@ -166,7 +161,8 @@ def rollback(kb, run_id):
         run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None:
             from .errors import InputError
-            raise InputError(f"unknown run {run_id!r}; list runs with: wbrag runs --kb {kb.path}")
+            raise InputError(f"unknown run {run_id!r}", cli=f"list runs with: wbrag runs --kb {kb.path}",
+                             api="list runs with writeback.list_runs(kb)")
         units = [r[0] for r in conn.execute("SELECT id FROM units WHERE run_id=?", (run_id,))]
         removed = []
         with store.transaction(conn):
@@ -196,8 +192,9 @@ def run_writeback(kb, distiller=None, dry_run=False, show_progress=False, log=No
         from .errors import InputError
         raise InputError(f"unknown distiller {distiller!r}; use one of {', '.join(sorted(DISTILLERS))}")
     if distiller == "llm" and kb.llm is None:
-        raise LLMError(f"--distiller llm needs an LLM; set one with: wbrag config --kb {kb.path} llm.backend=openai "
-                       "llm.base_url=http://127.0.0.1:8080/v1")
+        raise LLMError("the llm distiller needs an LLM (setting llm.backend)",
+                       cli=f"set one with: wbrag config --kb {kb.path} llm.backend=openai "
+                           "llm.base_url=http://127.0.0.1:8080/v1")
     with Lock(kb):
         return _run(kb, distiller, dry_run, show_progress)
 

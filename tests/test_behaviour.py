@@ -1,0 +1,161 @@
+"""Exact behaviour of fusion, filters, unit merging, feedback and BM25 through the public API: each test
+here fails for a one-line change that the rest of the suite once let through (issue: mutation survivors)."""
+
+import math
+
+import pytest
+
+from conftest import CORPUS, QUESTIONS
+from writeback_rag import KnowledgeBase
+from writeback_rag.kb import fuse
+from writeback_rag.text import bm25_tokens
+from writeback_rag.writeback import list_units
+
+Q = "Who designed Fenwick Point Light?"
+
+
+def test_rrf_scores_exactly():
+    got = fuse({1: 5.0, 2: 3.0}, {2: 0.9, 3: 0.5}, "hybrid", "rrf", rrf_k=60)
+    assert got == pytest.approx({1: 1 / 61, 2: 1 / 62 + 1 / 61, 3: 1 / 62}, rel=1e-12)
+    assert fuse({7: 1.0}, {7: 1.0}, "hybrid", "rrf", rrf_k=10)[7] == pytest.approx(2 / 11, rel=1e-12)
+
+
+def test_weighted_fusion_uses_dense_weight_for_dense():
+    got = fuse({1: 5.0, 2: 3.0}, {2: 0.9, 3: 0.5}, "hybrid", "weighted", dense_weight=0.8)
+    # min-max per list: bm25 1 -> 1, 2 -> 0; dense 2 -> 1, 3 -> 0
+    assert got == pytest.approx({1: 0.2, 2: 0.8, 3: 0.0}, abs=1e-12)
+
+
+@pytest.mark.parametrize("fusion", ["rrf", "weighted"])
+def test_hybrid_search_scores_are_the_fusion_of_the_two_lists(corpus_kb, fusion):
+    """Every hybrid hit's score, recomputed from the bm25 and dense lists the search itself returns."""
+    kb = corpus_kb
+    n = kb.config["retrieval"]["candidates"]
+    bm = {h.chunk_id: h.bm25 for h in kb.search(Q, k=n, mode="bm25", log=False).hits}
+    dn = {h.chunk_id: h.dense for h in kb.search(Q, k=n, mode="dense", log=False).hits}
+    res = kb.search(Q, k=5, mode="hybrid", fusion=fusion, log=False)
+    assert len(res.hits) == 5
+    for h in res.hits:
+        if fusion == "rrf":
+            want = sum(1 / (60 + r) for s in (bm, dn) for r, c in
+                       enumerate(sorted(s, key=lambda c: (-s[c], c)), 1) if c == h.chunk_id)
+        else:
+            want = 0.0
+            for s, w in ((bm, 0.5), (dn, 0.5)):
+                if h.chunk_id in s:
+                    lo, hi = min(s.values()), max(s.values())
+                    want += w * (s[h.chunk_id] - lo) / (hi - lo)
+        assert h.score == pytest.approx(want, rel=1e-6), h
+
+
+def test_rrf_top_hit_in_both_lists_scores_two_over_61(corpus_kb):
+    h = corpus_kb.search(Q, k=3, mode="hybrid", log=False).hits[0]
+    assert h.doc_id == "fenwick-point-light.md"
+    bm1 = corpus_kb.search(Q, k=1, mode="bm25", log=False).hits[0]
+    dn1 = corpus_kb.search(Q, k=1, mode="dense", log=False).hits[0]
+    if bm1.chunk_id == dn1.chunk_id == h.chunk_id:
+        assert h.score == pytest.approx(2 / 61, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
+def test_doc_filter_excludes_every_other_document(corpus_kb, mode):
+    kb = corpus_kb
+    assert {h.doc_id for h in kb.search(Q, k=10, mode=mode, log=False).hits} != {"fenwick-point-light.md"}
+    hits = kb.search(Q, k=10, mode=mode, filters={"doc": "fenwick-point-light.md"}, log=False).hits
+    assert hits and {h.doc_id for h in hits} == {"fenwick-point-light.md"}
+    globbed = kb.search("light", k=20, mode=mode, filters={"doc": "c*"}, log=False).hits
+    assert globbed and all(h.doc_id.startswith("c") for h in globbed)
+    assert kb.search(Q, k=5, mode=mode, filters={"doc": "no-such-doc"}, log=False).hits == []
+
+
+@pytest.fixture
+def unit_kb(corpus_kb):
+    kb = corpus_kb
+    kb.label(QUESTIONS, split="train")
+    out = kb.writeback()
+    assert out["written"] > 5
+    return kb
+
+
+@pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
+def test_kind_filter_keeps_only_that_kind(unit_kb, mode):
+    kb = unit_kb
+    q = "When was the fog siren at Corran Head installed?"
+    mixed = kb.search(q, k=10, mode=mode, log=False, max_units=-1).hits
+    assert {h.kind for h in mixed} == {"unit", "source"}
+    units = kb.search(q, k=10, mode=mode, filters={"kind": "unit"}, log=False, max_units=-1).hits
+    assert units and {h.kind for h in units} == {"unit"}
+    sources = kb.search(q, k=10, mode=mode, filters={"kind": "source"}, log=False).hits
+    assert sources and {h.kind for h in sources} == {"source"}
+
+
+def test_near_duplicate_unit_is_merged_not_written_again(kb):
+    kb.ingest([CORPUS])
+    first, second = "Who designed Fenwick Point Light?", "Fenwick Point Light was designed by whom?"
+    for q in (first, second):
+        kb.label([{"id": q, "query": q, "answers": ["Aldous Penhallow"]}])
+        out = kb.writeback()
+        if q == first:
+            assert out["written"] == 1
+    assert out.get("written", 0) == 0 and out["merged"] == 1
+    units = [u for u in list_units(kb) if u["status"] == "active"]
+    assert len(units) == 1 and len(units[0]["query_ids"]) == 2
+
+
+def _unit_hit(kb):
+    for _ in range(3):
+        res = kb.search("Who designed Fenwick Point Light?", k=5, mode="bm25")
+        units = [h for h in res.hits if h.kind == "unit"]
+        if units:
+            return res, units[0]
+    raise AssertionError("no unit among the hits")
+
+
+@pytest.fixture
+def fenwick_unit_kb(kb):
+    kb.ingest([CORPUS])
+    kb.label([{"id": "1", "query": "Who designed Fenwick Point Light?", "answers": ["Aldous Penhallow"]}])
+    assert kb.writeback()["written"] == 1
+    return kb
+
+
+def test_label_feedback_never_counts_against_units(fenwick_unit_kb):
+    kb = fenwick_unit_kb
+    res, unit = _unit_hit(kb)
+    kb.feedback(res.query_id, correct=False, source="label")
+    assert kb.document(unit.doc_id)["status"] == "active"
+    kb.feedback(res.query_id, correct=False, source="user")  # retire_after_wrong = 1
+    assert kb.document(unit.doc_id)["status"] == "retired"
+    assert all(h.kind == "source" for h in kb.search("Who designed Fenwick Point Light?", k=5, log=False).hits)
+
+
+def test_bm25_idf_floor_for_terms_in_most_documents(kb):
+    """rank-bm25's epsilon floor: a term in more than half the documents would get a negative IDF;
+    it gets epsilon (0.25) times the mean IDF instead, so matching it still raises a score."""
+    docs = {"a": "lamp oil", "b": "lamp fog", "c": "lamp wick", "d": "tower"}
+    kb.ingest([{"id": i, "text": t} for i, t in docs.items()])
+    n = len(docs)
+    df = {"lamp": 3, "oil": 1, "fog": 1, "wick": 1, "tower": 1}
+    raw = {t: math.log(n - d + 0.5) - math.log(d + 0.5) for t, d in df.items()}
+    mean = sum(raw.values()) / len(raw)
+    idf_lamp = 0.25 * mean
+    assert raw["lamp"] < 0 < idf_lamp
+    hits = kb.search("lamp", k=4, mode="bm25", log=False).hits
+    assert {h.doc_id for h in hits} == {"a", "b", "c"}
+    avgdl = sum(len(bm25_tokens(t)) for t in docs.values()) / n
+    k1, b = 1.2, 0.75
+    want = idf_lamp * (k1 + 1) / (1 + k1 * (1 - b + b * 2 / avgdl))
+    for h in hits:
+        assert h.score == pytest.approx(want, rel=1e-5)
+    # the rarer term outranks the floored one
+    assert kb.search("lamp oil", k=1, mode="bm25", log=False).hits[0].doc_id == "a"
+
+
+def test_bm25_k1_and_b_come_from_config(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", config={"bm25": {"k1": 2.0, "b": 0.0}},
+                              notify=lambda m: None)
+    kb.ingest([{"id": "a", "text": "fog fog horn"}, {"id": "b", "text": "lamp"}, {"id": "c", "text": "tower"}])
+    idf = math.log(3 - 1 + 0.5) - math.log(1 + 0.5)
+    want = idf * 2 * 3.0 / (2 + 2.0)  # tf 2, b = 0: no length normalisation
+    assert kb.search("fog", k=1, mode="bm25", log=False).hits[0].score == pytest.approx(want, rel=1e-5)
+    kb.close()
