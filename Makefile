@@ -46,4 +46,11 @@ bench: venv
 eval: venv
 	$(PY) eval/run_eval.py
 
-.PHONY: venv demo test bench eval
+# mutation testing of the core modules ([tool.mutmut] in pyproject.toml); not part of CI
+mutate: venv
+	.venv/bin/pip install -q mutmut==3.8.1
+	rm -rf mutants
+	.venv/bin/mutmut run --max-children 2 || true
+	.venv/bin/mutmut results
+
+.PHONY: venv demo test bench eval mutate

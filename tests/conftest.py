@@ -1,4 +1,9 @@
+import functools
+import inspect
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +64,22 @@ def write(path, content, mode="w"):
         f.write(content)
     return str(path)
 
+
+
+def isolated(test):
+    """Run this test in a child pytest process. Native code (llama.cpp) that crashes then fails this one
+    test with a clear message instead of killing the whole run."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("WBRAG_ISOLATED") == test.__name__:
+            return test(*args, **kwargs)
+        node = f"{inspect.getfile(test)}::{test.__name__}"
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node],
+                              capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, WBRAG_ISOLATED=test.__name__))
+        if proc.returncode < 0:
+            pytest.fail(f"{test.__name__} crashed in native code ({signal.Signals(-proc.returncode).name}); "
+                        "llama-cpp-python must be built portable (CMAKE_ARGS=-DGGML_NATIVE=OFF, see the Makefile)\n"
+                        + proc.stderr[-3000:], pytrace=False)
+        if proc.returncode != 0:
+            pytest.fail(f"{test.__name__} failed in its child process:\n{proc.stdout[-6000:]}", pytrace=False)
+    return wrapper

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CORPUS, QUESTIONS
+from conftest import CORPUS, QUESTIONS, isolated
 from writeback_rag import KnowledgeBase
 from writeback_rag.backends import smollm2_path
 from writeback_rag.cli import app
@@ -45,7 +45,6 @@ def test_minilm_offline_ingest_and_search(minilm_kb):
     # dense retrieval finds a paraphrase with no shared rare word
     hits = kb.search("what powered the light before electricity reached it", k=5, mode="dense", log=False).hits
     assert any(h.doc_id in ("lamp-burners.md", "oil-engines.md", "brackwater-power-house.txt") for h in hits)
-    kb.close()
     with pytest.raises(EmbedderMismatch):
         KnowledgeBase.open(kb.path, embedder="hash")
 
@@ -91,12 +90,13 @@ def llama_server():
         except OSError:
             assert proc.poll() is None, "llama_cpp.server exited"
             time.sleep(0.5)
-    yield url
+    yield url, proc
     proc.terminate()
     proc.wait(timeout=30)
 
 
 def test_real_llm_over_http_answer_and_writeback(tmp_path, llama_server):
+    llama_server, proc = llama_server
     kb_path = str(tmp_path / "kb")
     runner = CliRunner()
     assert runner.invoke(app, ["init", "--kb", kb_path, "--embedder", "hash"]).exit_code == 0
@@ -105,6 +105,7 @@ def test_real_llm_over_http_answer_and_writeback(tmp_path, llama_server):
                             "llm.model=smollm2"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["answer", "--kb", kb_path, "Who designed Fenwick Point Light?", "--json"])
+    assert proc.poll() is None, f"llama_cpp.server died (exit {proc.returncode}); a native crash: build it portable"
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["answer"].strip()
@@ -125,6 +126,16 @@ def test_real_llm_over_http_answer_and_writeback(tmp_path, llama_server):
         assert u["distiller"] == "llm" and u["model"].startswith("openai:smollm2") and u["text"].strip()
 
 
+def test_llama_cpp_build_is_portable():
+    """A wheel built with -march=native (AVX512, AMX) crashes on other CPUs: the Makefile builds without."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    for feature in ("AVX512", "AMX"):
+        assert f"{feature} = 1" not in info and f"{feature}_INT8 = 1" not in info, info
+
+
+@isolated
 def test_real_llm_in_process(tmp_path):
     kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", config={"llm": {"backend": "llamacpp"}},
                               notify=lambda m: None)
@@ -155,6 +166,7 @@ def test_reindex_re_embed_switches_embedder(tmp_path):
     assert json.load(open(kb.dense_path + ".manifest.json"))["dim"] == 384
 
 
+@isolated
 def test_eval_protocol_with_real_embedder_and_reader(tmp_path):
     """The benchmark protocol end to end on MiniLM, FAISS and SmolLM2 as judge and reader (EM/F1)."""
     from test_eval import write_tiny_beir

@@ -33,7 +33,10 @@ class Key:
     def options(self):
         return tuple(self.choices()) if callable(self.choices) else self.choices
 
-    def allowed(self):
+    def allowed(self, doc=False):
+        if doc and callable(self.choices):  # the docs list the built-in names; plugins add their own
+            return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.options()
+                                         if c in ("", "openai", "llamacpp", "extractive", "llm")) + ", or a plugin's"
         if self.options():
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.options())
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[self.type]
@@ -284,7 +287,7 @@ def markdown():
         out += [f"## [{section}]", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
         for k in KEYS:
             if k.section == section:
-                out.append(f"| `{k.path}` | {k.type.__name__} | `{toml_value(k.default)}` | {k.allowed()} | "
+                out.append(f"| `{k.path}` | {k.type.__name__} | `{toml_value(k.default)}` | {k.allowed(doc=True)} | "
                            f"{k.doc.replace('|', '/')} |")
         out.append("")
     return "\n".join(out)

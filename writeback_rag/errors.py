@@ -66,8 +66,8 @@ def storage_error(e, path):
     text = str(e).lower()
     if "readonly" in text or "read-only" in text or getattr(e, "errno", None) in (13, 30):
         return StorageError(f"{path}: the knowledge base cannot be written (read-only folder or file)",
-                            cli="make the folder writable, or run the command with --no-log",
-                            api="make the folder writable, or search with log=False")
+                            cli="make the folder writable, or copy the KB folder somewhere writable",
+                            api="make the folder writable, or copy the KB folder somewhere writable")
     if "full" in text or getattr(e, "errno", None) == 28:
         return StorageError(f"{path}: the disk is full; nothing was changed by the failed write",
                             cli="free some space and run the command again", api="free some space and retry")

@@ -38,11 +38,17 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
                                 source, time.time()))
             fid = cur.lastrowid
             changes = [] if (correct or source == "label") else _count_against(kb, conn, qid, docs, hit_docs)
-        for gen, add, vecs, rem in changes:
-            kb._apply_dense(gen, add, vecs, rem)
-        if changes:
+        if changes:  # one commit, one generation: applied as one change
+            kb._apply_dense(changes[0][0], [a for c in changes for a in c[1]],
+                            _stack([c[2] for c in changes if c[2] is not None]), [r for c in changes for r in c[3]])
             kb._save_dense()
     return fid
+
+
+def _stack(parts):
+    import numpy as np
+
+    return np.concatenate(parts) if parts else None
 
 
 def _count_against(kb, conn, qid, docs, hit_docs):

@@ -304,9 +304,15 @@ class KnowledgeBase:
             self._dense.save(self.dense_path, self._dense_expect(gen))
 
     def _apply_dense(self, gen, add_ids=(), add_vecs=None, remove_ids=()):
-        """Mirror a committed change in the in-memory FAISS index (HNSW cannot remove: rebuild later)."""
+        """Mirror a committed change in the in-memory FAISS index (HNSW cannot remove: rebuild later).
+
+        Generations are numbered one per commit, inside the write transaction, so a change committed as
+        `gen` follows the index only when the index is at gen - 1. Otherwise another process committed in
+        between: its chunks are not here, and the index is dropped (rebuilt from the store when next
+        needed) rather than labelled current while missing them."""
         d = self._dense
-        if d is None or self._dense_gen is None or (len(remove_ids) and not d.can_remove):
+        if d is None or self._dense_gen is None or self._dense_gen != gen - 1 \
+                or (len(remove_ids) and not d.can_remove):
             self._dense, self._dense_gen = None, None
             return
         d.remove(list(remove_ids))
@@ -450,13 +456,14 @@ class KnowledgeBase:
         emb = self.embedder
         texts, vecs = embedded if embedded is not None else self._embed(pending)
         conn = self.conn
-        add_ids, removed = [], []
+        added, removed = [], []  # (chunk id, row in vecs); documents found unchanged in the transaction add none
         try:
-            gen = self._write_batch(conn, pending, report, kind, texts, vecs, emb, add_ids, removed)
+            gen = self._write_batch(conn, pending, report, kind, texts, vecs, emb, added, removed)
         except BaseException:
             self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
             raise
-        self._apply_dense(gen, add_ids, vecs, removed)
+        add_ids = [cid for cid, _ in added]
+        self._apply_dense(gen, add_ids, vecs[[i for _, i in added]] if added else None, removed)
         return add_ids
 
     def _terms(self, conn):
@@ -469,7 +476,15 @@ class KnowledgeBase:
         with store.transaction(conn):
             term_ids = self._terms(conn)
             i = 0
-            for rec, h, chunks, exists, provenance in pending:
+            for rec, h, chunks, _, provenance in pending:
+                # whether it exists is decided here, in the write transaction: another writer may have
+                # stored the same document since it was read (two ingests of one file at once)
+                row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
+                exists = row is not None
+                if exists and row[0] == h and provenance is None:
+                    report.unchanged += 1
+                    i += len(chunks)
+                    continue
                 if exists:
                     old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
                     delete_postings(conn, old)
@@ -488,7 +503,7 @@ class KnowledgeBase:
                     cid = cur.lastrowid
                     n = write_postings(conn, term_ids, cid, texts[i])
                     conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, cid))
-                    add_ids.append(cid)
+                    add_ids.append((cid, i))
                     i += 1
                 if exists:
                     report.updated += 1
