@@ -165,6 +165,23 @@ def stats(kb: Optional[str] = KB, as_json: bool = JSON):
 
 
 @app.command()
+def check(kb: Optional[str] = KB, as_json: bool = JSON):
+    """Compare every index with the records; exit 1 and say how to repair when one is wrong."""
+    with _open(kb) as k:
+        rep = k.check()
+    if as_json:
+        _dump(rep)
+    else:
+        for p in rep["problems"]:
+            typer.echo(f"problem: {p.replace('reindex (CLI: wbrag reindex)', 'wbrag reindex')}")
+        for n in rep["notes"]:
+            typer.echo(f"note: {n}")
+        typer.echo(("ok: " if rep["ok"] else "NOT ok: ") + ", ".join(f"{k} {v}" for k, v in rep["counts"].items()))
+    if not rep["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="Embed all chunks again."),
             embedder: Optional[str] = typer.Option(None, help="With --re-embed: switch to this embedder."),
             quiet: bool = QUIET):

@@ -151,7 +151,7 @@ KEYS = [
     Key("writeback", "include_query", bool, True, "Put the query in the unit's title (its match text)."),
     Key("writeback", "min_support", int, 1, "Feedback events a query needs before it is written back.",
         min=1, max=1000),
-    Key("writeback", "retire_after_wrong", int, 1, "--wrong feedback events that retire a unit.",
+    Key("writeback", "retire_after_wrong", int, 1, "Wrong-answer feedback events (correct=False, --wrong) that retire a unit.",
         min=1, max=1000),
     Key("writeback", "faithfulness", float, 0.6, "Share of an LLM unit's content words that must appear in "
         "its sources.", min=0.0, max=1.0),

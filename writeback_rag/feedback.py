@@ -197,7 +197,7 @@ def read_jsonl(path):
 def _read_beir(folder, split):
     qpath = os.path.join(folder, "qrels", f"{split}.tsv")
     if not os.path.exists(qpath):
-        raise InputError(f"{folder}: no qrels/{split}.tsv; pick another --split")
+        raise InputError(f"{folder}: no qrels/{split}.tsv; pick another split")
     qrels = read_qrels(qpath)
     answers = {}
     apath = os.path.join(folder, "answers.jsonl")

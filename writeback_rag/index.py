@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -67,11 +68,15 @@ class DenseIndex:
     def save(self, path, manifest):
         """Temp file + rename, index first then manifest: a crash leaves a stale manifest, never a torn index."""
         tmp = _tmp_name(path)
-        self.faiss.write_index(self.index, tmp)
-        _fsync_path(tmp)
+        data = self.faiss.serialize_index(self.index)
+        with open(tmp, "wb") as f:
+            f.write(data.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         manifest = dict(manifest, package_version=__version__, faiss_version=self.faiss.__version__,
-                        dim=self.dim, metric="inner_product", kind=self.kind, count=self.count)
+                        dim=self.dim, metric="inner_product", kind=self.kind, count=self.count,
+                        crc32=zlib.crc32(data), bytes=len(data))
         write_json_atomic(path + ".manifest.json", manifest)
 
     @classmethod
@@ -83,7 +88,16 @@ class DenseIndex:
         import faiss
 
         try:
-            index = faiss.read_index(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None, "unreadable index file"
+        # the checksum catches vectors overwritten under an intact header, and an index file and manifest
+        # from two different saves (about 1 GB/s: a tenth of a second at 100k chunks)
+        if len(data) != manifest.get("bytes") or zlib.crc32(data) != manifest.get("crc32"):
+            return None, "corrupt index file (checksum differs from the manifest)"
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except Exception:
             return None, "corrupt index file"
         if index.ntotal != manifest.get("count") or index.d != manifest.get("dim"):

@@ -151,6 +151,15 @@ class KnowledgeBase:
                                     cli=f"create one with: wbrag init --kb {path}",
                                     api="create one with KnowledgeBase.create(path)")
         try:
+            conn = store.connect(db, readonly=True)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            is_kb = version > 0 and conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+            conn.close()
+            if not is_kb:  # empty (0 bytes) or another program's database: refused before anything is written
+                raise NotAKnowledgeBase(f"{db}: not a writeback-rag database (empty, or another program's)",
+                                        cli="restore kb.sqlite from a backup, or create a new KB elsewhere with "
+                                            "wbrag init", api="restore kb.sqlite from a backup")
             conn = store.connect(db)
             store.migrate(conn)
             built_with = store.get_meta(conn, "model_id")
@@ -352,6 +361,69 @@ class KnowledgeBase:
             self._dense.save(self.dense_path, self._dense_expect(gen))
             self._bm25_gen = None
             return {"chunks": self._dense.count, "generation": gen}
+
+    @_storage_guard
+    def check(self, sample=200, seed=0):
+        """Compare every index with the records; returns {"ok", "problems", "notes", "counts"}.
+
+        Problems are states that give wrong results (an index that claims to be current and is not: chunks
+        missing or extra, vectors that differ from the stored ones, postings of inactive chunks); each says
+        how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
+        conn = self.conn
+        problems, notes = [], []
+        gen = self.generation
+        active = np.array([r[0] for r in conn.execute(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' ORDER BY c.id")],
+            dtype=np.int64)
+        repair = "repair with: reindex (CLI: wbrag reindex)"
+        counts = {"generation": gen, "active_chunks": int(len(active))}
+        dense, why = DenseIndex.load(self.dense_path, self._dense_expect(gen))
+        if dense is None:
+            (notes if why == "missing" or why.startswith("stale") else problems).append(
+                f"dense index file: {why}; it is rebuilt from the stored embeddings on next use")
+        else:
+            import faiss
+
+            ids = faiss.vector_to_array(dense.index.id_map).astype(np.int64)
+            counts["dense_vectors"] = int(len(ids))
+            missing, extra = np.setdiff1d(active, ids), np.setdiff1d(ids, active)
+            if len(missing) or len(extra):
+                problems.append(f"dense index claims generation {gen} but lacks {len(missing)} active chunks "
+                                f"and holds {len(extra)} others (e.g. {(missing.tolist() + extra.tolist())[:5]}); "
+                                + repair)
+            rng = np.random.default_rng(seed)
+            some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
+            bad = 0
+            for cid in np.intersect1d(some, ids).tolist():
+                blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+                if not np.allclose(dense.index.reconstruct(cid), np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+                    bad += 1
+            if bad:
+                problems.append(f"dense index: {bad} of {min(sample, len(active))} sampled vectors differ from the "
+                                "stored embeddings; " + repair)
+        inactive = conn.execute("SELECT COUNT(DISTINCT p.chunk_id) FROM postings p LEFT JOIN chunks c ON c.id=p.chunk_id "
+                                "LEFT JOIN documents d ON d.id=c.doc_id WHERE d.status IS NOT 'active'").fetchone()[0]
+        unposted = conn.execute("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
+                                "AND c.bm25_len > 0 AND NOT EXISTS (SELECT 1 FROM postings p WHERE p.chunk_id=c.id)"
+                                ).fetchone()[0]
+        counts["bm25_postings_of_inactive_chunks"], counts["bm25_active_chunks_without_postings"] = inactive, unposted
+        if inactive or unposted:
+            problems.append(f"BM25 postings: {inactive} chunks indexed that are not active, {unposted} active "
+                            "chunks not indexed; " + repair)
+        b = self.config["bm25"]
+        engine, why = BM25.load(self.bm25_path, {"generation": gen, "kb_created": store.get_meta(conn, "created")},
+                                b["k1"], b["b"])
+        if engine is None:
+            (notes if why == "missing" or why.startswith("stale") else problems).append(
+                f"BM25 arrays file: {why}; it is rebuilt from the postings on next use")
+        elif engine.n_docs != len(active):
+            problems.append(f"BM25 arrays file claims generation {gen} but covers {engine.n_docs} chunks, not "
+                            f"{len(active)}; " + repair)
+        orphans = conn.execute("SELECT COUNT(*) FROM documents d WHERE d.kind='unit' AND NOT EXISTS "
+                               "(SELECT 1 FROM units u WHERE u.id=d.id)").fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} knowledge units have no provenance record; roll back their run")
+        return {"ok": not problems, "problems": problems, "notes": notes, "counts": counts}
 
     # ---- writing documents -------------------------------------------------------------
 

@@ -193,7 +193,7 @@ def read_paths(paths, fields, max_bytes, stdin=None):
                 size = os.path.getsize(full)
                 if size > max_bytes:
                     yield Problem(full, f"file is {size / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit "
-                                        "([ingest] max_doc_mb); split it or raise the limit")
+                                        "(setting ingest.max_doc_mb); split it or raise the limit")
                     continue
                 with open(full, "rb") as f:
                     raw = f.read()

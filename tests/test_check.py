@@ -1,0 +1,88 @@
+"""kb.check() / `wbrag check`: every index compared with the records; damage is found and repaired."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CORPUS
+from writeback_rag import KnowledgeBase
+from writeback_rag.cli import app
+from writeback_rag.errors import NotAKnowledgeBase
+from writeback_rag.index import DenseIndex
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def kb_path(tmp_path):
+    path = str(tmp_path / "kb")
+    assert runner.invoke(app, ["init", "--kb", path, "--embedder", "hash"]).exit_code == 0
+    assert runner.invoke(app, ["ingest", "--kb", path, CORPUS, "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["query", "--kb", path, "fog signal"]).exit_code == 0  # saves bm25.npz
+    return path
+
+
+def test_clean_kb_checks_ok(kb_path):
+    r = runner.invoke(app, ["check", "--kb", kb_path, "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["ok"] and not rep["problems"] and rep["counts"]["dense_vectors"] == rep["counts"]["active_chunks"] > 40
+
+
+def test_index_missing_a_chunk_but_labelled_current_is_found_and_repaired(kb_path):
+    kb = KnowledgeBase.open(kb_path, notify=lambda m: None)
+    expect = {"model_id": kb.model_id, "generation": kb.generation, "kind": "flat"}
+    dense, _ = DenseIndex.load(kb.dense_path, expect)
+    victim = kb.search("Fenwick Point designer", k=1, mode="dense", log=False).hits[0].chunk_id
+    dense.remove([victim])
+    dense.save(kb.dense_path, expect)  # what two writers once left behind
+    kb.close()
+    r = runner.invoke(app, ["check", "--kb", kb_path])
+    assert r.exit_code == 1 and "lacks 1 active chunks" in r.output and "wbrag reindex" in r.output
+    assert runner.invoke(app, ["reindex", "--kb", kb_path, "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["check", "--kb", kb_path]).exit_code == 0
+
+
+def test_overwritten_vectors_fail_the_checksum_and_are_rebuilt(kb_path):
+    path = os.path.join(kb_path, "dense.faiss")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # header intact, vectors overwritten
+        f.seek(size // 2)
+        f.write(b"\x00" * 4096)
+    rep = KnowledgeBase.open(kb_path, notify=lambda m: None).check()
+    assert not rep["ok"] and any("checksum" in p for p in rep["problems"])
+    notes = []
+    kb = KnowledgeBase.open(kb_path, notify=notes.append)
+    assert kb.search("Fenwick Point designer", k=1, mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
+    assert any("checksum" in n and "rebuilding" in n for n in notes)
+    assert kb.check()["ok"]
+    kb.close()
+
+
+def test_empty_or_foreign_database_is_refused_before_anything_is_written(kb_path, tmp_path):
+    dense = os.path.join(kb_path, "dense.faiss")
+    before = open(dense, "rb").read()
+    open(os.path.join(kb_path, "kb.sqlite"), "wb").close()  # 0 bytes
+    for name in ("kb.sqlite-wal", "kb.sqlite-shm"):
+        if os.path.exists(os.path.join(kb_path, name)):
+            os.remove(os.path.join(kb_path, name))
+    with pytest.raises(NotAKnowledgeBase, match="not a writeback-rag database"):
+        KnowledgeBase.open(kb_path)
+    r = runner.invoke(app, ["query", "--kb", kb_path, "fog"])
+    assert r.exit_code == 3 and "restore kb.sqlite from a backup" in r.output
+    assert open(dense, "rb").read() == before and os.path.getsize(os.path.join(kb_path, "kb.sqlite")) == 0
+    import sqlite3
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    c = sqlite3.connect(foreign / "kb.sqlite")
+    c.execute("CREATE TABLE t(x)")
+    c.commit()
+    c.close()
+    with pytest.raises(NotAKnowledgeBase):
+        KnowledgeBase.open(foreign)
+    c = sqlite3.connect(foreign / "kb.sqlite")
+    assert [r[0] for r in c.execute("SELECT name FROM sqlite_master")] == ["t"]
+    c.close()
