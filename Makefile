@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 # off, into a folder of our own whose name carries the version and the flags, and installed from there.
 LLAMA_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
-LLAMA_WHEELS := $(HOME)/.cache/writeback-rag/llama-cpp-python-$(LLAMA_VERSION)-native-off
+LLAMA_WHEELS ?= $(HOME)/.cache/writeback-rag/llama-cpp-python-$(LLAMA_VERSION)-native-off
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv

@@ -159,3 +159,23 @@ def test_bm25_k1_and_b_come_from_config(tmp_path):
     want = idf * 2 * 3.0 / (2 + 2.0)  # tf 2, b = 0: no length normalisation
     assert kb.search("fog", k=1, mode="bm25", log=False).hits[0].score == pytest.approx(want, rel=1e-5)
     kb.close()
+
+
+@pytest.mark.parametrize("mode", ["bm25", "hybrid"])
+def test_filters_never_bring_in_chunks_that_match_no_query_term(corpus_kb, mode):
+    kb = corpus_kb
+    hits = kb.search("Fenwick", k=50, mode=mode, filters={"source": "*.md"}, log=False).hits
+    bm = [h for h in hits if h.bm25 is not None]
+    assert bm and all("fenwick" in (h.title + " " + h.text).lower() for h in bm)
+    everything = kb.search("Fenwick", k=50, mode="bm25", log=False).hits
+    assert {h.chunk_id for h in bm} <= {h.chunk_id for h in everything}
+
+
+def test_hnsw_search_with_filters(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", config={"dense": {"index": "hnsw"}},
+                              notify=lambda m: None)
+    kb.ingest([CORPUS])
+    hits = kb.search(Q, k=5, mode="dense", filters={"doc": "fenwick-point-light.md"}, log=False).hits
+    assert hits and {h.doc_id for h in hits} == {"fenwick-point-light.md"}
+    assert kb.search(Q, k=3, mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
+    kb.close()

@@ -119,3 +119,25 @@ def test_every_key_has_a_type_default_and_doc():
     for k in cfgmod.KEYS:
         assert k.doc and k.check(k.default, "") == k.default, k.path
     assert len(cfgmod.SCHEMA) == len(cfgmod.KEYS)
+
+
+def test_values_with_equals_signs_words_for_booleans_and_partial_files(kb_path):
+    cpath = os.path.join(kb_path, "config.toml")
+    r = wbrag("config", "--kb", kb_path, "llm.base_url=http://127.0.0.1:9/v1?key=a=b")
+    assert r.exit_code == 0, r.output
+    assert wbrag("config", "--kb", kb_path, "llm.base_url").output == "http://127.0.0.1:9/v1?key=a=b\n"
+    for word, value in (("off", "false"), ("on", "true"), ("false", "false"), ("yes", "true"), ("0", "false"),
+                        ("1", "true"), ("no", "false"), ("true", "true")):
+        assert wbrag("config", "--kb", kb_path, f"writeback.include_query={word}").exit_code == 0
+        assert wbrag("config", "--kb", kb_path, "writeback.include_query").output == value + "\n", word
+    open(cpath, "w").write('[embedder]\nname = "hash"\n')  # a hand-written file with one section
+    assert wbrag("config", "--kb", kb_path, "llm.model=tiny").exit_code == 0
+    assert wbrag("config", "--kb", kb_path, "llm.model").output == "tiny\n"
+    assert wbrag("config", "--kb", kb_path, "bm25.k1").output == "1.2\n"  # the rest: defaults
+
+
+def test_errors_show_the_value_typed(kb_path):
+    for setting, shown in (("bm25.k1=abc", '"abc"'), ("retrieval.k=x", "retrieval.k"),
+                           ("writeback.include_query=maybe", '"maybe"'), ("chunking.size=3", "= 3:")):
+        line = one_line_error(wbrag("config", "--kb", kb_path, setting), 2)
+        assert shown in line, (setting, line)
