@@ -179,3 +179,20 @@ def test_hnsw_search_with_filters(tmp_path):
     assert hits and {h.doc_id for h in hits} == {"fenwick-point-light.md"}
     assert kb.search(Q, k=3, mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
     kb.close()
+
+
+@pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
+@pytest.mark.parametrize("unit_fusion", ["joint", "separate"])
+def test_units_never_leave_fewer_than_k_hits(unit_kb, mode, unit_fusion):
+    """Units beyond max_units are dropped; the search then looks deeper so that k hits still come back."""
+    kb = unit_kb
+    kb.config["retrieval"]["unit_fusion"] = unit_fusion
+    n_sources = kb.stats()["chunks"]
+    for q in ("When was the fog siren at Corran Head installed?", "Who designed Fenwick Point Light?",
+              "lighthouse keeper"):
+        for k in (1, 3, 5, 20):
+            hits = kb.search(q, k=k, mode=mode, log=False).hits
+            want = k if mode != "bm25" else min(k, len(kb.search(q, k=1000, mode=mode, log=False).hits))
+            assert len(hits) == want, (q, k, [h.kind for h in hits])
+            assert sum(h.kind == "unit" for h in hits) <= 1
+    assert n_sources > 20

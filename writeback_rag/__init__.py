@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .errors import WbragError  # noqa: E402
-from .kb import KnowledgeBase, SearchResult, Hit  # noqa: E402
+from .errors import (ConfigError, EmbedderMismatch, InputError, LLMError, LockBusy, NotAKnowledgeBase,  # noqa: E402
+                     StorageError, UnknownQuery, WbragError)
+from .kb import Hit, IngestReport, KnowledgeBase, SearchResult  # noqa: E402
 
-__all__ = ["KnowledgeBase", "SearchResult", "Hit", "WbragError", "__version__"]
+__all__ = ["KnowledgeBase", "SearchResult", "Hit", "IngestReport", "WbragError", "InputError", "ConfigError",
+           "NotAKnowledgeBase", "EmbedderMismatch", "UnknownQuery", "StorageError", "LockBusy", "LLMError",
+           "__version__"]

@@ -687,19 +687,25 @@ class KnowledgeBase:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         allowed = self._allowed(filters, include_units)
-        bm_all, dn_all = {}, {}
-        n = max(int(r["candidates"]), 2 * k)
         units = self._unit_chunks() if include_units else frozenset()
         separate = bool(units) and unit_fusion == "separate"
-        fused = {}
         qv = self.embedder.encode([query])[0] if mode != "bm25" else None
-        for part in (self._split(allowed, units) if separate else (allowed,)):
-            bm, dn = self._candidates(query, qv, mode, part, n if mode == "hybrid" else k)
-            fused.update(fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"])))
-            bm_all.update(bm)
-            dn_all.update(dn)
+        parts = self._split(allowed, units) if separate else (allowed,)
         cap = int(r["max_units"] if max_units is None else max_units)
-        top = self._top(fused, k, cap, units)
+        depth = max(int(r["candidates"]), 2 * k) if mode == "hybrid" else k
+        while True:
+            fused, bm_all, dn_all, deeper = {}, {}, {}, False
+            for part in parts:
+                bm, dn = self._candidates(query, qv, mode, part, depth)
+                fused.update(fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"])))
+                bm_all.update(bm)
+                dn_all.update(dn)
+                deeper = deeper or len(bm) >= depth or len(dn) >= depth
+            top = self._top(fused, k, cap, units)
+            # units over the cap were dropped and left fewer than k hits: look deeper (ranks above stay)
+            if len(top) >= k or not units or cap < 0 or not deeper:
+                break
+            depth *= 2
         hits = self._hits(top, bm_all, dn_all)
         latency = (time.perf_counter() - t0) * 1000
         qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
