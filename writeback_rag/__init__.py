@@ -1,6 +1,6 @@
 """writeback-rag: a retrieval knowledge base that gets better the more it is used."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .errors import (ConfigError, EmbedderMismatch, InputError, LLMError, LockBusy, NotAKnowledgeBase,  # noqa: E402
                      StorageError, UnknownQuery, WbragError)

@@ -7,8 +7,9 @@ import time
 from collections import Counter
 
 from . import store
+from .progress import progress as _progress
 from .errors import InputError, LLMError, UnknownQuery
-from .text import contains_answer, normalize_answer
+from .text import contains_answer, normalize_answer, normalize_id
 
 ANSWER_SYSTEM = "Answer the question with a short phrase. Use the context when it is given."
 
@@ -24,8 +25,6 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
         raise UnknownQuery(f"unknown query id {qid}", cli=f"list logged queries with: wbrag log --kb {kb.path}",
                            api="list logged queries with kb.queries()")
     hit_docs = [r[0] for r in conn.execute("SELECT doc_id FROM hits WHERE query_id=? ORDER BY rank", (qid,))]
-    from .kb import normalize_id
-
     docs = list(dict.fromkeys(normalize_id(d) for d in ([docs] if isinstance(docs, str) else (docs or []))))
     for d in docs:
         if d not in hit_docs:
@@ -274,8 +273,6 @@ def _holds(hit, ex):
 
 def run_labelled(kb, path_or_examples, split="train", k=None, mode=None, show_progress=False):
     """Retrieve and judge every example; gate decisions and a feedback event (source 'label') are stored."""
-    from .kb import _progress
-
     if isinstance(path_or_examples, (str, os.PathLike)):
         examples = read_labels(path_or_examples, split)
     else:

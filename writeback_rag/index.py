@@ -9,7 +9,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .text import bm25_tokens
 
 # ---- dense ---------------------------------------------------------------------------------

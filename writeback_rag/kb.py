@@ -7,7 +7,6 @@ import sqlite3
 import sys
 import threading
 import time
-import unicodedata
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -17,8 +16,9 @@ from . import store
 from .backends import embedder_model_id, get_embedder
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, WbragError, storage_error
 from .index import BM25, DenseIndex, delete_postings, load_term_ids, write_postings
-from .loaders import Problem, Record, _field_record, read_paths
-from .text import chunk_text, content_hash, count_tokens
+from .loaders import IngestReport, Problem, Record, _field_record, read_paths  # noqa: F401  (re-exported)
+from .progress import progress as _progress
+from .text import chunk_text, content_hash, count_tokens, normalize_id
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 MODES = ("bm25", "dense", "hybrid")
@@ -52,28 +52,6 @@ class SearchResult:
     def to_dict(self):
         return {"query_id": self.query_id, "query": self.query, "mode": self.mode,
                 "latency_ms": round(self.latency_ms, 2), "hits": [h.to_dict() for h in self.hits]}
-
-
-@dataclass
-class IngestReport:
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    chunks: int = 0
-    skipped: list = field(default_factory=list)  # Problem
-
-    @property
-    def errors(self):
-        return [p for p in self.skipped if p.error]
-
-    def summary(self):
-        s = f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, skipped {len(self.skipped)}"
-        return s + f" ({self.chunks} chunks embedded)"
-
-
-def normalize_id(value):
-    """Document ids are compared in Unicode NFC: 'café' typed or pasted in either form is one document."""
-    return unicodedata.normalize("NFC", str(value))
 
 
 def _storage_guard(method):
@@ -922,20 +900,3 @@ def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5):
         for cid, s in scores.items():
             out[cid] = out.get(cid, 0.0) + w * ((s - lo) / (hi - lo) if hi > lo else 1.0)
     return out
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(iterable, show, desc, **kw):
-    """tqdm when asked for and stderr is a terminal; otherwise silent."""
-    if not show or not sys.stderr.isatty():
-        return iterable if iterable is not None else _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, **kw)

@@ -20,6 +20,23 @@ class Record:
 
 
 @dataclass
+class IngestReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    chunks: int = 0
+    skipped: list = field(default_factory=list)  # Problem
+
+    @property
+    def errors(self):
+        return [p for p in self.skipped if p.error]
+
+    def summary(self):
+        s = f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, skipped {len(self.skipped)}"
+        return s + f" ({self.chunks} chunks embedded)"
+
+
+@dataclass
 class Problem:
     """A file (and line) that was skipped, with the reason; `error` ones make the exit code non-zero."""
 

@@ -109,3 +109,8 @@ def content_hash(*parts):
         h.update(str(p).encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+def normalize_id(value):
+    """Document ids are compared in Unicode NFC: 'café' typed or pasted in either form is one document."""
+    return unicodedata.normalize("NFC", str(value))

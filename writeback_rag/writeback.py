@@ -10,7 +10,8 @@ from collections import defaultdict
 
 from . import store
 from .errors import LLMError, LockBusy
-from .loaders import Record
+from .loaders import IngestReport, Record
+from .progress import progress as _progress
 from .text import bm25_tokens, chunk_text, contains_answer, content_hash, count_tokens, sentences
 
 from .backends import DISTILLERS, register_distiller  # noqa: F401  (the one registry; re-exported)
@@ -200,8 +201,6 @@ def run_writeback(kb, distiller=None, dry_run=False, show_progress=False, log=No
 
 
 def _run(kb, distiller, dry_run, show_progress):
-    from .kb import _progress
-
     conn = kb.conn
     kb._ensure_indexes()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -300,8 +299,6 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
 
 def _flush(kb, pending):
     """Units (rows, chunks, postings, provenance) commit together, a batch at a time."""
-    from .kb import IngestReport
-
     if pending:
         kb._write_docs(pending, IngestReport(), kind="unit")
         pending.clear()
