@@ -33,31 +33,40 @@ def test_clean_kb_checks_ok(kb_path):
 
 def test_index_missing_a_chunk_but_labelled_current_is_found_and_repaired(kb_path):
     kb = KnowledgeBase.open(kb_path, notify=lambda m: None)
-    expect = {"model_id": kb.model_id, "generation": kb.generation, "kind": "flat"}
+    expect = kb._indexes._dense_expect()
     dense, _ = DenseIndex.load(kb.dense_path, expect)
+    assert dense.seq == kb.generation
     victim = kb.search("Fenwick Point designer", k=1, mode="dense", log=False).hits[0].chunk_id
     dense.remove([victim])
     dense.save(kb.dense_path, expect)  # what two writers once left behind
     kb.close()
     r = runner.invoke(app, ["check", "--kb", kb_path])
-    assert r.exit_code == 1 and "lacks 1 active chunks" in r.output and "wbrag reindex" in r.output
+    assert r.exit_code == 1 and "(file) at change" in r.output and "lacks 1 active chunks" in r.output
+    assert "wbrag reindex" in r.output
     assert runner.invoke(app, ["reindex", "--kb", kb_path, "--quiet"]).exit_code == 0
     assert runner.invoke(app, ["check", "--kb", kb_path]).exit_code == 0
 
 
-def test_overwritten_vectors_fail_the_checksum_and_are_rebuilt(kb_path):
+def _overwrite_vectors(kb_path):
     path = os.path.join(kb_path, "dense.faiss")
     size = os.path.getsize(path)
     with open(path, "r+b") as f:  # header intact, vectors overwritten
         f.seek(size // 2)
         f.write(b"\x00" * 4096)
-    rep = KnowledgeBase.open(kb_path, notify=lambda m: None).check()
-    assert not rep["ok"] and any("checksum" in p for p in rep["problems"])
+
+
+def test_overwritten_vectors_fail_the_checksum_and_are_rebuilt(kb_path):
+    _overwrite_vectors(kb_path)
     notes = []
     kb = KnowledgeBase.open(kb_path, notify=notes.append)
     assert kb.search("Fenwick Point designer", k=1, mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
     assert any("checksum" in n and "rebuilding" in n for n in notes)
-    assert kb.check()["ok"]
+    kb.close()
+    _overwrite_vectors(kb_path)
+    kb = KnowledgeBase.open(kb_path, notify=lambda m: None)
+    rep = kb.check()
+    assert not rep["ok"] and any("checksum" in p for p in rep["problems"])
+    assert kb.check()["ok"]  # the check's own catch-up rebuilt and saved the file
     kb.close()
 
 

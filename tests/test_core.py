@@ -15,15 +15,16 @@ from writeback_rag.text import bm25_tokens, chunk_text, count_tokens, sentences
 
 
 def index_agrees(kb):
-    """Dense and BM25 indexes hold exactly the active chunks of the database."""
-    kb._dense = kb._dense_gen = kb._bm25_gen = None
-    kb._ensure_indexes()
-    active = {r[0] for r in kb.conn.execute(
-        "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")}
-    posted = {r[0] for r in kb.conn.execute("SELECT DISTINCT chunk_id FROM postings")}
-    assert kb._dense.count == len(active)
-    assert posted <= active and kb._bm25.n_docs == len(active)
-    return len(active)
+    """Dense and BM25 indexes hold exactly the active chunks of the database: in this process (after
+    replaying the change log) and in a new one (loading the saved files and replaying their tail)."""
+    rep = kb.check()
+    assert rep["ok"], rep
+    fresh = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    again = fresh.check()
+    fresh.close()
+    assert again["ok"], again
+    assert rep["counts"]["dense_vectors"] == rep["counts"]["bm25_chunks"] == rep["counts"]["active_chunks"]
+    return rep["counts"]["active_chunks"]
 
 
 def test_chunking_respects_budget_and_sentences():
@@ -173,8 +174,8 @@ def test_embedder_mismatch_refused(kb):
         KnowledgeBase.open(kb.path, embedder="minilm")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "stale"])
-def test_dense_index_missing_stale_or_corrupt_is_rebuilt(corpus_kb, damage):
+@pytest.mark.parametrize("damage", ["truncate", "delete", "other-kb"])
+def test_dense_index_missing_corrupt_or_foreign_is_rebuilt(corpus_kb, damage):
     kb = corpus_kb
     path = kb.dense_path
     if damage == "truncate":
@@ -182,58 +183,73 @@ def test_dense_index_missing_stale_or_corrupt_is_rebuilt(corpus_kb, damage):
             f.truncate(100)
     elif damage == "delete":
         os.remove(path)
-    else:
-        kb.conn.execute("UPDATE meta SET value=value+1 WHERE key='generation'")
+    else:  # a file copied from another KB
+        m = json.load(open(path + ".manifest.json"))
+        m["kb_created"] = "0"
+        json.dump(m, open(path + ".manifest.json", "w"))
     notes = []
     kb2 = KnowledgeBase.open(kb.path, notify=notes.append)
     res = kb2.search("Grey Heron lens", mode="dense", log=False)
-    assert res.hits and notes and "rebuilding" in notes[0]
+    assert res.hits and (damage == "delete" or (notes and "rebuilding" in notes[0]))
     assert index_agrees(kb2) >= 44
 
 
 def _bm25_hits(kb, queries=("Fenwick Point keeper", "lighthouse stamps 1993", "Grey Heron lens")):
-    return [[(h.chunk_id, h.score) for h in kb.search(q, k=10, mode="bm25", log=False).hits] for q in queries]
+    return [[(h.chunk_id, round(h.score, 5)) for h in kb.search(q, k=10, mode="bm25", log=False).hits]
+            for q in queries]
 
 
-def test_bm25_arrays_saved_and_reused_by_the_next_process(corpus_kb, monkeypatch, tmp_path):
-    """The saved arrays replace the SQL load only while they match the KB, its generation and BM25 params."""
-    from_sql = _bm25_hits(corpus_kb)
-    manifest = json.load(open(corpus_kb.bm25_path + ".manifest.json"))
-    assert manifest["generation"] == corpus_kb.generation and manifest["n_docs"] == corpus_kb.stats()["chunks"]
+def _engine_hits(kb, k1=1.2, queries=("Fenwick Point keeper", "lighthouse stamps 1993", "Grey Heron lens")):
+    """The same queries on an engine built from scratch from the store (what a replay must equal)."""
+    engine = BM25(kb.conn, k1, 0.75)
+    return [[(int(i), round(float(s), 5)) for i, s in zip(*engine.search(q, 10))] for q in queries]
+
+
+def test_bm25_arrays_saved_and_replayed_by_the_next_process(corpus_kb, monkeypatch, tmp_path):
+    """A new process loads the saved arrays and replays the change log's tail: no SQL load after a write,
+    and scores equal to an engine built from scratch."""
+    kb = corpus_kb
+    want = _bm25_hits(kb)
+    assert want == _engine_hits(kb)
+    manifest = json.load(open(kb.bm25_path + ".manifest.json"))
+    assert manifest["seq"] == kb.generation and manifest["n_docs"] == kb.stats()["chunks"]
 
     loads = []
-    real_init = BM25.__init__
-    monkeypatch.setattr(BM25, "__init__", lambda self, *a, **k: (loads.append(1), real_init(self, *a, **k))[1])
-    kb2 = KnowledgeBase.open(corpus_kb.path)
-    assert _bm25_hits(kb2) == from_sql and loads == []  # identical ranking and scores, no SQL load
+    real = BM25._load_sql
+    monkeypatch.setattr(BM25, "_load_sql", lambda self, conn: (loads.append(1), real(self, conn))[1])
+    kb2 = KnowledgeBase.open(kb.path)
+    assert _bm25_hits(kb2) == want and loads == []  # loaded from the file
 
     kb2.ingest([{"id": "new", "text": "The Fenwick Point keeper kept a logbook of stamps."}])
-    kb3 = KnowledgeBase.open(corpus_kb.path)
+    kb2.delete(["grey-heron-light.md"])
+    kb3 = KnowledgeBase.open(kb.path)
     hits = kb3.search("Fenwick Point keeper logbook", k=3, mode="bm25", log=False).hits
-    assert hits[0].doc_id == "new" and loads == [1]  # stale generation: loaded from SQLite, then saved
-    assert _bm25_hits(KnowledgeBase.open(corpus_kb.path)) == _bm25_hits(kb3) and loads == [1]
+    assert hits[0].doc_id == "new" and loads == []  # the file plus two replayed changes: no SQL load
+    assert _bm25_hits(kb3) == _engine_hits(kb3) and _bm25_hits(kb2) == _bm25_hits(kb3)
+    assert len(loads) == 1  # the reference engine above
+    del loads[:]
 
     with open(kb3.bm25_path, "r+b") as f:  # a torn file is never used
         f.truncate(200)
-    assert _bm25_hits(KnowledgeBase.open(corpus_kb.path)) == _bm25_hits(kb3) and loads == [1, 1]
+    assert _bm25_hits(KnowledgeBase.open(kb.path)) == _bm25_hits(kb3) and loads == [1]
 
     # arrays of one save under the manifest of another (two processes saving at once) are refused
-    _bm25_hits(KnowledgeBase.open(corpus_kb.path))
-    assert len(loads) == 2
     m = json.load(open(kb3.bm25_path + ".manifest.json"))
-    m["generation"] += 1
+    m["n_docs"] += 1
     json.dump(m, open(kb3.bm25_path + ".manifest.json", "w"))
-    kb3.conn.execute("UPDATE meta SET value=? WHERE key='generation'", (m["generation"],))
-    assert _bm25_hits(KnowledgeBase.open(corpus_kb.path)) == _bm25_hits(kb3) and len(loads) == 3
+    assert _bm25_hits(KnowledgeBase.open(kb.path)) == _bm25_hits(kb3) and loads == [1, 1]
 
-    other = KnowledgeBase.open(corpus_kb.path)  # other BM25 parameters: the saved arrays do not apply
+    other = KnowledgeBase.open(kb.path)  # other BM25 parameters apply at query time: no reload
+    _bm25_hits(other)
+    n = len(loads)
     other.config["bm25"]["k1"] = 2.0
-    assert _bm25_hits(other) != _bm25_hits(kb3) and len(loads) == 4
+    assert _bm25_hits(other) != _bm25_hits(kb3) and len(loads) == n
+    assert _bm25_hits(other) == _engine_hits(other, k1=2.0)
 
-    clone = tmp_path / "clone"  # arrays copied next to another KB of the same generation are refused
+    clone = tmp_path / "clone"  # arrays copied next to another KB are refused
     other_kb = KnowledgeBase.create(clone, embedder="hash", notify=lambda m: None)
     other_kb.ingest([{"id": f"x{i}", "text": "unrelated words here"} for i in range(3)])
-    other_kb.conn.execute("UPDATE meta SET value=? WHERE key='generation'", (kb3.generation,))
+    other_kb.close()
     for suffix in ("", ".manifest.json"):
         with open(kb3.bm25_path + suffix, "rb") as src, open(other_kb.bm25_path + suffix, "wb") as dst:
             dst.write(src.read())
@@ -245,9 +261,10 @@ def test_saves_remove_temp_files_left_by_killed_saves(corpus_kb):
     for p in (old, fresh):
         write(p, "partial")
     os.utime(old, (1, 1))
-    corpus_kb.ingest([{"id": "new", "text": "one more"}])
-    corpus_kb.search("one more", mode="bm25", log=False)  # loads from SQLite and saves bm25.npz
-    assert not os.path.exists(old) and os.path.exists(fresh)
+    os.remove(corpus_kb.bm25_path)
+    kb = KnowledgeBase.open(corpus_kb.path, notify=lambda m: None)
+    kb.search("one more", mode="bm25", log=False)  # loads from SQLite and saves bm25.npz
+    assert not os.path.exists(old) and os.path.exists(fresh) and os.path.exists(corpus_kb.bm25_path)
 
 
 def test_bm25_scores_equal_rank_bm25(kb):

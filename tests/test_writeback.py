@@ -164,9 +164,10 @@ def test_wrong_feedback_retires_unit(small):
 def test_rollback_removes_units_everywhere(small):
     labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
     run = small.writeback()["run_id"]
-    n_chunks = small._dense.count
+    n_chunks = small.check()["counts"]["dense_vectors"]
     assert small.rollback(run) == 1
-    assert list_units(small) == [] and small._dense.count == n_chunks - 1
+    rep = small.check()
+    assert list_units(small) == [] and rep["ok"] and rep["counts"]["dense_vectors"] == n_chunks - 1
     assert all(h.kind == "source" for h in small.search("Calder foundry Marrowick", k=5, log=False).hits)
     assert [r["status"] for r in list_runs(small)] == ["rolled-back"]
     assert small.writeback()["examples"] == 0  # rolled-back feedback is not replayed
@@ -328,9 +329,8 @@ def test_kill_minus_9_mid_run_then_resume(tmp_path, corpus_kb):
     assert out["written"] + out.get("merged", 0) >= 37 and out["written"] == len(list_units(k)) - partial
     statuses = [r["status"] for r in list_runs(k)]
     assert statuses == ["interrupted", "done"]
-    k._dense = k._dense_gen = None
-    k._ensure_indexes()
-    assert k._dense.count == k.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    rep = KnowledgeBase.open(kb.path, notify=lambda m: None).check()
+    assert rep["ok"] and rep["counts"]["dense_vectors"] == k.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     assert k.writeback()["examples"] == 0
 
 

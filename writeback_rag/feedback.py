@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 from . import store
+from .changes import Change, record
 from .progress import progress as _progress
 from .errors import InputError, LLMError, UnknownQuery
 from .text import contains_answer, normalize_answer, normalize_id
@@ -36,35 +37,23 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
                                (qid, 1 if correct else 0, json.dumps(docs), answer, json.dumps(list(gold or [])),
                                 source, time.time()))
             fid = cur.lastrowid
-            changes = [] if (correct or source == "label") else _count_against(kb, conn, qid, docs, hit_docs)
-        if changes:  # one commit, one generation: applied as one change
-            kb._apply_dense(changes[0][0], [a for c in changes for a in c[1]],
-                            _stack([c[2] for c in changes if c[2] is not None]), [r for c in changes for r in c[3]])
-            kb._save_dense()
+            if not (correct or source == "label"):
+                _count_against(kb, conn, qid, docs, hit_docs)
     return fid
-
-
-def _stack(parts):
-    import numpy as np
-
-    return np.concatenate(parts) if parts else None
 
 
 def _count_against(kb, conn, qid, docs, hit_docs):
     """Wrong feedback counts against the units that answer used; enough of it retires a unit."""
     units = [d for d in (docs or hit_docs) if d.startswith("unit:")]
     limit = int(kb.config["writeback"]["retire_after_wrong"])
-    changes = []
+    change = Change()
     for u in units:
         conn.execute("UPDATE units SET against=against+1 WHERE id=?", (u,))
         row = conn.execute("SELECT against FROM units WHERE id=?", (u,)).fetchone()
         if row and row[0] >= limit:
-            add, vecs, rem = kb.set_status(conn, u, "retired")
-            changes.append((add, vecs, rem))
-    if changes:
-        gen = store.bump_generation(conn)
-        return [(gen, a, v, r) for a, v, r in changes]
-    return []
+            kb.set_status(conn, u, "retired", change)
+    if change:
+        record(conn, change)
 
 
 def _context(hits, limit_chars=1500):

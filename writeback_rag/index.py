@@ -31,6 +31,7 @@ class DenseIndex:
         else:
             raise ValueError(f"unknown dense index kind {kind!r} (flat or hnsw)")
         self.index = faiss.IndexIDMap2(base)
+        self.seq = 0  # the change-log sequence number this index reflects
 
     @property
     def count(self):
@@ -76,7 +77,7 @@ class DenseIndex:
         os.replace(tmp, path)
         manifest = dict(manifest, package_version=__version__, faiss_version=self.faiss.__version__,
                         dim=self.dim, metric="inner_product", kind=self.kind, count=self.count,
-                        crc32=zlib.crc32(data), bytes=len(data))
+                        crc32=zlib.crc32(data), bytes=len(data), seq=self.seq)
         write_json_atomic(path + ".manifest.json", manifest)
 
     @classmethod
@@ -104,6 +105,7 @@ class DenseIndex:
             return None, "corrupt index file (count or dim differs from manifest)"
         obj = cls.__new__(cls)
         obj.faiss, obj.dim, obj.kind, obj.index = faiss, index.d, manifest["kind"], index
+        obj.seq = int(manifest.get("seq", -1))
         return obj, "ok"
 
 
@@ -181,103 +183,196 @@ def load_term_ids(conn):
 
 
 class BM25:
-    """Okapi BM25 scored exactly like rank-bm25's BM25Okapi, over an in-memory copy of the postings.
+    """Okapi BM25 scored exactly like rank-bm25's BM25Okapi, kept up to date by replaying the change log.
 
-    SQLite holds the postings in the same transactions as the documents, so the engine can never
-    disagree with the store after a crash; this class only caches them as numpy arrays per term."""
+    The engine keeps what does not depend on the rest of the corpus: per term, the (chunk id, tf) postings
+    and the document frequency; per chunk, its length and whether it is live. IDF, the epsilon floor and
+    length normalisation are computed at query time for the query's terms only, so adding or removing a
+    chunk touches that chunk's postings and nothing else. Removed chunks are tombstones until the next
+    compaction (on save, or when a third of the postings are dead)."""
 
-    FORMAT = 1  # of the saved arrays; bump when save() changes
+    FORMAT = 2  # of the saved arrays; bump when save() changes
 
-    def __init__(self, conn, k1=1.2, b=0.75, epsilon=0.25):
-        self.k1, self.b, self.epsilon = float(k1), float(b), epsilon
-        lens = np.array([tuple(r) for r in conn.execute(
-            "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")],
-            dtype=np.int64).reshape(-1, 2)
-        self.n_docs = len(lens)
-        self.doc_len = np.zeros(int(lens[:, 0].max()) + 1 if self.n_docs else 1, dtype=np.float32)
+    def __init__(self, conn=None, k1=1.2, b=0.75, epsilon=0.25, seq=0):
+        """The engine over every active chunk in `conn` (read in one snapshot); empty without a conn."""
+        self.k1, self.b, self.epsilon, self.seq = float(k1), float(b), epsilon, int(seq)
+        self.term_ids = {}                                   # term -> term id (SQLite's)
+        self.df = np.zeros(1, dtype=np.int64)                # per term id: live chunks holding it
+        self.doc_len = np.zeros(1, dtype=np.float32)         # per chunk id
+        self.alive = np.zeros(1, dtype=bool)                 # per chunk id
+        self.n_docs, self.total_len = 0, 0.0
+        self._base = {}      # term id -> (start, end) into _ids/_tf: one compacted segment
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._tf = np.zeros(0, dtype=np.float32)
+        self._extra = {}     # term id -> [(ids, tf)] appended by replayed adds
+        self._n_post, self._n_dead = 0, 0
+        self._mean_idf = None
+        if conn is not None:
+            self._load_sql(conn)
+
+    # -- building and replaying
+
+    def _load_sql(self, conn):
+        from .changes import head
+
+        conn.execute("BEGIN")  # one snapshot: the arrays and the sequence number they match
+        try:
+            self.seq = head(conn)
+            lens = np.array([tuple(r) for r in conn.execute(
+                "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")],
+                dtype=np.int64).reshape(-1, 2)
+            rows = conn.execute("SELECT p.term_id, t.term, group_concat(p.chunk_id), group_concat(p.tf) FROM postings p "
+                                "JOIN terms t ON t.id=p.term_id GROUP BY p.term_id ORDER BY p.term_id").fetchall()
+        finally:
+            conn.execute("COMMIT")
+        self._grow_chunks(int(lens[:, 0].max()) if len(lens) else 0)
         self.doc_len[lens[:, 0]] = lens[:, 1]
-        self.avgdl = float(self.doc_len.sum() / self.n_docs) if self.n_docs else 1.0
-        # one row per term with its postings concatenated: far fewer Python objects than a row per posting
-        rows = conn.execute("SELECT t.term, COUNT(*), group_concat(p.chunk_id), group_concat(p.tf) FROM postings p "
-                            "JOIN terms t ON t.id=p.term_id GROUP BY p.term_id").fetchall()
-        self.idf, self.contrib = {}, {}
+        self.alive[lens[:, 0]] = True
+        self.n_docs, self.total_len = len(lens), float(lens[:, 1].sum())
         if rows:
-            terms = [r[0] for r in rows]
-            df = np.array([r[1] for r in rows], dtype=np.int64)
+            tids = np.array([r[0] for r in rows], dtype=np.int64)
+            counts = np.array([r[2].count(",") + 1 for r in rows], dtype=np.int64)
             ids = np.array(",".join(r[2] for r in rows).split(","), dtype=np.int64)
             tf = np.array(",".join(r[3] for r in rows).split(","), dtype=np.float32)
-            idf = np.log(self.n_docs - df + 0.5) - np.log(df + 0.5)
-            idf = np.where(idf >= 0, idf, self.epsilon * float(idf.mean()))  # rank-bm25's epsilon floor
-            norm = self.k1 * (1 - self.b + self.b * self.doc_len[ids] / self.avgdl)
-            # per-term BM25 contributions precomputed once: query time is a few numpy adds
-            c = (np.repeat(idf, df) * tf * (self.k1 + 1) / (tf + norm)).astype(np.float32)
-            self._set_terms(terms, idf, df, ids, c)
+            self.term_ids = {r[1]: r[0] for r in rows}
+            self._set_base(tids, counts, ids, tf)
 
-    def _set_terms(self, terms, idf, df, ids, contrib):
-        ends = np.cumsum(df).tolist()
-        starts = [0] + ends[:-1]
-        self.idf = dict(zip(terms, np.asarray(idf).tolist()))
-        self.contrib = {t: (ids[a:b], contrib[a:b]) for t, a, b in zip(terms, starts, ends)}
+    def _set_base(self, tids, counts, ids, tf):
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        self._ids, self._tf = ids, tf
+        self._base = dict(zip(tids.tolist(), zip(starts.tolist(), ends.tolist())))
+        self._extra = {}
+        self._grow_terms(int(tids.max()) if len(tids) else 0)
+        self.df[:] = 0
+        self.df[tids] = counts
+        self._n_post, self._n_dead = len(ids), 0
+        self._mean_idf = None
 
-    def save(self, path, manifest):
-        """Persist the arrays (temp file + rename, then the manifest), so a new process skips the SQL load."""
-        terms = list(self.contrib)
-        entries = [self.contrib[t] for t in terms]
-        manifest = dict(manifest, **self._params(), package_version=__version__, n_docs=self.n_docs, n_terms=len(terms))
-        tmp = _tmp_name(path)
-        with open(tmp, "wb") as f:
-            np.savez(f, manifest=np.frombuffer(json.dumps(manifest, sort_keys=True).encode("utf-8"), dtype=np.uint8),
-                     doc_len=self.doc_len,
-                     terms=np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8),
-                     idf=np.array([self.idf[t] for t in terms], dtype=np.float64),
-                     df=np.array([len(e[0]) for e in entries], dtype=np.int64),
-                     ids=np.concatenate([e[0] for e in entries]) if entries else np.zeros(0, np.int64),
-                     contrib=np.concatenate([e[1] for e in entries]) if entries else np.zeros(0, np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        write_json_atomic(path + ".manifest.json", manifest)
+    def _grow_chunks(self, top):
+        if top >= len(self.alive):
+            n = max(top + 1, 2 * len(self.alive))
+            self.alive = np.concatenate([self.alive, np.zeros(n - len(self.alive), dtype=bool)])
+            self.doc_len = np.concatenate([self.doc_len, np.zeros(n - len(self.doc_len), dtype=np.float32)])
 
-    def _params(self):
-        return {"format": self.FORMAT, "k1": self.k1, "b": self.b, "epsilon": self.epsilon}
+    def _grow_terms(self, top):
+        if top >= len(self.df):
+            self.df = np.concatenate([self.df, np.zeros(max(top + 1, 2 * len(self.df)) - len(self.df), np.int64)])
 
-    @classmethod
-    def load(cls, path, expect, k1=1.2, b=0.75, epsilon=0.25):
-        """The saved engine if its manifest matches `expect` (generation) and these parameters, else (None, why)."""
-        manifest, why = read_manifest(path, dict(expect, format=cls.FORMAT, k1=float(k1), b=float(b), epsilon=epsilon,
-                                                 package_version=__version__))
-        if manifest is None:
-            return None, why
-        obj = cls.__new__(cls)
-        obj.k1, obj.b, obj.epsilon = float(k1), float(b), epsilon
-        try:
-            with np.load(path) as z:
-                arrays = {k: z[k] for k in ("manifest", "doc_len", "terms", "idf", "df", "ids", "contrib")}
-            inner = json.loads(arrays["manifest"].tobytes().decode("utf-8"))
-        except Exception:
-            return None, "corrupt file"
-        if inner != manifest:  # two processes saving different generations at once: file and manifest differ
-            return None, "file and manifest from different saves"
-        terms = arrays["terms"].tobytes().decode("utf-8").split("\n") if len(arrays["terms"]) else []
-        if len(terms) != manifest.get("n_terms") or len(arrays["df"]) != len(terms) \
-                or int(arrays["df"].sum()) != len(arrays["ids"]) or len(arrays["ids"]) != len(arrays["contrib"]):
-            return None, "corrupt file (sizes differ from the manifest)"
-        obj.doc_len, obj.n_docs = arrays["doc_len"], int(manifest["n_docs"])
-        obj.avgdl = float(obj.doc_len.sum() / obj.n_docs) if obj.n_docs else 1.0
-        obj.idf, obj.contrib = {}, {}
-        if terms:
-            obj._set_terms(terms, arrays["idf"], arrays["df"], arrays["ids"], arrays["contrib"])
-        return obj, "ok"
+    def add(self, conn, chunk_ids):
+        """Make chunks live from their rows in the store (only those of active documents, not yet live)."""
+        from .changes import active_rows
+
+        ids = [int(c) for c in chunk_ids if int(c) >= len(self.alive) or not self.alive[int(c)]]
+        if not ids:
+            return
+        lens = active_rows(conn, "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                 "WHERE d.status='active' AND c.id IN", ids)
+        if not lens:
+            return
+        live = np.array([tuple(r) for r in lens], dtype=np.int64)
+        self._grow_chunks(int(live[:, 0].max()))
+        self.doc_len[live[:, 0]] = live[:, 1]
+        self.alive[live[:, 0]] = True
+        self.n_docs += len(live)
+        self.total_len += float(live[:, 1].sum())
+        post = active_rows(conn, "SELECT p.term_id, t.term, p.chunk_id, p.tf FROM postings p JOIN terms t "
+                                 "ON t.id=p.term_id WHERE p.chunk_id IN", live[:, 0].tolist())
+        by_term = {}
+        for tid, term, cid, tf in post:
+            self.term_ids[term] = tid
+            by_term.setdefault(tid, ([], []))
+            by_term[tid][0].append(cid)
+            by_term[tid][1].append(tf)
+        if by_term:
+            self._grow_terms(max(by_term))
+        for tid, (cids, tfs) in by_term.items():
+            self._extra.setdefault(tid, []).append((np.array(cids, dtype=np.int64), np.array(tfs, dtype=np.float32)))
+            self.df[tid] += len(cids)
+            self._n_post += len(cids)
+        self._mean_idf = None
+
+    def remove(self, chunk_ids, postings):
+        """Tombstone live chunks; `postings` ((term id, chunk id, tf) rows, from the change log) say which
+        document frequencies fall."""
+        ids = np.asarray(chunk_ids, dtype=np.int64)
+        ids = ids[(ids < len(self.alive))]
+        ids = ids[self.alive[ids]] if len(ids) else ids
+        if not len(ids):
+            return
+        gone = np.zeros(len(self.alive), dtype=bool)
+        gone[ids] = True
+        rows = np.asarray(postings, dtype=np.int64).reshape(-1, 3)
+        rows = rows[(rows[:, 1] < len(gone))]
+        rows = rows[gone[rows[:, 1]]]
+        np.subtract.at(self.df, rows[:, 0], 1)
+        self.alive[ids] = False
+        self.n_docs -= len(ids)
+        self.total_len -= float(self.doc_len[ids].sum())
+        self._n_dead += len(rows)
+        self._mean_idf = None
+        if self._n_dead * 3 > self._n_post:
+            self.compact()
+
+    def compact(self):
+        """Merge the appended segments into one and drop the postings of removed chunks."""
+        tids, counts, ids, tfs = [], [], [], []
+        for tid in sorted(set(self._base) | set(self._extra)):
+            a, t = self._postings(tid)
+            keep = self.alive[a]
+            if keep.any():
+                tids.append(tid)
+                counts.append(int(keep.sum()))
+                ids.append(a[keep])
+                tfs.append(t[keep])
+        self._set_base(np.array(tids, dtype=np.int64), np.array(counts, dtype=np.int64),
+                       np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                       np.concatenate(tfs) if tfs else np.zeros(0, np.float32))
+
+    # -- scoring
+
+    def _postings(self, tid):
+        parts = []
+        if tid in self._base:
+            a, b = self._base[tid]
+            parts.append((self._ids[a:b], self._tf[a:b]))
+        parts += self._extra.get(tid, [])
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def idf(self, tid):
+        """rank-bm25's IDF: log((N - df + 0.5) / (df + 0.5)), and epsilon x the mean IDF where negative."""
+        df = float(self.df[tid])
+        raw = np.log(self.n_docs - df + 0.5) - np.log(df + 0.5)
+        if raw >= 0:
+            return float(raw)
+        if self._mean_idf is None:  # the mean over the vocabulary: once per change, not per query
+            d = self.df[self.df > 0].astype(np.float64)
+            self._mean_idf = float((np.log(self.n_docs - d + 0.5) - np.log(d + 0.5)).mean()) if len(d) else 0.0
+        return self.epsilon * self._mean_idf
+
+    @property
+    def avgdl(self):
+        return self.total_len / self.n_docs if self.n_docs else 1.0
 
     def search(self, query, n, allowed=None):
         """Top-n (chunk ids, scores) for a query string; `allowed` is a boolean mask over chunk ids."""
-        scores = np.zeros(len(self.doc_len), dtype=np.float32)
+        scores = np.zeros(len(self.doc_len), dtype=np.float64)
         matched = np.zeros(len(self.doc_len), dtype=bool)  # a term with idf 0 (tiny corpora) still matches
+        k1, b, avgdl = self.k1, self.b, self.avgdl
         for term in bm25_tokens(query):
-            entry = self.contrib.get(term)
-            if entry is not None:
-                scores[entry[0]] += entry[1]
-                matched[entry[0]] = True
+            tid = self.term_ids.get(term)
+            if tid is None or tid >= len(self.df) or self.df[tid] <= 0:
+                continue
+            ids, tf = self._postings(tid)
+            live = self.alive[ids]
+            ids, tf = ids[live], tf[live].astype(np.float64)
+            norm = k1 * (1 - b + b * self.doc_len[ids] / avgdl)
+            scores[ids] += self.idf(tid) * tf * (k1 + 1) / (tf + norm)
+            matched[ids] = True
         if allowed is not None:
             m = min(len(allowed), len(matched))
             matched[:m] &= allowed[:m]
@@ -287,4 +382,53 @@ class BM25:
             cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
         order = np.lexsort((cand, -scores[cand]))
         cand = cand[order]
-        return cand.astype(np.int64), scores[cand]
+        return cand.astype(np.int64), scores[cand].astype(np.float32)
+
+    # -- files
+
+    def save(self, path, manifest):
+        """Persist the compacted arrays (temp file + rename, then the manifest) with the sequence they match."""
+        self.compact()
+        tids = np.array(sorted(self._base), dtype=np.int64)
+        bounds = np.array([self._base[t] for t in tids.tolist()], dtype=np.int64).reshape(-1, 2)
+        by_id = {v: k for k, v in self.term_ids.items()}
+        terms = [by_id.get(t, "") for t in tids.tolist()]
+        manifest = dict(manifest, format=self.FORMAT, seq=self.seq, package_version=__version__,
+                        n_docs=self.n_docs, n_terms=len(terms))
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            np.savez(f, manifest=np.frombuffer(json.dumps(manifest, sort_keys=True).encode("utf-8"), dtype=np.uint8),
+                     doc_len=self.doc_len, alive=self.alive,
+                     terms=np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8),
+                     tids=tids, counts=bounds[:, 1] - bounds[:, 0], ids=self._ids, tf=self._tf)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        write_json_atomic(path + ".manifest.json", manifest)
+
+    @classmethod
+    def load(cls, path, expect, k1=1.2, b=0.75, epsilon=0.25):
+        """The saved engine if its manifest matches `expect` (the KB it belongs to), else (None, why)."""
+        manifest, why = read_manifest(path, dict(expect, format=cls.FORMAT, package_version=__version__))
+        if manifest is None:
+            return None, why
+        obj = cls(None, k1, b, epsilon, seq=int(manifest.get("seq", -1)))
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in ("manifest", "doc_len", "alive", "terms", "tids", "counts", "ids", "tf")}
+            inner = json.loads(arrays["manifest"].tobytes().decode("utf-8"))
+        except Exception:
+            return None, "corrupt file"
+        if inner != manifest:  # two processes saving at once: file and manifest differ
+            return None, "file and manifest from different saves"
+        terms = arrays["terms"].tobytes().decode("utf-8").split("\n") if len(arrays["terms"]) else []
+        if len(terms) != manifest.get("n_terms") or len(arrays["tids"]) != len(terms) \
+                or int(arrays["counts"].sum()) != len(arrays["ids"]) or len(arrays["ids"]) != len(arrays["tf"]) \
+                or int(arrays["alive"].sum()) != manifest.get("n_docs"):
+            return None, "corrupt file (sizes differ from the manifest)"
+        obj.doc_len, obj.alive = arrays["doc_len"].astype(np.float32), arrays["alive"].astype(bool)
+        obj.n_docs, obj.total_len = int(manifest["n_docs"]), float(obj.doc_len[obj.alive].sum())
+        obj._set_base(arrays["tids"].astype(np.int64), arrays["counts"].astype(np.int64),
+                      arrays["ids"].astype(np.int64), arrays["tf"].astype(np.float32))
+        obj.term_ids = dict(zip(terms, arrays["tids"].tolist()))
+        return obj, "ok"

@@ -15,7 +15,9 @@ from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, WbragError, storage_error
-from .index import BM25, DenseIndex, delete_postings, load_term_ids, write_postings
+from .changes import Change, record
+from .index import BM25, DenseIndex, load_term_ids, write_postings
+from .indexes import Indexes
 from .loaders import IngestReport, Problem, Record, _field_record, read_paths  # noqa: F401  (re-exported)
 from .progress import progress as _progress
 from .text import chunk_text, content_hash, count_tokens, normalize_id
@@ -79,9 +81,8 @@ class KnowledgeBase:
         self._conns = store.Connections(self.db_path)
         self._lock = threading.RLock()
         self._embedder = embedder
-        self._dense, self._dense_gen = None, None
-        self._bm25, self._bm25_gen = None, None
         self._notify = notify or _stderr
+        self._indexes = Indexes(self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify)
         self._llm = None
         self._term_ids = None  # terms are append-only: one dict serves every write
         self._units, self._units_gen = frozenset(), None
@@ -188,6 +189,12 @@ class KnowledgeBase:
             raise storage_error(e, path) from None
 
     def close(self):
+        """Save any index file that has fallen far behind the log, then close the connections."""
+        if not getattr(self, "_closed", False):
+            try:
+                self._indexes.save_if_due(self.conn)
+            except (sqlite3.Error, OSError):
+                pass  # read-only or damaged: the files are only caches of the store
         self._closed = True
         self._conns.close()
 
@@ -218,94 +225,31 @@ class KnowledgeBase:
     def model_id(self):
         return store.get_meta(self.conn, "model_id")
 
-    # ---- indexes -----------------------------------------------------------------------
+    # ---- indexes (owned by indexes.Indexes; writers commit Changes, searches catch up) ----------------
 
-    def _dense_expect(self, gen):
-        return {"model_id": self.model_id, "generation": gen, "kind": self.config["dense"]["index"]}
+    def _identity(self):
+        """What a saved index file must match: this KB (not a copy made before it changed) and its model."""
+        conn = self.conn
+        return {"model_id": store.get_meta(conn, "model_id"), "kb_created": store.get_meta(conn, "created")}
 
-    def _active_embeddings(self, conn):
-        """(ids, vectors) of every indexed chunk, from the stored float32 blobs."""
-        ids, vecs = [], []
-        for cid, blob in conn.execute("SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                      "WHERE d.status='active' ORDER BY c.id"):
-            ids.append(cid)
-            vecs.append(blob)
-        if not ids:
-            return np.zeros(0, dtype=np.int64), None
-        dim = len(vecs[0]) // 4
-        arr = np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), dim)
-        return np.asarray(ids, dtype=np.int64), arr
-
-    def _build_dense(self, conn):
-        ids, vecs = self._active_embeddings(conn)
-        dim = vecs.shape[1] if vecs is not None else int(store.get_meta(conn, "dim", 0) or 0) or self.embedder.dim
-        d = DenseIndex(dim, self.config["dense"]["index"], self.config["dense"]["hnsw_m"])
-        if len(ids):
-            d.add(ids, vecs)
-        return d
+    def _dim(self):
+        return int(store.get_meta(self.conn, "dim", 0) or 0) or self.embedder.dim
 
     def _ensure_indexes(self, need_dense=True, need_bm25=True):
-        """Bring the in-memory indexes up to the DB generation: load the saved FAISS file when its
-        manifest matches, else rebuild from stored embeddings (no re-embedding) with a notice."""
-        gen = self.generation
-        if (not need_bm25 or self._bm25_gen == gen) and (not need_dense or self._dense_gen == gen):
-            return
-        with self._lock:
-            gen = self.generation
-            if need_dense and self._dense_gen != gen:
-                dense, why = DenseIndex.load(self.dense_path, self._dense_expect(gen))
-                if dense is None:
-                    if why != "missing" or gen > 0:
-                        self._notify(f"dense index {why}; rebuilding from stored embeddings")
-                    dense = self._build_dense(self.conn)
-                    try:
-                        dense.save(self.dense_path, self._dense_expect(gen))
-                    except OSError as e:
-                        self._notify(f"cannot save rebuilt dense index ({e.strerror}); using it in memory")
-                self._dense, self._dense_gen = dense, gen
-            if need_bm25 and self._bm25_gen != gen:
-                self._bm25, self._bm25_gen = self._load_bm25(gen), gen
+        """Bring the asked-for indexes to the newest commit (a replay of the change log)."""
+        self._indexes.catch_up(self.conn, dense=need_dense, bm25=need_bm25)
 
-    def _load_bm25(self, gen):
-        """The saved BM25 arrays when their manifest matches this KB and generation, else a load from the
-        postings in SQLite (seconds per 100k chunks), saved for the next process."""
-        b = self.config["bm25"]
-        expect = {"generation": gen, "kb_created": store.get_meta(self.conn, "created")}
-        engine, why = BM25.load(self.bm25_path, expect, b["k1"], b["b"])
-        if engine is not None:
-            return engine
-        engine = BM25(self.conn, b["k1"], b["b"])
-        if self.generation == gen:  # a write by another process during the load: do not label it with gen
-            try:
-                engine.save(self.bm25_path, expect)
-            except OSError as e:
-                self._notify(f"cannot save the BM25 cache ({e.strerror}); it is rebuilt from SQLite on open")
-        return engine
+    @property
+    def _dense(self):
+        return self._indexes.dense
 
-    def _save_dense(self):
-        gen = self.generation
-        if self._dense is None or self._dense_gen != gen:
-            self._dense, self._dense_gen = None, None
-            self._ensure_indexes(need_bm25=False)
-        else:
-            self._dense.save(self.dense_path, self._dense_expect(gen))
+    @property
+    def _bm25(self):
+        return self._indexes.bm25
 
-    def _apply_dense(self, gen, add_ids=(), add_vecs=None, remove_ids=()):
-        """Mirror a committed change in the in-memory FAISS index (HNSW cannot remove: rebuild later).
-
-        Generations are numbered one per commit, inside the write transaction, so a change committed as
-        `gen` follows the index only when the index is at gen - 1. Otherwise another process committed in
-        between: its chunks are not here, and the index is dropped (rebuilt from the store when next
-        needed) rather than labelled current while missing them."""
-        d = self._dense
-        if d is None or self._dense_gen is None or self._dense_gen != gen - 1 \
-                or (len(remove_ids) and not d.can_remove):
-            self._dense, self._dense_gen = None, None
-            return
-        d.remove(list(remove_ids))
-        if len(add_ids):
-            d.add(list(add_ids), add_vecs)
-        self._dense_gen = gen
+    def _commit(self, conn, change):
+        """Record `change` in the log inside the caller's transaction; returns its sequence number."""
+        return record(conn, change)
 
     @_storage_guard
     def reindex(self, re_embed=False, show_progress=False):
@@ -324,7 +268,6 @@ class KnowledgeBase:
                 with store.transaction(conn):
                     store.set_meta(conn, "model_id", emb.model_id)
                     store.set_meta(conn, "dim", emb.dim)
-                    store.bump_generation(conn)
                 cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
             with store.transaction(conn):
                 conn.execute("DELETE FROM postings")
@@ -333,12 +276,13 @@ class KnowledgeBase:
                                       "WHERE d.status='active'").fetchall():
                     n = write_postings(conn, term_ids, r["id"], _index_text(r["title"], r["text"]))
                     conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, r["id"]))
-                gen = store.bump_generation(conn)
-            self._dense = self._build_dense(conn)
-            self._dense_gen = gen
-            self._dense.save(self.dense_path, self._dense_expect(gen))
-            self._bm25_gen = None
-            return {"chunks": self._dense.count, "generation": gen}
+                change = Change()
+                change.rebuild_all()
+                gen = self._commit(conn, change)
+            self._indexes.reset()
+            self._indexes.catch_up(conn)
+            self._indexes.save_if_due(conn, force=True)
+            return {"chunks": self._indexes.dense.count, "generation": gen}
 
     @_storage_guard
     def check(self, sample=200, seed=0):
@@ -349,36 +293,46 @@ class KnowledgeBase:
         how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
         conn = self.conn
         problems, notes = [], []
-        gen = self.generation
-        active = np.array([r[0] for r in conn.execute(
-            "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' ORDER BY c.id")],
-            dtype=np.int64)
-        repair = "repair with: reindex (CLI: wbrag reindex)"
-        counts = {"generation": gen, "active_chunks": int(len(active))}
-        dense, why = DenseIndex.load(self.dense_path, self._dense_expect(gen))
-        if dense is None:
-            (notes if why == "missing" or why.startswith("stale") else problems).append(
-                f"dense index file: {why}; it is rebuilt from the stored embeddings on next use")
-        else:
-            import faiss
-
-            ids = faiss.vector_to_array(dense.index.id_map).astype(np.int64)
-            counts["dense_vectors"] = int(len(ids))
-            missing, extra = np.setdiff1d(active, ids), np.setdiff1d(ids, active)
-            if len(missing) or len(extra):
-                problems.append(f"dense index claims generation {gen} but lacks {len(missing)} active chunks "
-                                f"and holds {len(extra)} others (e.g. {(missing.tolist() + extra.tolist())[:5]}); "
-                                + repair)
-            rng = np.random.default_rng(seed)
-            some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
-            bad = 0
-            for cid in np.intersect1d(some, ids).tolist():
-                blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
-                if not np.allclose(dense.index.reconstruct(cid), np.frombuffer(blob, dtype=np.float32), atol=1e-5):
-                    bad += 1
-            if bad:
-                problems.append(f"dense index: {bad} of {min(sample, len(active))} sampled vectors differ from the "
-                                "stored embeddings; " + repair)
+        with self._indexes.lock:
+            # the saved files first, as found; then this process's indexes, after replaying the log (the
+            # replay itself is under test)
+            saved, why = DenseIndex.load(self.dense_path, self._indexes._dense_expect())
+            b = self.config["bm25"]
+            e2, why2 = BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
+            for _ in range(5):  # the records in one snapshot at the sequence the indexes reached
+                self._indexes.catch_up(conn)
+                conn.execute("BEGIN")
+                try:
+                    gen = self.generation
+                    active = np.array([r[0] for r in conn.execute(
+                        "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
+                        "ORDER BY c.id")], dtype=np.int64)
+                finally:
+                    conn.execute("COMMIT")
+                if gen == self._indexes.dense.seq == self._indexes.bm25.seq:
+                    break
+            repair = "repair with: reindex (CLI: wbrag reindex)"
+            counts = {"generation": gen, "active_chunks": int(len(active))}
+            if saved is None and why != "missing":
+                problems.append(f"dense index file: {why}; it is rebuilt from the stored embeddings on next use")
+            elif saved is not None and saved.seq != gen:
+                notes.append(f"dense index file is at change {saved.seq}, the KB at {gen}: the tail is replayed on open")
+            for label, dense in (("in memory", self._indexes.dense), ("file", saved if saved is not None and
+                                                                       saved.seq == gen else None)):
+                if dense is None:
+                    continue
+                problems += self._check_dense(conn, dense, active, label, sample, seed, repair)
+                counts["dense_vectors" if label == "in memory" else "dense_file_vectors"] = int(dense.count)
+            engine = self._indexes.bm25
+            alive = np.flatnonzero(engine.alive)
+            counts["bm25_chunks"] = int(engine.n_docs)
+            if engine.n_docs != len(active) or not np.array_equal(alive, active):
+                problems.append(f"BM25 engine at change {engine.seq} covers {engine.n_docs} chunks, not the "
+                                f"{len(active)} active ones; " + repair)
+            if e2 is None and why2 != "missing":
+                problems.append(f"BM25 arrays file: {why2}; it is rebuilt from the postings on next use")
+            elif e2 is not None and e2.seq == gen and not np.array_equal(np.flatnonzero(e2.alive), active):
+                problems.append(f"BM25 arrays file claims change {gen} but covers other chunks; " + repair)
         inactive = conn.execute("SELECT COUNT(DISTINCT p.chunk_id) FROM postings p LEFT JOIN chunks c ON c.id=p.chunk_id "
                                 "LEFT JOIN documents d ON d.id=c.doc_id WHERE d.status IS NOT 'active'").fetchone()[0]
         unposted = conn.execute("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
@@ -388,20 +342,34 @@ class KnowledgeBase:
         if inactive or unposted:
             problems.append(f"BM25 postings: {inactive} chunks indexed that are not active, {unposted} active "
                             "chunks not indexed; " + repair)
-        b = self.config["bm25"]
-        engine, why = BM25.load(self.bm25_path, {"generation": gen, "kb_created": store.get_meta(conn, "created")},
-                                b["k1"], b["b"])
-        if engine is None:
-            (notes if why == "missing" or why.startswith("stale") else problems).append(
-                f"BM25 arrays file: {why}; it is rebuilt from the postings on next use")
-        elif engine.n_docs != len(active):
-            problems.append(f"BM25 arrays file claims generation {gen} but covers {engine.n_docs} chunks, not "
-                            f"{len(active)}; " + repair)
         orphans = conn.execute("SELECT COUNT(*) FROM documents d WHERE d.kind='unit' AND NOT EXISTS "
                                "(SELECT 1 FROM units u WHERE u.id=d.id)").fetchone()[0]
         if orphans:
             problems.append(f"{orphans} knowledge units have no provenance record; roll back their run")
         return {"ok": not problems, "problems": problems, "notes": notes, "counts": counts}
+
+    @staticmethod
+    def _check_dense(conn, dense, active, label, sample, seed, repair):
+        import faiss
+
+        out = []
+        ids = faiss.vector_to_array(dense.index.id_map).astype(np.int64)
+        missing, extra = np.setdiff1d(active, ids), np.setdiff1d(ids, active)
+        if len(missing) or len(extra) or len(ids) != len(np.unique(ids)):
+            out.append(f"dense index ({label}) at change {dense.seq} lacks {len(missing)} active chunks and holds "
+                       f"{len(extra) + len(ids) - len(np.unique(ids))} others (e.g. "
+                       f"{(missing.tolist() + extra.tolist())[:5]}); " + repair)
+        rng = np.random.default_rng(seed)
+        some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
+        bad = 0
+        for cid in np.intersect1d(some, ids).tolist():
+            blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+            if not np.allclose(dense.index.reconstruct(cid), np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+                bad += 1
+        if bad:
+            out.append(f"dense index ({label}): {bad} of {len(some)} sampled vectors differ from the stored "
+                       "embeddings; " + repair)
+        return out
 
     # ---- writing documents -------------------------------------------------------------
 
@@ -435,7 +403,6 @@ class KnowledgeBase:
             yield from read_paths(paths, fields, max_bytes, stdin=stdin)
 
         with self._lock:
-            self._ensure_indexes(need_bm25=False)  # writing needs the dense index in memory, not BM25
             conn = self.conn
             seen, pending, pending_chunks = {}, [], 0
             ready, ready_texts, ready_vecs, last_commit = [], [], [], time.monotonic()
@@ -493,7 +460,7 @@ class KnowledgeBase:
             if ready:
                 commit_ready()
             bar.close()
-            self._save_dense()
+            self._indexes.save_if_due(conn)  # a big ingest leaves files the next process loads, not rebuilds
         return report
 
     def _embed(self, pending):
@@ -506,22 +473,20 @@ class KnowledgeBase:
         emb = self.embedder
         texts, vecs = embedded if embedded is not None else self._embed(pending)
         conn = self.conn
-        added, removed = [], []  # (chunk id, row in vecs); documents found unchanged in the transaction add none
+        change = Change()
         try:
-            gen = self._write_batch(conn, pending, report, kind, texts, vecs, emb, added, removed)
+            self._write_batch(conn, pending, report, kind, texts, vecs, emb, change)
         except BaseException:
             self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
             raise
-        add_ids = [cid for cid, _ in added]
-        self._apply_dense(gen, add_ids, vecs[[i for _, i in added]] if added else None, removed)
-        return add_ids
+        return change.added
 
     def _terms(self, conn):
         if self._term_ids is None:
             self._term_ids = load_term_ids(conn)
         return self._term_ids
 
-    def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, add_ids, removed):
+    def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, change):
         t = time.time()
         with store.transaction(conn):
             term_ids = self._terms(conn)
@@ -537,9 +502,9 @@ class KnowledgeBase:
                     continue
                 if exists:
                     old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
-                    delete_postings(conn, old)
+                    change.remove(conn, old)
                     conn.execute("DELETE FROM chunks WHERE doc_id=?", (rec.id,))
-                    removed += old + self._on_source_changed(conn, rec.id)
+                    self._on_source_changed(conn, rec.id, change)
                 conn.execute(
                     "INSERT INTO documents(id, kind, title, text, source, meta, hash, status, created, updated) "
                     "VALUES (?,?,?,?,?,?,?, 'active', ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
@@ -553,7 +518,7 @@ class KnowledgeBase:
                     cid = cur.lastrowid
                     n = write_postings(conn, term_ids, cid, texts[i])
                     conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, cid))
-                    add_ids.append((cid, i))
+                    change.add([cid])
                     i += 1
                 if exists:
                     report.updated += 1
@@ -564,57 +529,52 @@ class KnowledgeBase:
                     conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
                                  "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
             store.set_meta(conn, "dim", emb.dim)
-            return store.bump_generation(conn)
+            return self._commit(conn, change)
 
-    def _on_source_changed(self, conn, doc_id):
+    def _on_source_changed(self, conn, doc_id, change):
         """Units distilled from a changed or deleted source go stale (hook filled in by write-back)."""
         from .writeback import mark_stale_units
 
-        return mark_stale_units(self, conn, doc_id)
+        mark_stale_units(self, conn, doc_id, change)
 
     @_storage_guard
     def delete(self, ids):
         """Remove documents (and their chunks, postings, vectors) everywhere; returns how many existed."""
         ids = [normalize_id(i) for i in ([ids] if isinstance(ids, str) else list(ids))]
         with self._lock:
-            self._ensure_indexes(need_bm25=False)
             conn = self.conn
-            removed, n = [], 0
+            change, n = Change(), 0
             with store.transaction(conn):
                 for doc_id in ids:
                     if not conn.execute("SELECT 1 FROM documents WHERE id=?", (doc_id,)).fetchone():
                         continue
                     old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))]
-                    delete_postings(conn, old)
-                    removed += old + self._on_source_changed(conn, doc_id)
+                    change.remove(conn, old)
+                    self._on_source_changed(conn, doc_id, change)
                     conn.execute("DELETE FROM units WHERE id=?", (doc_id,))
                     conn.execute("DELETE FROM chunks WHERE doc_id=?", (doc_id,))
                     conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))
                     n += 1
-                gen = store.bump_generation(conn)
-            self._apply_dense(gen, remove_ids=removed)
-            self._save_dense()
+                if change:
+                    self._commit(conn, change)
+            self._indexes.save_if_due(conn)
         return n
 
-    def set_status(self, conn, doc_id, status):
-        """Take a document's chunks out of (or back into) both indexes, inside the caller's transaction.
-
-        Returns (add_ids, add_vecs, remove_ids) for _apply_dense once the transaction has committed."""
+    def set_status(self, conn, doc_id, status, change):
+        """Take a document's chunks out of (or back into) both indexes inside the caller's transaction;
+        the caller records `change` in the same transaction."""
         cur = conn.execute("SELECT status, title FROM documents WHERE id=?", (doc_id,)).fetchone()
         if cur is None or cur["status"] == status:
-            return [], None, []
-        rows = conn.execute("SELECT id, text, embedding FROM chunks WHERE doc_id=?", (doc_id,)).fetchall()
+            return
+        rows = conn.execute("SELECT id, text FROM chunks WHERE doc_id=?", (doc_id,)).fetchall()
         conn.execute("UPDATE documents SET status=?, updated=? WHERE id=?", (status, time.time(), doc_id))
         if status == "active":
             term_ids = {}  # looked up as needed: the caller's transaction may still roll back
             for r in rows:
                 write_postings(conn, term_ids, r["id"], _index_text(cur["title"], r["text"]))
-            vecs = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows]) if rows else None
-            return [r["id"] for r in rows], vecs, []
-        if cur["status"] == "active":
-            delete_postings(conn, [r["id"] for r in rows])
-            return [], None, [r["id"] for r in rows]
-        return [], None, []
+            change.add([r["id"] for r in rows])
+        elif cur["status"] == "active":
+            change.remove(conn, [r["id"] for r in rows])
 
     # ---- reading -----------------------------------------------------------------------
 
@@ -693,6 +653,10 @@ class KnowledgeBase:
     def _candidates(self, query, qv, mode, allowed, n):
         """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `allowed`."""
         bm, dn = {}, {}
+        with self._indexes.lock:  # a replay in another thread never runs under a search
+            return self._candidates_locked(query, qv, mode, allowed, n, bm, dn)
+
+    def _candidates_locked(self, query, qv, mode, allowed, n, bm, dn):
         if mode in ("bm25", "hybrid"):
             mask = None
             if allowed is not None:

@@ -115,6 +115,20 @@ MIGRATIONS = [
     """
     CREATE INDEX units_sources ON units(source_doc_ids);
     """,
+    # 4: the change log (changes.py): chunks added and removed per commit, in commit order; derived
+    #    indexes replay it from the sequence number they have applied. Numbering goes on from the
+    #    generation counter that came before it.
+    """
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        added BLOB NOT NULL,                      -- int64 chunk ids
+        removed BLOB NOT NULL,                    -- int64 chunk ids
+        removed_postings BLOB NOT NULL,           -- int64 (term_id, chunk_id, tf) rows of removed chunks
+        reset INTEGER NOT NULL DEFAULT 0          -- 1: rebuild every index (reindex)
+    );
+    INSERT INTO changes(seq, added, removed, removed_postings, reset)
+        SELECT CAST(value AS INTEGER), x'', x'', x'', 1 FROM meta WHERE key='generation' AND CAST(value AS INTEGER) > 0;
+    """,
 ]
 
 

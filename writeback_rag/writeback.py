@@ -9,6 +9,7 @@ import uuid
 from collections import defaultdict
 
 from . import store
+from .changes import Change, record
 from .errors import LLMError, LockBusy
 from .loaders import IngestReport, Record
 from .progress import progress as _progress
@@ -27,7 +28,12 @@ def extractive(kb, query, answers, docs):
     w = kb.config["writeback"]
     budget = int(w["budget_tokens"])
     qtok = set(bm25_tokens(query))
-    idf = kb._bm25.idf if kb._bm25 is not None else {}
+    engine = kb._bm25
+
+    def idf(t):
+        tid = engine.term_ids.get(t) if engine is not None else None
+        return engine.idf(tid) if tid is not None and engine.df[tid] > 0 else 1.0
+
     scored = []
     seen = set()
     for di, d in enumerate(docs):
@@ -36,7 +42,7 @@ def extractive(kb, query, answers, docs):
             if not key or key in seen:
                 continue
             seen.add(key)
-            overlap = sum(idf.get(t, 1.0) for t in qtok & set(bm25_tokens(s)))
+            overlap = sum(idf(t) for t in qtok & set(bm25_tokens(s)))
             bonus = 100.0 if answers and contains_answer(s, answers) else 0.0
             scored.append((bonus + overlap, di, si, s))
     chosen, used = [], 0
@@ -115,17 +121,14 @@ def faithful(text, docs, threshold):
 # ---- staleness, lock, rollback --------------------------------------------------------------
 
 
-def mark_stale_units(kb, conn, doc_id):
-    """Units drawn from a changed or deleted source stop being returned; returns their chunk ids."""
-    removed = []
+def mark_stale_units(kb, conn, doc_id, change):
+    """Units drawn from a changed or deleted source stop being returned (recorded in `change`)."""
     needle = json.dumps(doc_id)  # instr, not LIKE: ids of any length, and '%' or '_' in an id match only itself
     for unit_id, sources in conn.execute("SELECT u.id, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
                                          "WHERE d.status='active' AND instr(u.source_doc_ids, ?) > 0",
                                          (needle,)).fetchall():
         if doc_id in json.loads(sources):  # instr narrows; the JSON list decides
-            _, _, rem = kb.set_status(conn, unit_id, "stale")
-            removed += rem
-    return removed
+            kb.set_status(conn, unit_id, "stale", change)
 
 
 class Lock:
@@ -158,27 +161,21 @@ def rollback(kb, run_id):
     """Remove a run's units from the database and both indexes; its feedback stays consumed."""
     conn = kb.conn
     with kb._lock:
-        kb._ensure_indexes()
         run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None:
             from .errors import InputError
             raise InputError(f"unknown run {run_id!r}", cli=f"list runs with: wbrag runs --kb {kb.path}",
                              api="list runs with writeback.list_runs(kb)")
         units = [r[0] for r in conn.execute("SELECT id FROM units WHERE run_id=?", (run_id,))]
-        removed = []
+        change = Change()
         with store.transaction(conn):
             for u in units:
-                old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (u,))]
-                from .index import delete_postings
-                delete_postings(conn, old)
-                removed += old
+                change.remove(conn, [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (u,))])
                 conn.execute("DELETE FROM units WHERE id=?", (u,))
                 conn.execute("DELETE FROM chunks WHERE doc_id=?", (u,))
                 conn.execute("DELETE FROM documents WHERE id=?", (u,))
             conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
-            gen = store.bump_generation(conn)
-        kb._apply_dense(gen, remove_ids=removed)
-        kb._save_dense()
+            record(conn, change)
     return len(units)
 
 
@@ -244,7 +241,7 @@ def _run(kb, distiller, dry_run, show_progress):
         with store.transaction(conn):
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
                          (time.time(), top, json.dumps(counts), run_id))
-        kb._save_dense()
+        kb._indexes.save_if_due(conn)
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
             "units": written, **counts}
 
@@ -349,9 +346,9 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
         if not dry_run:
             with kb._lock:
                 with store.transaction(conn):
-                    add, vecs, rem = kb.set_status(conn, existing["id"], "active")
-                    gen = store.bump_generation(conn)
-                kb._apply_dense(gen, add, vecs, rem)
+                    change = Change()
+                    kb.set_status(conn, existing["id"], "active", change)
+                    record(conn, change)
             _merge(conn, existing["id"], qid, plan["feedback_ids"])
         return {"unit_id": existing["id"], "revived": True}
     if existing is not None:  # a retired unit is not resurrected by the same evidence
