@@ -359,9 +359,8 @@ def test_beir_folder_missing_or_bad_queries(tmp_path, small):
 
 
 def test_max_units_caps_unit_slots(small):
-    for q in ["In which town was the Calder foundry?", "Which town had the Calder foundry?",
-              "When did the Calder foundry close?"]:
-        labelled(small, q, ["Marrowick", "1931"])
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    labelled(small, "Which foundry made the lens of Grey Heron Light?", ["Calder foundry"])
     small.writeback()
     assert len(list_units(small)) >= 2
     free = small.search("Calder foundry town Marrowick", k=5, max_units=-1, log=False).hits
@@ -400,3 +399,52 @@ def test_dense_queries_never_load_bm25(small):
     assert any(h.kind == "unit" for h in hits) and any(h.kind == "source" for h in hits)
     assert kb._bm25 is None and not os.path.exists(kb.bm25_path)
     assert kb.search("Calder foundry town", k=5, mode="bm25", log=False).hits and kb._bm25 is not None
+
+
+def _night(path):
+    """The records a write-back night leaves: units (with provenance) and the gate decisions of its run."""
+    k = KnowledgeBase.open(path, notify=lambda m: None)
+    done = [r["id"] for r in list_runs(k) if r["status"] == "done"]
+    assert len(done) == 1
+    units = list_units(k)
+    assert all(u["run_id"] == done[0] for u in units)  # the resumed run owns the whole night's units
+    out = ({(u["id"], u["title"], u["text"], u["status"], tuple(u["source_doc_ids"]), tuple(u["query_ids"]),
+             tuple(u["feedback_ids"])) for u in units},
+           sorted(tuple(r) for r in k.conn.execute(
+               "SELECT query_id, gate, doc_id, passed, reason FROM gate_decisions WHERE run_id=?", (done[0],))))
+    assert k.check()["ok"]
+    k.close()
+    return out
+
+
+@pytest.mark.parametrize("kill_after_units", [0, 3, 20])
+def test_resumed_night_equals_an_uninterrupted_one(tmp_path, corpus_kb, kill_after_units):
+    """kill -9 at several points of a write-back run; the resumed run ends with exactly the units, provenance
+    and gate decisions of a run that was never interrupted (run on a copy of the same KB)."""
+    import shutil
+
+    kb = corpus_kb
+    kb.label(QUESTIONS, split="train")
+    kb.close()
+    twin = str(tmp_path / "twin")
+    shutil.copytree(kb.path, twin)
+    KnowledgeBase.open(twin, notify=lambda m: None).writeback()
+    script = write(tmp_path / "slow.py", SLOW_RUN)
+    proc = subprocess.Popen([sys.executable, script, kb.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = os.path.join(kb.path, "kb.sqlite")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        c = sqlite3.connect(db, timeout=30)
+        units = c.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+        started = c.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
+        c.close()
+        if (started and units >= kill_after_units) or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    KnowledgeBase.open(kb.path, notify=lambda m: None).writeback()
+    (units, gates), (units_twin, gates_twin) = _night(kb.path), _night(twin)
+    assert sorted(units - units_twin) == sorted(units_twin - units) == []
+    assert gates == gates_twin

@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import math
 import os
 import re
 import time
@@ -28,11 +29,7 @@ def extractive(kb, query, answers, docs):
     w = kb.config["writeback"]
     budget = int(w["budget_tokens"])
     qtok = set(bm25_tokens(query))
-    engine = kb._bm25
-
-    def idf(t):
-        tid = engine.term_ids.get(t) if engine is not None else None
-        return engine.idf(tid) if tid is not None and engine.df[tid] > 0 else 1.0
+    idf = _source_idf(kb.conn)
 
     scored = []
     seen = set()
@@ -60,6 +57,26 @@ def extractive(kb, query, answers, docs):
     text = " ".join(s for _, _, s in chosen)
     title = _unit_title(kb, query, docs)
     return title, text, None
+
+
+class _source_idf:
+    """BM25's IDF over the active source chunks only: knowledge units (this night's included) never shift
+    which sentences a distiller picks, so a run resumed after a crash distils what an uninterrupted one
+    would. Terms in more than half of the chunks get a small positive weight instead of a negative one."""
+
+    def __init__(self, conn):
+        self.conn, self.cache = conn, {}
+        self.n = conn.execute("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                              "WHERE d.kind='source' AND d.status='active'").fetchone()[0]
+
+    def __call__(self, term):
+        if term not in self.cache:
+            df = self.conn.execute("SELECT COUNT(*) FROM postings p JOIN terms t ON t.id=p.term_id JOIN chunks c "
+                                   "ON c.id=p.chunk_id JOIN documents d ON d.id=c.doc_id WHERE t.term=? AND "
+                                   "d.kind='source'", (term,)).fetchone()[0]
+            raw = math.log(self.n - df + 0.5) - math.log(df + 0.5) if df else 1.0
+            self.cache[term] = max(raw, 0.01)
+        return self.cache[term]
 
 
 def _unit_title(kb, query, docs):
@@ -203,11 +220,17 @@ def _run(kb, distiller, dry_run, show_progress):
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     counts = defaultdict(int)
     with store.transaction(conn):
-        # a run that died (kill -9) left status 'running': the lock proves it is not running now
+        # a run that died (kill -9) left status 'running': the lock proves it is not running now. This run
+        # takes over its units (so rolling it back removes the whole night's) and decides its gates again
+        dead = [r[0] for r in conn.execute("SELECT id FROM runs WHERE status='running'")]
         conn.execute("UPDATE runs SET status='interrupted' WHERE status='running'")
         if not dry_run:
             conn.execute("INSERT INTO runs(id, started, status, distiller) VALUES (?,?,?,?)",
                          (run_id, time.time(), "running", distiller))
+            if dead:
+                marks = ",".join("?" * len(dead))
+                conn.execute(f"UPDATE units SET run_id=? WHERE run_id IN ({marks})", [run_id] + dead)
+                conn.execute(f"DELETE FROM gate_decisions WHERE run_id IN ({marks})", dead)
     watermark = conn.execute("SELECT COALESCE(MAX(watermark), 0) FROM runs WHERE status IN ('done','rolled-back')").fetchone()[0]
     top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
     qids = [r[0] for r in conn.execute("SELECT DISTINCT query_id FROM feedback WHERE id>? AND id<=? ORDER BY query_id",
@@ -317,16 +340,20 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
         return None
     src_ids = sorted(d["id"] for d in plan["docs"])
     unit_id = "unit:" + content_hash(title, text, *src_ids)[:16]
-    if any(p[0].id == unit_id for p in pending):  # the same unit twice in this run
+    def same(p):  # the same unit, or a near-duplicate from the same sources, written earlier in this run:
+        # merged whether or not its batch has been committed yet, so batch size never changes the result
+        return p[0].id == unit_id or (p[4][3] == json.dumps(src_ids) and _similar(p[0].text, text))
+
+    if any(same(p) for p in pending):
         for p in pending:
-            if p[0].id == unit_id:
+            if same(p):
                 prov = list(p[4])
                 prov[1] = json.dumps(list(dict.fromkeys(json.loads(prov[1]) + [qid])))
                 prov[2] = json.dumps(list(dict.fromkeys(json.loads(prov[2]) + plan["feedback_ids"])))
                 pending[pending.index(p)] = (*p[:4], tuple(prov))
                 break
         counts["merged"] += 1
-        return {"unit_id": unit_id, "merged": True}
+        return {"unit_id": p[0].id, "merged": True}
     existing = conn.execute("SELECT u.id, d.status FROM units u JOIN documents d ON d.id=u.id WHERE u.id=?", (unit_id,)).fetchone()
     if existing is None:
         # near-duplicate: an active unit with the same sources and the same evidence text
