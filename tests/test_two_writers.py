@@ -74,3 +74,40 @@ def test_same_document_ingested_by_two_writers_at_once_is_stored_once(tmp_path):
     hits = kb.search("rebuilt in stone", k=50, mode="dense", log=False).hits
     assert len({h.chunk_id for h in hits}) == len(seqs)
     kb.close()
+
+
+def test_searches_are_served_while_an_ingest_runs_in_another_thread(tmp_path):
+    """One process, two threads: an ingest is stopped in the middle (after its first batch committed) until
+    the main thread has searched, logged and seen that batch; a search that waited for the whole ingest
+    would never return, and the ingest would time out."""
+    import threading
+    import time
+
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None)
+    kb.ingest([{"id": "first", "text": "The lamp room holds a first-order Fresnel lens."}])
+    searched, batches = threading.Event(), []
+
+    class Paused(HashEmbedder):
+        def encode(self, texts, show_progress=False):
+            batches.append(len(texts))
+            if len(batches) == 3:  # two batches committed (commit_seconds=0), the third waits for the reader
+                assert searched.wait(30), "the search never ran while the ingest was in progress"
+            return super().encode(texts)
+
+    kb._embedder = Paused()
+    docs = [{"id": f"d{i}", "text": f"Storm number {i} battered the keeper's cottage windows."} for i in range(30)]
+    errors = []
+    writer = threading.Thread(target=lambda: errors.append(None) if kb.ingest(docs, batch_chunks=10,
+                                                                                commit_seconds=0) else None)
+    writer.start()
+    while len(batches) < 3 and writer.is_alive():
+        time.sleep(0.001)
+    res = kb.search("storm battered cottage windows", k=50, mode="hybrid")  # logged: a write of its own
+    seen = {h.doc_id for h in res.hits}
+    searched.set()
+    writer.join(60)
+    assert not writer.is_alive() and res.query_id is not None
+    assert {"d0", "d9", "d10", "d19"} <= seen and "d29" not in seen  # the committed batches, not the paused one
+    assert len(kb.search("storm battered cottage windows", k=50, mode="bm25", log=False).hits) == 30
+    assert kb.check()["ok"]
+    kb.close()

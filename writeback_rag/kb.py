@@ -79,7 +79,8 @@ class KnowledgeBase:
         self.dense_path = os.path.join(self.path, DENSE_NAME)
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one writer at a time in this process (SQLite serialises processes)
+        self._embedder_lock = threading.Lock()
         self._embedder = embedder
         self._notify = notify or _stderr
         self._indexes = Indexes(self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify)
@@ -212,10 +213,11 @@ class KnowledgeBase:
 
     @property
     def embedder(self):
-        with self._lock:
-            if self._embedder is None:
-                self._embedder = get_embedder(self.config["embedder"])
-            return self._embedder
+        if self._embedder is None:  # its own lock: a search never waits for a writer holding the write lock
+            with self._embedder_lock:
+                if self._embedder is None:
+                    self._embedder = get_embedder(self.config["embedder"])
+        return self._embedder
 
     @property
     def generation(self):
