@@ -111,3 +111,16 @@ def test_searches_are_served_while_an_ingest_runs_in_another_thread(tmp_path):
     assert len(kb.search("storm battered cottage windows", k=50, mode="bm25", log=False).hits) == 30
     assert kb.check()["ok"]
     kb.close()
+
+
+def test_stress_writers_and_readers_in_many_processes(tmp_path):
+    """eval/stress.py for a few seconds: 2 writer and 2 reader processes (the 5-minute run is in eval/)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval"))
+    import stress
+
+    rep = stress.run(str(tmp_path / "kb"), seconds=6, writers=2, readers=2)
+    assert rep["ok"], rep
+    assert rep["ops"].get("ingest") and rep["ops"].get("delete") and rep["searches"] > 10
