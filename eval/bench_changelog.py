@@ -88,7 +88,7 @@ def main():
     if os.path.exists(path):
         shutil.rmtree(path)
     texts = corpus(a.chunks)
-    qs = queries(a.rounds * (2 * a.steady + 4) + 50)
+    qs = queries(a.rounds * (3 * a.steady + 6) + 50)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     t0 = T()

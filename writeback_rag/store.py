@@ -129,6 +129,10 @@ MIGRATIONS = [
     INSERT INTO changes(seq, added, removed, removed_postings, reset)
         SELECT CAST(value AS INTEGER), x'', x'', x'', 1 FROM meta WHERE key='generation' AND CAST(value AS INTEGER) > 0;
     """,
+    # 5: the active units are looked up after every change (the unit cap): by index, not a scan of documents.
+    """
+    CREATE INDEX documents_kind ON documents(kind, status);
+    """,
 ]
 
 
