@@ -95,3 +95,34 @@ def test_empty_or_foreign_database_is_refused_before_anything_is_written(kb_path
     c = sqlite3.connect(foreign / "kb.sqlite")
     assert [r[0] for r in c.execute("SELECT name FROM sqlite_master")] == ["t"]
     c.close()
+
+
+def test_read_only_kb_serves_searches_without_logging_and_writes_nothing(kb_path, monkeypatch):
+    """A KB on read-only media (here: the folder reported unwritable) opens read-only: searches without
+    logging, stats, check and the query log work; logging is refused in one line; no file changes."""
+    import hashlib
+
+    kb = KnowledgeBase.open(kb_path)
+    kb.ingest([{"id": "late", "text": "A late note about the foghorn at Skerrow."}])  # index files now behind
+    kb.close()
+    os.remove(os.path.join(kb_path, "bm25.npz"))  # and one missing: rebuilt in memory only
+
+    def digest():
+        return {n: hashlib.sha256(open(os.path.join(kb_path, n), "rb").read()).hexdigest()
+                for n in sorted(os.listdir(kb_path)) if not n.endswith(("-wal", "-shm"))}  # SQLite's own
+
+    before = digest()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p).startswith(kb_path) and mode == os.W_OK
+                        else real(p, mode, **k))
+    for cmd in (["query", "--no-log", "foghorn Skerrow"], ["stats"], ["check"], ["log"]):
+        r = runner.invoke(app, [cmd[0], "--kb", kb_path] + cmd[1:])
+        assert r.exit_code == 0, (cmd, r.output)
+    r = runner.invoke(app, ["query", "--kb", kb_path, "--no-log", "foghorn Skerrow", "--json"])
+    assert json.loads(r.output)["hits"][0]["doc_id"] == "late"
+    r = runner.invoke(app, ["query", "--kb", kb_path, "foghorn"])
+    assert r.exit_code == 6 and "read-only" in r.output and "--no-log" in r.output
+    kb = KnowledgeBase.open(kb_path)
+    assert kb.readonly and kb.search("foghorn", mode="dense", log=False).hits
+    kb.close()
+    assert digest() == before

@@ -17,11 +17,12 @@ SAVE_AFTER = 2048  # chunks changed since the last save; or 5% of the index, whi
 
 
 class Indexes:
-    def __init__(self, dense_path, bm25_path, config, identity, dim, notify):
+    def __init__(self, dense_path, bm25_path, config, identity, dim, notify, readonly=False):
         """`identity()`: what a saved file must match ({model_id, kb_created}); `dim()`: the vector size."""
         self.dense_path, self.bm25_path = dense_path, bm25_path
         self.config, self._identity, self._dim, self._notify = config, identity, dim, notify
         self.dense, self.bm25 = None, None
+        self.readonly = readonly  # a read-only KB: indexes live in memory only
         self.lock = threading.RLock()  # replays and searches of one index never overlap
 
     # -- catching up
@@ -135,6 +136,8 @@ class Indexes:
         return dict(self._identity(), kind=self.config["dense"]["index"])
 
     def _save(self, index, path, manifest):
+        if self.readonly:
+            return
         try:
             index.save(path, manifest)
             index.saved_seq = index.seq

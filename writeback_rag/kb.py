@@ -14,7 +14,7 @@ import numpy as np
 from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
-from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, WbragError, storage_error
+from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, WbragError, storage_error
 from .changes import Change, record
 from .index import BM25, DenseIndex, load_term_ids, write_postings
 from .indexes import Indexes
@@ -72,18 +72,20 @@ def _storage_guard(method):
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
-    def __init__(self, path, cfg, embedder=None, notify=None):
+    def __init__(self, path, cfg, embedder=None, notify=None, readonly=False):
         self.path = os.path.abspath(path)
+        self.readonly = readonly
         self.config = cfg
         self.db_path = os.path.join(self.path, DB_NAME)
         self.dense_path = os.path.join(self.path, DENSE_NAME)
         self.bm25_path = os.path.join(self.path, BM25_NAME)
-        self._conns = store.Connections(self.db_path)
+        self._conns = store.Connections(self.db_path, readonly)
         self._lock = threading.RLock()  # one writer at a time in this process (SQLite serialises processes)
         self._embedder_lock = threading.Lock()
         self._embedder = embedder
         self._notify = notify or _stderr
-        self._indexes = Indexes(self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify)
+        self._indexes = Indexes(self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify,
+                                readonly)
         self._llm = None
         self._term_ids = None  # terms are append-only: one dict serves every write
         self._units, self._units_gen = frozenset(), None
@@ -122,8 +124,11 @@ class KnowledgeBase:
         return kb
 
     @classmethod
-    def open(cls, path, embedder=None, notify=None):
-        """Open an existing KB; refuses one built with another embedder than `embedder`/config asks for."""
+    def open(cls, path, embedder=None, notify=None, readonly=None):
+        """Open an existing KB; refuses one built with another embedder than `embedder`/config asks for.
+
+        `readonly` (default: when the folder or database cannot be written) opens it for searches without
+        logging, stats, check and the query log: nothing is written, indexes are replayed in memory only."""
         path = os.path.abspath(path)
         db = os.path.join(path, DB_NAME)
         if not os.path.isfile(db):
@@ -140,8 +145,16 @@ class KnowledgeBase:
                 raise NotAKnowledgeBase(f"{db}: not a writeback-rag database (empty, or another program's)",
                                         cli="restore kb.sqlite from a backup, or create a new KB elsewhere with "
                                             "wbrag init", api="restore kb.sqlite from a backup")
-            conn = store.connect(db)
-            store.migrate(conn)
+            if readonly is None:
+                readonly = not (os.access(path, os.W_OK) and os.access(db, os.W_OK))
+            conn = store.connect(db, readonly=readonly)
+            if readonly:
+                if conn.execute("PRAGMA user_version").fetchone()[0] < len(store.MIGRATIONS):
+                    raise NotAKnowledgeBase(f"{path}: this KB needs upgrading, which writes to it; it is read-only",
+                                            cli="open it once where it can be written (any wbrag command)",
+                                            api="open it once with readonly=False where it can be written")
+            else:
+                store.migrate(conn)
             built_with = store.get_meta(conn, "model_id")
             conn.close()
         except sqlite3.DatabaseError as e:
@@ -168,7 +181,7 @@ class KnowledgeBase:
                 "embedder, or re-embed every chunk with the new one",
                 cli=f"to switch, run: wbrag reindex --kb {path} --re-embed --embedder {cfg['embedder'].get('name')}",
                 api="to switch, open with the KB's embedder and call kb.reindex(re_embed=True) after changing it")
-        return cls(path, cfg, notify=notify)
+        return cls(path, cfg, notify=notify, readonly=readonly)
 
     @staticmethod
     def configure(path, settings=()):
@@ -191,7 +204,7 @@ class KnowledgeBase:
 
     def close(self):
         """Save any index file that has fallen far behind the log, then close the connections."""
-        if not getattr(self, "_closed", False):
+        if not getattr(self, "_closed", False) and not self.readonly:
             try:
                 self._indexes.save_if_due(self.conn)
             except (sqlite3.Error, OSError):
@@ -648,6 +661,9 @@ class KnowledgeBase:
             depth *= 2
         hits = self._hits(top, bm_all, dn_all)
         latency = (time.perf_counter() - t0) * 1000
+        if log and self.readonly:
+            raise StorageError(f"{self.path}: opened read-only, so this query cannot be logged",
+                               cli="add --no-log, or make the folder writable", api="search with log=False")
         qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
                         latency, hits, source) if log else None
         return SearchResult(qid, query, mode, hits, latency)

@@ -1,7 +1,9 @@
 """SQLite store: the single source of truth; every index is derived from it."""
 
+import os
 import sqlite3
 import threading
+import urllib.parse
 import time
 
 # Numbered migrations, applied in order on open; PRAGMA user_version records the last one.
@@ -137,9 +139,19 @@ MIGRATIONS = [
 
 
 def connect(path, readonly=False):
-    """Open with WAL and foreign keys; a busy timeout lets readers and one writer share the file."""
-    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-    conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False, isolation_level=None)
+    """Open with WAL and foreign keys; a busy timeout lets readers and one writer share the file.
+    Read-only: mode=ro, or immutable=1 on media where SQLite cannot even create the WAL's shared memory."""
+    quoted = urllib.parse.quote(os.path.abspath(path))
+    if readonly:
+        try:
+            conn = sqlite3.connect(f"file:{quoted}?mode=ro", uri=True, timeout=30, check_same_thread=False,
+                                   isolation_level=None)
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError:
+            conn = sqlite3.connect(f"file:{quoted}?immutable=1", uri=True, timeout=30, check_same_thread=False,
+                                   isolation_level=None)
+    else:
+        conn = sqlite3.connect(f"file:{quoted}", uri=True, timeout=30, check_same_thread=False, isolation_level=None)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
@@ -214,8 +226,8 @@ def bump_generation(conn):
 class Connections:
     """One connection per thread: sqlite3 connections must not be shared across threads mid-statement."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, readonly=False):
+        self.path, self.readonly = path, readonly
         self._local = threading.local()
         self._all = []
         self._lock = threading.Lock()
@@ -223,7 +235,7 @@ class Connections:
     def get(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.path)
+            conn = connect(self.path, self.readonly)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
