@@ -1,6 +1,8 @@
 """Two writers on one KB (two KnowledgeBase objects stand for two processes: each has its own in-memory
 indexes), interleaved deterministically at the points where the fault study lost data."""
 
+import pytest
+
 from writeback_rag import KnowledgeBase
 from writeback_rag.backends import HashEmbedder
 
@@ -113,6 +115,7 @@ def test_searches_are_served_while_an_ingest_runs_in_another_thread(tmp_path):
     kb.close()
 
 
+@pytest.mark.slow
 def test_stress_writers_and_readers_in_many_processes(tmp_path):
     """eval/stress.py for a few seconds: 2 writer and 2 reader processes (the 5-minute run is in eval/)."""
     import os
