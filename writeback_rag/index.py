@@ -174,10 +174,6 @@ def write_postings(conn, term_ids, chunk_id, text):
     return sum(counts.values())
 
 
-def delete_postings(conn, chunk_ids):
-    conn.executemany("DELETE FROM postings WHERE chunk_id=?", [(int(c),) for c in chunk_ids])
-
-
 def load_term_ids(conn):
     return {term: tid for tid, term in conn.execute("SELECT id, term FROM terms")}
 

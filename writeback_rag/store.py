@@ -216,13 +216,6 @@ def set_meta(conn, key, value):
                  (key, str(value)))
 
 
-def bump_generation(conn):
-    """Every change to indexed chunks bumps the generation; index manifests record the one they match."""
-    gen = int(get_meta(conn, "generation", 0)) + 1
-    set_meta(conn, "generation", gen)
-    return gen
-
-
 class Connections:
     """One connection per thread: sqlite3 connections must not be shared across threads mid-statement."""
 
