@@ -134,22 +134,10 @@ def read_labels(path, split="train"):
                 obj = json.loads(line)
             except ValueError as e:
                 raise InputError(f"{path}:{n}: malformed JSON ({e.msg}); fix the line") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object")
-            query = obj.get("query") or obj.get("question") or obj.get("text")
-            if not isinstance(query, str) or not query.strip():
-                raise InputError(f"{path}:{n}: no 'query' text")
-            answers, relevant = obj.get("answers", []), obj.get("relevant", [])
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(answers, list) or not isinstance(relevant, list):
-                raise InputError(f"{path}:{n}: 'answers' and 'relevant' must be lists")
-            if not answers and not relevant:
-                raise InputError(f"{path}:{n}: needs 'answers' or 'relevant' to judge retrieval")
+            ex = _example(obj, f"{path}:{n}", default_id=n)
             if split and obj.get("split") and obj["split"] != split:
                 continue
-            out.append({"id": str(obj.get("id", n)), "query": query, "answers": [str(a) for a in answers],
-                        "relevant": [str(r) for r in relevant]})
+            out.append({k: ex[k] for k in ("id", "query", "answers", "relevant")})
     if not out:
         raise InputError(f"{path}: no labelled examples" + (f" in split {split!r}" if split else ""))
     return out
@@ -237,10 +225,10 @@ def judge(kb, ex, hits, llm=None):
             "judge": "llm" if use_llm else "retrieval"}
 
 
-def _example(obj, where):
-    """A labelled example given as a dict (API): the same checks and defaults as a JSONL line."""
+def _example(obj, where, default_id=None):
+    """One labelled example (a JSONL line or a dict given to the API), checked, with defaults."""
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a dict with 'query' and 'answers' or 'relevant'")
+        raise InputError(f"{where}: expected an object with 'query' and 'answers' or 'relevant'")
     query = obj.get("query") or obj.get("question") or obj.get("text")
     if not isinstance(query, str) or not query.strip():
         raise InputError(f"{where}: no 'query' text")
@@ -250,7 +238,8 @@ def _example(obj, where):
         raise InputError(f"{where}: 'answers' and 'relevant' must be lists")
     if not answers and not relevant:
         raise InputError(f"{where}: needs 'answers' or 'relevant' to judge retrieval")
-    return {**obj, "id": str(obj.get("id", where)), "query": query, "answers": [str(a) for a in answers],
+    return {**obj, "id": str(obj.get("id", where if default_id is None else default_id)), "query": query,
+            "answers": [str(a) for a in answers],
             "relevant": [str(r) for r in relevant]}
 
 
