@@ -196,3 +196,36 @@ def test_units_never_leave_fewer_than_k_hits(unit_kb, mode, unit_fusion):
             assert len(hits) == want, (q, k, [h.kind for h in hits])
             assert sum(h.kind == "unit" for h in hits) <= 1
     assert n_sources > 20
+
+
+def test_bm25_term_in_exactly_half_the_chunks_scores_zero_not_the_floor(kb):
+    """IDF log((N - df + .5) / (df + .5)) is 0 when df = N/2: rank-bm25 floors only negative IDFs."""
+    kb.ingest([{"id": "a", "text": "lamp oil"}, {"id": "b", "text": "lamp fog"}, {"id": "c", "text": "wick"},
+               {"id": "d", "text": "tower"}])
+    hits = kb.search("lamp", k=4, mode="bm25", log=False).hits
+    assert {h.doc_id for h in hits} == {"a", "b"} and all(h.score == 0.0 for h in hits)
+
+
+def test_replaying_a_removal_of_many_chunks_equals_an_engine_built_from_scratch(tmp_path):
+    """A removal of more chunks than one SQL batch (500) travels through the log whole: a process that
+    replays it scores exactly like an engine built from the store."""
+    from writeback_rag.index import BM25
+
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", config={"chunking": {"size": 16, "overlap": 0}},
+                              notify=lambda m: None)
+    words = "lamp tower keeper fog siren lens gale rock beacon oil wick cottage relief boat storm".split()
+    long = " ".join(f"{words[i % 15]} {words[(i * 7) % 15]} number{i % 50} sentence ends here." for i in range(1500))
+    kb.ingest([{"id": "long", "text": long}, {"id": "other", "text": "lamp keeper gale rock and a beacon " * 3}])
+    reader = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    reader.search("lamp", mode="bm25", log=False)  # its engine is in memory, before the removal
+    n_long = kb.conn.execute("SELECT COUNT(*) FROM chunks WHERE doc_id='long'").fetchone()[0]
+    assert n_long > 600
+    kb.delete(["long"])
+    for q in ("lamp keeper", "gale rock beacon", "number7"):
+        got = [(h.chunk_id, round(h.score, 5)) for h in reader.search(q, k=10, mode="bm25", log=False).hits]
+        engine = BM25(reader.conn, 1.2, 0.75)
+        want = [(int(i), round(float(s), 5)) for i, s in zip(*engine.search(q, 10))]
+        assert got == want, q
+    assert reader.check()["ok"]
+    reader.close()
+    kb.close()
