@@ -53,7 +53,7 @@ class Indexes:
         d = self.dense
         if d is None:
             d, why = DenseIndex.load(self.dense_path, self._dense_expect())
-            if d is None and (why != "missing" or head > 0):
+            if d is None and why != "missing":  # a missing file is normal (new KB, cache removed)
                 self._notify(f"dense index {why}; rebuilding from stored embeddings")
         if d is not None:
             why = self._behind(conn, d.seq, head, d.count)
