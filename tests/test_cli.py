@@ -120,3 +120,14 @@ def test_cli_ingest_from_stdin(tmp_path):
     lines = "\n".join(json.dumps({"id": f"s{i}", "text": f"stdin record {i}"}) for i in range(3))
     r = run("ingest", "--kb", kb, "-", "--quiet", input=lines)
     assert r.exit_code == 0 and "added 3" in r.output
+
+
+def test_plain_text_on_stdin_is_one_document(tmp_path):
+    kb_path = str(tmp_path / "kb")
+    runner = CliRunner()
+    runner.invoke(app, ["init", "--kb", kb_path, "--embedder", "hash"])
+    r = runner.invoke(app, ["ingest", "--kb", kb_path, "-"], input="Harbour notes\n\nThe pier lamp is lit at dusk.\n")
+    assert r.exit_code == 0 and "added 1" in r.output, r.output
+    kb = KnowledgeBase.open(kb_path)
+    assert kb.document("stdin")["title"] == "Harbour notes" and "pier lamp" in kb.document("stdin")["text"]
+    kb.close()

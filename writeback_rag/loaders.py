@@ -128,6 +128,8 @@ def _field_record(obj, fields, where, source):
 def parse_text(content, path, doc_id, fields):
     """Records from one file's decoded content; raises ValueError naming the line on bad input."""
     ext = os.path.splitext(path)[1].lower()
+    if path == "-" and not content.lstrip().startswith("{"):  # plain text piped in: one document
+        return parse_text(content, "stdin.txt", doc_id, fields)
     if ext in (".jsonl",) or path == "-":
         out = []
         for n, line in enumerate(content.splitlines(), 1):
