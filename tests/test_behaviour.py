@@ -229,3 +229,15 @@ def test_replaying_a_removal_of_many_chunks_equals_an_engine_built_from_scratch(
     assert reader.check()["ok"]
     reader.close()
     kb.close()
+
+
+def test_chunking_exact_boundaries_and_overlap():
+    from writeback_rag.text import chunk_text, normalize_answer
+
+    text = "A one. B two. C three. D four."  # 3 tokens per sentence
+    assert chunk_text(text, size=7, overlap=3) == ["A one. B two.", "B two. C three.", "C three. D four."]
+    assert chunk_text(text, size=6, overlap=0) == ["A one. B two.", "C three. D four."]  # exactly full
+    assert chunk_text(text, size=7, overlap=2) == ["A one. B two.", "C three. D four."]  # 3 > overlap 2
+    assert chunk_text("w w w.", size=4, overlap=0) == ["w w w."]  # a sentence of exactly `size` is kept whole
+    assert chunk_text("w w w w w w w w.", size=4, overlap=0) == ["w w w w", "w w w w."]
+    assert normalize_answer("The  Lamp-Room, an Old one!") == "lamp room old one"
