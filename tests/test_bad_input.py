@@ -2,7 +2,6 @@
 sensible result; nothing stored is lost or half-written."""
 
 import errno
-import json
 import os
 import sqlite3
 import unicodedata
@@ -16,6 +15,7 @@ from writeback_rag.backends import probe_native
 from writeback_rag.cli import app
 from writeback_rag.errors import LLMError, NotAKnowledgeBase, StorageError, UnknownQuery, storage_error
 from writeback_rag.text import chunk_text, sentences
+from writeback_rag.writeback import list_units
 
 runner = CliRunner()
 
@@ -83,8 +83,7 @@ def test_ids_with_wildcards_match_only_themselves_when_marking_units_stale(tmp_p
               {"id": "2", "query": "When did Corran Head get its fog siren?", "answers": ["1902"]}])
     kb.writeback()
     kb.delete(["a%"])
-    status = {json.loads(json.dumps(u["source_doc_ids"]))[0]: u["status"] for u in
-              __import__("writeback_rag.writeback", fromlist=["list_units"]).list_units(kb)}
+    status = {u["source_doc_ids"][0]: u["status"] for u in list_units(kb)}
     assert status == {"a%": "stale", "ab": "active"}
     kb.close()
 
@@ -125,8 +124,7 @@ def test_missing_config_is_recreated_with_the_kbs_embedder(kb_path):
 
 
 def test_utf16_and_utf32_text_are_read(tmp_path, kb_path):
-    write(tmp_path / "docs" / "u16.txt", "Fog horns at Tarrow Ness sound every thirty seconds.\n".encode("utf-16").decode("latin-1"),
-          mode="w")
+    os.makedirs(tmp_path / "docs")
     with open(tmp_path / "docs" / "u16.txt", "wb") as f:
         f.write("Fog horns at Tarrow Ness sound every thirty seconds.\n".encode("utf-16"))
     with open(tmp_path / "docs" / "u32.md", "wb") as f:
@@ -209,7 +207,7 @@ def test_library_errors_are_neutral_and_the_cli_renders_commands(tmp_path, kb_pa
     one_line_error(wbrag("feedback", "--kb", kb_path, "999", "--correct"), 2, "wbrag log")
     one_line_error(wbrag("answer", "--kb", kb_path, "who?"), 5, "wbrag config")
     r = wbrag("ingest", "--kb", kb_path, "-", input='{"name": "x", "body": "text"}\n')
-    assert "--" not in r.output.split("stdin", 1)[-1] or "text_field" in r.output
+    assert "text_field" in r.output and "--text-field" not in r.output  # the setting's name, not a CLI flag
 
 
 def test_closed_kb_refuses_use(kb_path):

@@ -53,8 +53,8 @@ def test_rrf_top_hit_in_both_lists_scores_two_over_61(corpus_kb):
     assert h.doc_id == "fenwick-point-light.md"
     bm1 = corpus_kb.search(Q, k=1, mode="bm25", log=False).hits[0]
     dn1 = corpus_kb.search(Q, k=1, mode="dense", log=False).hits[0]
-    if bm1.chunk_id == dn1.chunk_id == h.chunk_id:
-        assert h.score == pytest.approx(2 / 61, rel=1e-12)
+    assert bm1.chunk_id == dn1.chunk_id == h.chunk_id  # the fixture's premise, so the check below always runs
+    assert h.score == pytest.approx(2 / 61, rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])

@@ -104,9 +104,9 @@ def test_sigkill_during_ingest_leaves_consistent_resumable_kb(tmp_path):
     k = KnowledgeBase.open(kb, notify=lambda m: None)
     stored = k.stats()["documents"]
     assert 0 < stored < 6000, "the kill must land mid-ingest"
-    k._ensure_indexes()
     chunks = k.stats()["chunks"]
-    assert k._dense.count == chunks and k._bm25.n_docs == chunks  # indexes agree with the database
+    counts = k.check()["counts"]
+    assert counts["dense_vectors"] == chunks and counts["bm25_chunks"] == chunks  # indexes agree with the database
     assert k.search("topic 5", mode="dense", log=False).hits
     rep = k.ingest([str(data)])
     assert rep.unchanged == stored and rep.added == 6000 - stored and not rep.skipped

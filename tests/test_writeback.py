@@ -83,7 +83,6 @@ def test_llm_judge_uses_paper_gates(small, scripted):
 
 
 def test_extractive_distiller_budget_dedup_and_answer(small):
-    small._ensure_indexes()
     docs = [small.document("heron"), small.document("calder"), small.document("calder")]
     title, text, _ = extractive(small, "Where was the lens of Grey Heron made?", ["Marrowick"], docs)
     assert title == "Where was the lens of Grey Heron made?"

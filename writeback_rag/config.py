@@ -205,11 +205,6 @@ def _check_together(cfg, where):
         raise ConfigError(f"{where}chunking.overlap = {c['overlap']} must be below chunking.size = {c['size']}")
 
 
-def merged(overrides=None):
-    """The defaults with `overrides` applied and validated."""
-    return validate(overrides)
-
-
 def load(path):
     """A KB's config.toml, validated; errors name the file."""
     try:

@@ -28,7 +28,7 @@ class Indexes:
     # -- catching up
 
     def catch_up(self, conn, dense=True, bm25=True):
-        """Bring the asked-for indexes to the newest committed change."""
+        """Bring the asked-for indexes to the newest committed change; returns its sequence number."""
         with self.lock:
             head = changes.head(conn)
             if dense and (self.dense is None or self.dense.seq != head):
@@ -37,6 +37,7 @@ class Indexes:
                 self.bm25 = self._bm25_at(conn, head)
             if self.bm25 is not None:  # k1 and b apply at query time: a changed setting needs no rebuild
                 self.bm25.k1, self.bm25.b = float(self.config["bm25"]["k1"]), float(self.config["bm25"]["b"])
+            return head
 
     def _behind(self, conn, seq, head, count):
         """None when replaying (seq, head] is cheaper than a rebuild, else why not."""
@@ -144,7 +145,7 @@ class Indexes:
         except OSError as e:
             self._notify(f"cannot save {path} ({e.strerror}); the index is kept in memory")
 
-    def save_if_due(self, conn, force=False):
+    def save_if_due(self, conn):
         """Save each index whose file is far behind the log (catching it up first): big writes leave files
         that the next process can load and replay cheaply; small writes rewrite nothing."""
         head = changes.head(conn)
@@ -155,7 +156,7 @@ class Indexes:
                 continue
             index = getattr(self, name)
             size = (index.count if name == "dense" else index.n_docs) if index is not None else 0
-            if force or reset or touched >= max(SAVE_AFTER, size // 20):
+            if reset or touched >= max(SAVE_AFTER, size // 20):
                 with self.lock:
                     self.catch_up(conn, dense=name == "dense", bm25=name == "bm25")
                     index = getattr(self, name)

@@ -15,7 +15,7 @@ from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, WbragError, storage_error
-from .changes import Change, record
+from .changes import Change, head, record
 from .index import BM25, DenseIndex, load_term_ids, write_postings
 from .indexes import Indexes
 from .loaders import IngestReport, Problem, Record, _field_record, read_paths  # noqa: F401  (re-exported)
@@ -103,7 +103,7 @@ class KnowledgeBase:
         overrides = {s: dict(v) if isinstance(v, dict) else v for s, v in (config or {}).items()}
         if embedder is not None:
             overrides["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
-        cfg = cfgmod.merged(overrides)
+        cfg = cfgmod.validate(overrides)
         emb = get_embedder(cfg["embedder"])  # an embedder that cannot load is refused before anything is written
         try:
             os.makedirs(path, exist_ok=True)
@@ -135,37 +135,38 @@ class KnowledgeBase:
             raise NotAKnowledgeBase(f"{path}: not a writeback-rag knowledge base (no {DB_NAME})",
                                     cli=f"create one with: wbrag init --kb {path}",
                                     api="create one with KnowledgeBase.create(path)")
-        try:
+        if readonly is None:
+            readonly = not (os.access(path, os.W_OK) and os.access(db, os.W_OK))
+        try:  # one read-only look first: nothing is written to a file that is not a KB
             conn = store.connect(db, readonly=True)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            is_kb = version > 0 and conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
-            conn.close()
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                is_kb = version > 0 and conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+                built_with = store.get_meta(conn, "model_id") if is_kb else None
+            finally:
+                conn.close()
             if not is_kb:  # empty (0 bytes) or another program's database: refused before anything is written
                 raise NotAKnowledgeBase(f"{db}: not a writeback-rag database (empty, or another program's)",
                                         cli="restore kb.sqlite from a backup, or create a new KB elsewhere with "
                                             "wbrag init", api="restore kb.sqlite from a backup")
-            if readonly is None:
-                readonly = not (os.access(path, os.W_OK) and os.access(db, os.W_OK))
-            conn = store.connect(db, readonly=readonly)
-            if readonly:
-                if conn.execute("PRAGMA user_version").fetchone()[0] < len(store.MIGRATIONS):
+            if version < len(store.MIGRATIONS):
+                if readonly:
                     raise NotAKnowledgeBase(f"{path}: this KB needs upgrading, which writes to it; it is read-only",
                                             cli="open it once where it can be written (any wbrag command)",
                                             api="open it once with readonly=False where it can be written")
-            else:
-                store.migrate(conn)
-            built_with = store.get_meta(conn, "model_id")
-            conn.close()
-        except sqlite3.DatabaseError as e:
-            raise storage_error(e, path) from None
-        except OSError as e:
+                conn = store.connect(db)
+                try:
+                    store.migrate(conn)
+                finally:
+                    conn.close()
+        except (sqlite3.DatabaseError, OSError) as e:
             raise storage_error(e, path) from None
         cpath = os.path.join(path, CONFIG_NAME)
         if os.path.exists(cpath):
             cfg = cfgmod.load(cpath)
         else:  # settings lost, data intact: defaults, with the embedder the KB was built with
-            cfg = cfgmod.merged({"embedder": {"name": embedder_name(built_with)}} if built_with else None)
+            cfg = cfgmod.validate({"embedder": {"name": embedder_name(built_with)}} if built_with else None)
             try:
                 cfgmod.dump(cfg, cpath)
                 (notify or _stderr)(f"{cpath} was missing; recreated it with default settings and the KB's "
@@ -234,7 +235,8 @@ class KnowledgeBase:
 
     @property
     def generation(self):
-        return int(store.get_meta(self.conn, "generation", 0))
+        """The sequence number of the newest committed change."""
+        return head(self.conn)
 
     @property
     def model_id(self):
@@ -251,8 +253,8 @@ class KnowledgeBase:
         return int(store.get_meta(self.conn, "dim", 0) or 0) or self.embedder.dim
 
     def _ensure_indexes(self, need_dense=True, need_bm25=True):
-        """Bring the asked-for indexes to the newest commit (a replay of the change log)."""
-        self._indexes.catch_up(self.conn, dense=need_dense, bm25=need_bm25)
+        """Bring the asked-for indexes to the newest commit (a replay of the change log); returns it."""
+        return self._indexes.catch_up(self.conn, dense=need_dense, bm25=need_bm25)
 
     @property
     def _dense(self):
@@ -261,10 +263,6 @@ class KnowledgeBase:
     @property
     def _bm25(self):
         return self._indexes.bm25
-
-    def _commit(self, conn, change):
-        """Record `change` in the log inside the caller's transaction; returns its sequence number."""
-        return record(conn, change)
 
     @_storage_guard
     def reindex(self, re_embed=False, show_progress=False):
@@ -293,10 +291,9 @@ class KnowledgeBase:
                     conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, r["id"]))
                 change = Change()
                 change.rebuild_all()
-                gen = self._commit(conn, change)
+                gen = record(conn, change)
             self._indexes.reset()
-            self._indexes.catch_up(conn)
-            self._indexes.save_if_due(conn, force=True)
+            self._indexes.catch_up(conn)  # rebuilds both (the change resets them) and saves their files
             return {"chunks": self._indexes.dense.count, "generation": gen}
 
     @_storage_guard
@@ -544,7 +541,7 @@ class KnowledgeBase:
                     conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
                                  "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
             store.set_meta(conn, "dim", emb.dim)
-            return self._commit(conn, change)
+            return record(conn, change)
 
     def _on_source_changed(self, conn, doc_id, change):
         """Units distilled from a changed or deleted source go stale (hook filled in by write-back)."""
@@ -571,7 +568,7 @@ class KnowledgeBase:
                     conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))
                     n += 1
                 if change:
-                    self._commit(conn, change)
+                    record(conn, change)
             self._indexes.save_if_due(conn)
         return n
 
@@ -638,9 +635,9 @@ class KnowledgeBase:
         unit_fusion = r["unit_fusion"]
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
-        self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
+        gen = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         allowed = self._allowed(filters, include_units)
-        units = self._unit_chunks() if include_units else frozenset()
+        units = self._unit_chunks(gen) if include_units else frozenset()
         separate = bool(units) and unit_fusion == "separate"
         qv = self.embedder.encode([query])[0] if mode != "bm25" else None
         parts = self._split(allowed, units) if separate else (allowed,)
@@ -714,9 +711,8 @@ class KnowledgeBase:
                 break
         return out
 
-    def _unit_chunks(self):
-        """Chunk ids of active units, cached per generation: the unit cap costs no query per search."""
-        gen = self.generation
+    def _unit_chunks(self, gen):
+        """Chunk ids of active units at generation `gen`, cached: the unit cap costs no query per search."""
         if self._units_gen != gen:
             self._units = frozenset(r[0] for r in self.conn.execute(
                 "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='unit' AND d.status='active'"))
