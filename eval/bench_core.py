@@ -274,7 +274,7 @@ def chunk_texts(records):
     from writeback_rag.text import chunk_text
 
     try:
-        from writeback_rag.kb import _index_text
+        from writeback_rag.text import index_text as _index_text
     except ImportError:  # pragma: no cover
         def _index_text(title, text):
             return f"{title}\n{text}" if title else text

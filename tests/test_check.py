@@ -3,6 +3,8 @@
 import json
 import os
 
+import faiss
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -19,6 +21,8 @@ runner = CliRunner()
 def kb_path(tmp_path):
     path = str(tmp_path / "kb")
     assert runner.invoke(app, ["init", "--kb", path, "--embedder", "hash"]).exit_code == 0
+    # HNSW: the dense index with a file of its own (a flat one is built from the stored vectors)
+    assert runner.invoke(app, ["config", "--kb", path, "dense.index=hnsw"]).exit_code == 0
     assert runner.invoke(app, ["ingest", "--kb", path, CORPUS, "--quiet"]).exit_code == 0
     assert runner.invoke(app, ["query", "--kb", path, "fog signal"]).exit_code == 0  # saves bm25.npz
     return path
@@ -37,8 +41,11 @@ def test_index_missing_a_chunk_but_labelled_current_is_found_and_repaired(kb_pat
     dense, _ = DenseIndex.load(kb.dense_path, expect)
     assert dense.seq == kb.generation
     victim = kb.search("Fenwick Point designer", k=1, mode="dense", log=False).hits[0].chunk_id
-    dense.remove([victim])
-    dense.save(kb.dense_path, expect)  # what two writers once left behind
+    ids = [int(i) for i in faiss.vector_to_array(dense.index.id_map) if i != victim]
+    lacking = DenseIndex(dense.dim, "hnsw")
+    lacking.add(ids, np.stack([dense.index.reconstruct(i) for i in ids]))
+    lacking.seq = dense.seq
+    lacking.save(kb.dense_path, expect)  # what two writers once left behind
     kb.close()
     r = runner.invoke(app, ["check", "--kb", kb_path])
     assert r.exit_code == 1 and "(file) at change" in r.output and "lacks 1 active chunks" in r.output
@@ -126,3 +133,18 @@ def test_read_only_kb_serves_searches_without_logging_and_writes_nothing(kb_path
     assert kb.readonly and kb.search("foghorn", mode="dense", log=False).hits
     kb.close()
     assert digest() == before
+
+
+def test_term_statistics_that_differ_from_the_text_are_found(kb_path):
+    """Write-back's distiller reads each term's stored document frequency: drift from the chunks is a
+    problem, and reindex recounts them."""
+    import sqlite3
+
+    c = sqlite3.connect(os.path.join(kb_path, "kb.sqlite"))
+    c.execute("UPDATE terms SET df=df+1")
+    c.commit()
+    c.close()
+    r = runner.invoke(app, ["check", "--kb", kb_path])
+    assert r.exit_code == 1 and "term statistics" in r.output and "wbrag reindex" in r.output
+    assert runner.invoke(app, ["reindex", "--kb", kb_path, "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["check", "--kb", kb_path]).exit_code == 0

@@ -40,9 +40,14 @@ def test_filtered_search_returns_only_allowed_ids(kind, vectors):
     d = DenseIndex(16, kind)
     d.add(ids, vecs)
     allowed = ids[100:110]
-    got, _ = d.search(vecs[7], 5, allowed)
+    mask = np.zeros(300, dtype=bool)
+    mask[allowed] = True
+    got, _ = d.search(vecs[7], 5, mask)
     assert len(got) == 5 and set(got.tolist()) <= set(allowed.tolist())
-    assert len(d.search(vecs[7], 5, np.zeros(0, np.int64))[0]) == 0
+    assert len(d.search(vecs[7], 5, np.zeros(300, bool))[0]) == 0
+    short = np.zeros(ids[50], dtype=bool)  # a mask shorter than the ids: those beyond it are out
+    short[ids[40]] = True
+    assert d.search(vecs[7], 5, short)[0].tolist() == [ids[40]]
     assert len(DenseIndex(16, kind).search(vecs[7], 5)[0]) == 0  # empty index
 
 

@@ -49,6 +49,38 @@ def test_create_open_and_not_a_kb(tmp_path, kb):
         KnowledgeBase.create(kb.path, embedder="hash")
 
 
+def test_migration_from_stored_postings_keeps_term_statistics(corpus_kb):
+    """A KB of schema 5 (postings stored in SQLite) opens with its postings turned into per-term
+    document frequencies over the active sources, and checks clean."""
+    import sqlite3
+    from collections import Counter
+
+    from writeback_rag.text import index_text
+
+    kb = corpus_kb
+    kb.delete(["fenwick-point-light.md"])
+    want = dict(kb.conn.execute("SELECT term, df FROM terms WHERE df > 0").fetchall())
+    path = os.path.join(kb.path, "kb.sqlite")
+    kb.close()
+    c = sqlite3.connect(path)
+    c.executescript("CREATE TABLE postings (term_id INTEGER NOT NULL, chunk_id INTEGER NOT NULL, tf INTEGER NOT NULL,"
+                    " PRIMARY KEY (term_id, chunk_id)) WITHOUT ROWID; CREATE INDEX postings_chunk ON postings(chunk_id);")
+    ids = dict(c.execute("SELECT term, id FROM terms"))
+    for cid, text, title in c.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                      "WHERE d.status='active'").fetchall():
+        c.executemany("INSERT INTO postings VALUES (?,?,?)",
+                      [(ids[t], cid, n) for t, n in Counter(bm25_tokens(index_text(title, text))).items()])
+    c.execute("ALTER TABLE terms DROP COLUMN df")
+    c.execute("PRAGMA user_version=5")
+    c.commit()
+    c.close()
+    kb2 = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    assert dict(kb2.conn.execute("SELECT term, df FROM terms WHERE df > 0").fetchall()) == want
+    assert not kb2.conn.execute("SELECT 1 FROM sqlite_master WHERE name='postings'").fetchone()
+    assert kb2.check()["ok"]
+    kb2.close()
+
+
 def test_ingest_folder_formats_and_idempotency(corpus_kb):
     kb = corpus_kb
     st = kb.stats()
@@ -174,9 +206,28 @@ def test_embedder_mismatch_refused(kb):
         KnowledgeBase.open(kb.path, embedder="minilm")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "other-kb"])
-def test_dense_index_missing_corrupt_or_foreign_is_rebuilt(corpus_kb, damage):
+def test_flat_dense_index_is_built_from_the_stored_vectors_and_keeps_no_file(corpus_kb):
+    """Vectors are kept once, in the store: a flat index has no file, and one left by an older version
+    is removed (it would be a second copy of every vector)."""
     kb = corpus_kb
+    kb.search("Grey Heron lens", mode="dense", log=False)
+    assert not os.path.exists(kb.dense_path)
+    write(kb.dense_path, "an old copy")
+    write(kb.dense_path + ".manifest.json", "{}")
+    kb2 = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    assert kb2.search("Grey Heron lens", k=1, mode="dense", log=False).hits
+    assert not os.path.exists(kb.dense_path) and not os.path.exists(kb.dense_path + ".manifest.json")
+    assert index_agrees(kb2) >= 44 and kb2.check()["ok"]
+    kb2.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "other-kb"])
+def test_dense_index_missing_corrupt_or_foreign_is_rebuilt(tmp_path, damage):
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", config={"dense": {"index": "hnsw"}},
+                              notify=lambda m: None)
+    kb.ingest([CORPUS])
+    kb.search("Grey Heron lens", mode="dense", log=False)
+    kb.close()
     path = kb.dense_path
     if damage == "truncate":
         with open(path, "r+b") as f:
@@ -215,8 +266,8 @@ def test_bm25_arrays_saved_and_replayed_by_the_next_process(corpus_kb, monkeypat
     assert manifest["seq"] == kb.generation and manifest["n_docs"] == kb.stats()["chunks"]
 
     loads = []
-    real = BM25._load_sql
-    monkeypatch.setattr(BM25, "_load_sql", lambda self, conn: (loads.append(1), real(self, conn))[1])
+    real = BM25.build
+    monkeypatch.setattr(BM25, "build", lambda self, conn: (loads.append(1), real(self, conn))[1])
     kb2 = KnowledgeBase.open(kb.path)
     assert _bm25_hits(kb2) == want and loads == []  # loaded from the file
 
@@ -344,7 +395,7 @@ def test_hnsw_option(tmp_path):
 def test_reindex_without_reembedding(corpus_kb):
     kb = corpus_kb
     before = kb.search("Corran Head siren", k=3, log=False).hits
-    os.remove(kb.dense_path)
+    os.remove(kb.bm25_path)
     out = kb.reindex()
     assert out["chunks"] == kb.stats()["chunks"]
     assert [h.doc_id for h in kb.search("Corran Head siren", k=3, log=False).hits] == [h.doc_id for h in before]

@@ -37,8 +37,8 @@ def test_minilm_offline_ingest_and_search(minilm_kb):
     kb = minilm_kb
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     assert kb.model_id == "sentence-transformers/all-MiniLM-L6-v2"
-    manifest = json.load(open(kb.dense_path + ".manifest.json"))
-    assert manifest["dim"] == 384 and manifest["count"] == kb.stats()["chunks"] and manifest["metric"] == "inner_product"
+    rep = kb.check()
+    assert rep["ok"] and rep["counts"]["dense_vectors"] == kb.stats()["chunks"] and kb.embedder.dim == 384
     for mode in ("bm25", "dense", "hybrid"):
         hits = kb.search("Which engineer designed the tower at Fenwick Point?", k=3, mode=mode, log=False).hits
         assert hits[0].doc_id == "fenwick-point-light.md", mode
@@ -163,7 +163,7 @@ def test_reindex_re_embed_switches_embedder(tmp_path):
     kb = KnowledgeBase.open(kb_path)
     assert kb.model_id == "sentence-transformers/all-MiniLM-L6-v2" and kb.config["embedder"]["name"] == "minilm"
     assert kb.search("Fenwick Point designer", mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
-    assert json.load(open(kb.dense_path + ".manifest.json"))["dim"] == 384
+    assert kb.check()["ok"] and len(kb.conn.execute("SELECT embedding FROM chunks LIMIT 1").fetchone()[0]) == 384 * 4
 
 
 @isolated

@@ -16,6 +16,7 @@ from conftest import QUESTIONS, write
 from writeback_rag import KnowledgeBase
 from writeback_rag.errors import InputError, LLMError, LockBusy, UnknownQuery
 from writeback_rag.feedback import judge, read_labels
+from writeback_rag.index import BM25
 from writeback_rag.writeback import Lock, extractive, faithful, list_runs, list_units
 
 DOCS = [
@@ -175,6 +176,9 @@ def test_rollback_removes_units_everywhere(small):
 
 
 def test_stale_units_hidden_then_redistilled(small):
+    # enough other text that a unit's removal leaves tombstones behind (no compaction)
+    small.ingest([{"id": f"filler{i}", "text": f"Filler note {i} on tides, gulls, ferries and harbour walls."}
+                  for i in range(60)])
     labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
     small.writeback()
     [u] = list_units(small)
@@ -185,6 +189,13 @@ def test_stale_units_hidden_then_redistilled(small):
     assert all(h.kind == "source" for h in small.search("Calder foundry Marrowick", k=5, log=False).hits)
     out = small.writeback()  # the distilled sentences did not change: the same unit is current again
     assert out["revived"] == 1 and list_units(small)[0]["status"] == "active"
+    # the revived unit's chunks come back under their old ids: each scored once, as a fresh engine does
+    fresh = BM25(small.conn)
+    ids, scores = fresh.search("Calder foundry Marrowick bells", 50)
+    want = dict(zip(ids.tolist(), scores.tolist()))
+    hits = small.search("Calder foundry Marrowick bells", k=5, mode="bm25", log=False).hits
+    assert any(h.kind == "unit" for h in hits)
+    assert all(h.bm25 == pytest.approx(want[h.chunk_id], rel=1e-5) for h in hits)
     changed = dict(DOCS[1], text=DOCS[1]["text"].replace("stood in", "was built in"))
     small.ingest([changed])
     assert list_units(small)[0]["status"] == "stale"

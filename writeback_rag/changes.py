@@ -3,36 +3,58 @@
 A writer fills a Change inside its write transaction and records it there, so the log can never disagree
 with the documents. Each derived index remembers the sequence number it has applied and catches up by
 replaying the log from there: its own process's commits and other processes' alike. The sequence number
-of the newest change is also the KB's generation."""
+of the newest change is also the KB's generation.
+
+Postings are not stored: an index tokenizes the chunks it adds (text.bm25_tokens is deterministic). The
+store keeps the term dictionary (ids shared by every process) with each term's document frequency over the
+active source chunks, which write-back's distiller needs without loading an index. A removed chunk's
+(term id, tf) rows go into the log, so an engine that replays it lowers exactly those frequencies."""
+
+from collections import Counter
 
 import numpy as np
 
 from . import store
+from .text import bm25_tokens, index_text
 
 _BATCH = 500  # ids per IN (...) list: under SQLite's host-parameter limit
 
 
 class Change:
-    """What one write transaction does to the indexed chunks."""
+    """What one write transaction does to the indexed chunks. `terms`: a term -> id cache the caller keeps
+    (and drops when its transaction rolls back)."""
 
-    def __init__(self):
+    def __init__(self, terms=None):
         self.added, self.removed, self.removed_postings = [], [], []
         self.reset = False
+        self.terms = {} if terms is None else terms
 
-    def add(self, chunk_ids):
-        """Chunks that became searchable (their postings are written by the caller)."""
-        self.added.extend(int(c) for c in chunk_ids)
+    def add(self, conn, chunks):
+        """Chunks that became searchable: (chunk id, indexed text, document kind) each. Registers their
+        terms and returns their BM25 lengths."""
+        counts = [Counter(bm25_tokens(text)) for _, text, _ in chunks]
+        ids = term_ids(conn, self.terms, {t for c in counts for t in c}, create=True)
+        df = Counter(t for c, (_, _, kind) in zip(counts, chunks) if kind == "source" for t in c)
+        if df:
+            conn.executemany("UPDATE terms SET df=df+? WHERE id=?", [(n, ids[t]) for t, n in df.items()])
+        self.added.extend(int(c[0]) for c in chunks)
+        return [sum(c.values()) for c in counts]
 
     def remove(self, conn, chunk_ids):
-        """Take chunks out of the sparse index now. Their postings go into the log with the change, so an
-        engine that replays it can lower the document frequencies of exactly those terms."""
+        """Chunks that leave the indexes (call it before their rows or status change). Only chunks of
+        active documents are indexed, so only theirs have postings to log."""
         ids = [int(c) for c in chunk_ids]
-        for start in range(0, len(ids), _BATCH):
-            part = ids[start:start + _BATCH]
-            marks = ",".join("?" * len(part))
-            self.removed_postings += conn.execute(
-                f"SELECT term_id, chunk_id, tf FROM postings WHERE chunk_id IN ({marks})", part).fetchall()
-            conn.execute(f"DELETE FROM postings WHERE chunk_id IN ({marks})", part)
+        rows = active_rows(conn, "SELECT c.id, c.text, d.title, d.kind FROM chunks c JOIN documents d "
+                                 "ON d.id=c.doc_id WHERE d.status='active' AND c.id IN", ids)
+        counts = [Counter(bm25_tokens(index_text(r[2], r[1]))) for r in rows]
+        tids = term_ids(conn, self.terms, {t for c in counts for t in c}, create=True)
+        df = Counter()
+        for r, c in zip(rows, counts):
+            self.removed_postings += [(tids[t], r[0], tf) for t, tf in c.items()]
+            if r[3] == "source":
+                df.update(c.keys())
+        if df:
+            conn.executemany("UPDATE terms SET df=df-? WHERE id=?", [(n, tids[t]) for t, n in df.items()])
         self.removed.extend(ids)
 
     def rebuild_all(self):
@@ -41,6 +63,35 @@ class Change:
 
     def __bool__(self):
         return bool(self.added or self.removed or self.reset)
+
+
+def term_ids(conn, cache, terms, create=False):
+    """{term: id} for `terms`, from `cache` or the store; `create` inserts the new ones (in the caller's
+    transaction). Ids are never reused, so a cache stays right for as long as its transactions commit."""
+    missing = [t for t in terms if t not in cache]
+    if missing and create:
+        conn.executemany("INSERT OR IGNORE INTO terms(term) VALUES (?)", [(t,) for t in missing])
+    for start in range(0, len(missing), _BATCH):
+        part = missing[start:start + _BATCH]
+        cache.update(conn.execute(f"SELECT term, id FROM terms WHERE term IN ({','.join('?' * len(part))})",
+                                  part).fetchall())
+    return {t: cache[t] for t in terms if t in cache}
+
+
+def recount_terms(conn):
+    """Document frequencies from the chunks themselves (reindex); returns {chunk id: BM25 length}."""
+    df, lengths = Counter(), {}
+    for cid, text, title, kind in conn.execute(
+            "SELECT c.id, c.text, d.title, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
+            "WHERE d.status='active'"):
+        c = Counter(bm25_tokens(index_text(title, text)))
+        lengths[cid] = sum(c.values())
+        if kind == "source":
+            df.update(c.keys())
+    ids = term_ids(conn, {}, set(df), create=True)
+    conn.execute("UPDATE terms SET df=0")
+    conn.executemany("UPDATE terms SET df=? WHERE id=?", [(n, ids[t]) for t, n in df.items()])
+    return lengths
 
 
 def record(conn, change):

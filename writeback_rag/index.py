@@ -1,4 +1,4 @@
-"""Derived indexes: FAISS for dense vectors (file + manifest) and BM25 over postings kept in SQLite."""
+"""Derived indexes: FAISS for dense vectors and an incremental BM25 engine, each saved beside a manifest."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 
 from .version import __version__
-from .text import bm25_tokens
+from .text import bm25_tokens, index_text
 
 # ---- dense ---------------------------------------------------------------------------------
 
@@ -49,16 +49,17 @@ class DenseIndex:
         if len(ids):
             self.index.remove_ids(np.asarray(ids, dtype=np.int64))
 
-    def search(self, qvec, n, allowed=None):
-        """Top-n (ids, scores); `allowed` (array of chunk ids) restricts the search via an IDSelector."""
+    def search(self, qvec, n, mask=None):
+        """Top-n (ids, scores); `mask` (boolean over chunk ids) restricts the search inside FAISS, as a
+        bitmap the scan tests per vector."""
         if self.count == 0 or n <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         params = None
-        if allowed is not None:
-            allowed = np.asarray(allowed, dtype=np.int64)
-            if len(allowed) == 0:
+        if mask is not None:
+            if not mask.any():
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            sel = self.faiss.IDSelectorBatch(len(allowed), self.faiss.swig_ptr(allowed))
+            bits = np.packbits(mask, bitorder="little")
+            sel = self.faiss.IDSelectorBitmap(len(bits), self.faiss.swig_ptr(bits))  # n: bytes
             params = self.faiss.SearchParametersHNSW(sel=sel, efSearch=128) if self.kind == "hnsw" \
                 else self.faiss.SearchParameters(sel=sel)
         scores, ids = self.index.search(np.asarray(qvec, dtype=np.float32).reshape(1, -1), min(n, self.count),
@@ -159,23 +160,7 @@ def write_json_atomic(path, obj):
 # ---- BM25 ----------------------------------------------------------------------------------
 
 
-def write_postings(conn, term_ids, chunk_id, text):
-    """Index one chunk inside the caller's transaction; returns its BM25 length."""
-    counts = Counter(bm25_tokens(text))
-    rows = []
-    for term, tf in counts.items():
-        tid = term_ids.get(term)
-        if tid is None:
-            conn.execute("INSERT OR IGNORE INTO terms(term) VALUES (?)", (term,))
-            tid = conn.execute("SELECT id FROM terms WHERE term=?", (term,)).fetchone()[0]
-            term_ids[term] = tid
-        rows.append((tid, chunk_id, tf))
-    conn.executemany("INSERT OR REPLACE INTO postings(term_id, chunk_id, tf) VALUES (?,?,?)", rows)
-    return sum(counts.values())
-
-
-def load_term_ids(conn):
-    return {term: tid for tid, term in conn.execute("SELECT id, term FROM terms")}
+_ID_DTYPE = np.uint32  # chunk ids on disk (SQLite rowids; a KB of 4 billion chunks would need int64)
 
 
 class BM25:
@@ -187,7 +172,7 @@ class BM25:
     chunk touches that chunk's postings and nothing else. Removed chunks are tombstones until the next
     compaction (on save, or when a third of the postings are dead)."""
 
-    FORMAT = 2  # of the saved arrays; bump when save() changes
+    FORMAT = 3  # of the saved arrays; bump when save() changes
 
     def __init__(self, conn=None, k1=1.2, b=0.75, epsilon=0.25, seq=0):
         """The engine over every active chunk in `conn` (read in one snapshot); empty without a conn."""
@@ -203,35 +188,57 @@ class BM25:
         self._extra = {}     # term id -> [(ids, tf)] appended by replayed adds
         self._n_post, self._n_dead = 0, 0
         self._mean_idf = None
+        self._local = threading.local()
         if conn is not None:
-            self._load_sql(conn)
+            conn.execute("BEGIN")  # one snapshot: the chunks and the sequence number they match
+            try:
+                self.build(conn)
+            finally:
+                conn.execute("COMMIT")
 
     # -- building and replaying
 
-    def _load_sql(self, conn):
+    def build(self, conn):
+        """Index every active chunk, in the caller's snapshot of the store."""
         from .changes import head
 
-        conn.execute("BEGIN")  # one snapshot: the arrays and the sequence number they match
-        try:
-            self.seq = head(conn)
-            lens = np.array([tuple(r) for r in conn.execute(
-                "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")],
-                dtype=np.int64).reshape(-1, 2)
-            rows = conn.execute("SELECT p.term_id, t.term, group_concat(p.chunk_id), group_concat(p.tf) FROM postings p "
-                                "JOIN terms t ON t.id=p.term_id GROUP BY p.term_id ORDER BY p.term_id").fetchall()
-        finally:
-            conn.execute("COMMIT")
-        self._grow_chunks(int(lens[:, 0].max()) if len(lens) else 0)
-        self.doc_len[lens[:, 0]] = lens[:, 1]
-        self.alive[lens[:, 0]] = True
-        self.n_docs, self.total_len = len(lens), float(lens[:, 1].sum())
-        if rows:
-            tids = np.array([r[0] for r in rows], dtype=np.int64)
-            counts = np.array([r[2].count(",") + 1 for r in rows], dtype=np.int64)
-            ids = np.array(",".join(r[2] for r in rows).split(","), dtype=np.int64)
-            tf = np.array(",".join(r[3] for r in rows).split(","), dtype=np.float32)
-            self.term_ids = {r[1]: r[0] for r in rows}
-            self._set_base(tids, counts, ids, tf)
+        self.seq = head(conn)
+        self.term_ids = {t: i for i, t in conn.execute("SELECT id, term FROM terms")}
+        rows = conn.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                            "WHERE d.status='active' ORDER BY c.id").fetchall()
+        cids, lens, tids, tfs = self._tokenize(conn, rows)
+        counts_per_chunk = np.array([len(x) for x in tids], dtype=np.int64)
+        self._grow_chunks(int(cids.max()) if len(cids) else 0)
+        self.doc_len[cids] = lens
+        self.alive[cids] = True
+        self.n_docs, self.total_len = len(cids), float(lens.sum())
+        if len(cids):
+            tid = np.concatenate(tids) if tids else np.zeros(0, np.int64)
+            ids = np.repeat(cids, counts_per_chunk)
+            tf = np.concatenate(tfs) if tfs else np.zeros(0, np.float32)
+            order = np.argsort(tid, kind="stable")  # by term, then chunk id (rows came in id order)
+            tid, ids, tf = tid[order], ids[order], tf[order]
+            uniq, counts = np.unique(tid, return_counts=True)
+            self._set_base(uniq, counts, ids, tf)
+
+    def _tokenize(self, conn, rows):
+        """(chunk ids, lengths, [term ids per chunk], [tfs per chunk]) for (id, text, title) rows; terms this
+        engine has not met are looked up in the store's dictionary (the writer registered them)."""
+        from .changes import term_ids
+
+        counted = [Counter(bm25_tokens(index_text(r[2], r[1]))) for r in rows]
+        new = {t for c in counted for t in c if t not in self.term_ids}
+        if new:
+            term_ids(conn, self.term_ids, new)
+        cids = np.array([r[0] for r in rows], dtype=np.int64)
+        lens = np.array([sum(c.values()) for c in counted], dtype=np.float32)
+        get = self.term_ids.get
+        tids = [np.array([get(t, -1) for t in c], dtype=np.int64) for c in counted]
+        tfs = [np.fromiter(c.values(), dtype=np.float32, count=len(c)) for c in counted]
+        for i, t in enumerate(tids):  # a term missing from the dictionary cannot be scored: leave it out
+            if len(t) and t.min() < 0:
+                tids[i], tfs[i] = t[t >= 0], tfs[i][t >= 0]
+        return cids, lens, tids, tfs
 
     def _set_base(self, tids, counts, ids, tf):
         ends = np.cumsum(counts)
@@ -255,37 +262,32 @@ class BM25:
         if top >= len(self.df):
             self.df = np.concatenate([self.df, np.zeros(max(top + 1, 2 * len(self.df)) - len(self.df), np.int64)])
 
-    def add(self, conn, chunk_ids):
-        """Make chunks live from their rows in the store (only those of active documents, not yet live)."""
-        from .changes import active_rows
-
-        ids = [int(c) for c in chunk_ids if int(c) >= len(self.alive) or not self.alive[int(c)]]
-        if not ids:
+    def add(self, conn, rows):
+        """Make chunks live: (chunk id, text, title) rows of active chunks; those already live are skipped.
+        `conn` is the store whose term dictionary names the terms this engine has not met."""
+        rows = [r for r in rows if int(r[0]) >= len(self.alive) or not self.alive[int(r[0])]]
+        if not rows:
             return
-        lens = active_rows(conn, "SELECT c.id, c.bm25_len FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                 "WHERE d.status='active' AND c.id IN", ids)
-        if not lens:
-            return
-        live = np.array([tuple(r) for r in lens], dtype=np.int64)
-        self._grow_chunks(int(live[:, 0].max()))
-        self.doc_len[live[:, 0]] = live[:, 1]
-        self.alive[live[:, 0]] = True
-        self.n_docs += len(live)
-        self.total_len += float(live[:, 1].sum())
-        post = active_rows(conn, "SELECT p.term_id, t.term, p.chunk_id, p.tf FROM postings p JOIN terms t "
-                                 "ON t.id=p.term_id WHERE p.chunk_id IN", live[:, 0].tolist())
+        cids, lens, tids, tfs = self._tokenize(conn, rows)
+        self._grow_chunks(int(cids.max()))
+        if self._n_dead and (self.doc_len[cids] > 0).any():
+            self.compact()  # a chunk coming back (a restored unit): drop its old postings first
+        self.doc_len[cids] = lens
+        self.alive[cids] = True
+        self.n_docs += len(cids)
+        self.total_len += float(lens.sum())
         by_term = {}
-        for tid, term, cid, tf in post:
-            self.term_ids[term] = tid
-            by_term.setdefault(tid, ([], []))
-            by_term[tid][0].append(cid)
-            by_term[tid][1].append(tf)
+        for cid, t, f in zip(cids.tolist(), tids, tfs):
+            for tid, tf in zip(t.tolist(), f.tolist()):
+                by_term.setdefault(tid, ([], []))
+                by_term[tid][0].append(cid)
+                by_term[tid][1].append(tf)
         if by_term:
             self._grow_terms(max(by_term))
-        for tid, (cids, tfs) in by_term.items():
-            self._extra.setdefault(tid, []).append((np.array(cids, dtype=np.int64), np.array(tfs, dtype=np.float32)))
-            self.df[tid] += len(cids)
-            self._n_post += len(cids)
+        for tid, (c, f) in by_term.items():
+            self._extra.setdefault(tid, []).append((np.array(c, dtype=np.int64), np.array(f, dtype=np.float32)))
+            self.df[tid] += len(c)
+            self._n_post += len(c)
         self._mean_idf = None
 
     def remove(self, chunk_ids, postings):
@@ -354,31 +356,56 @@ class BM25:
     def avgdl(self):
         return self.total_len / self.n_docs if self.n_docs else 1.0
 
-    def search(self, query, n, allowed=None):
-        """Top-n (chunk ids, scores) for a query string; `allowed` is a boolean mask over chunk ids."""
-        scores = np.zeros(len(self.doc_len), dtype=np.float64)
-        matched = np.zeros(len(self.doc_len), dtype=bool)  # a term with idf 0 (tiny corpora) still matches
+    def _scratch(self):
+        """Per-thread (scores, seen) arrays as long as the chunk ids, all zero between searches."""
+        mine = getattr(self._local, "scratch", None)
+        if mine is None or len(mine[0]) < len(self.doc_len):
+            mine = (np.zeros(len(self.doc_len), dtype=np.float64), np.zeros(len(self.doc_len), dtype=bool))
+            self._local.scratch = mine
+        return mine
+
+    def search(self, query, n, mask=None):
+        """Top-n (chunk ids, scores) for a query string; `mask` (boolean over chunk ids) restricts it.
+
+        Term at a time over the query's postings only (a query touches about 1% of the chunks): no array
+        as long as the corpus is made or scanned per query."""
         k1, b, avgdl = self.k1, self.b, self.avgdl
+        ids_parts, score_parts = [], []
         for term in bm25_tokens(query):
             tid = self.term_ids.get(term)
             if tid is None or tid >= len(self.df) or self.df[tid] <= 0:
                 continue
             ids, tf = self._postings(tid)
-            live = self.alive[ids]
-            ids, tf = ids[live], tf[live].astype(np.float64)
+            if self._n_dead:  # tombstones: skip the postings of removed chunks
+                live = self.alive[ids]
+                ids, tf = ids[live], tf[live]
+            tf = tf.astype(np.float64)
+            ids_parts.append(ids)
             norm = k1 * (1 - b + b * self.doc_len[ids] / avgdl)
-            scores[ids] += self.idf(tid) * tf * (k1 + 1) / (tf + norm)
-            matched[ids] = True
-        if allowed is not None:
-            m = min(len(allowed), len(matched))
-            matched[:m] &= allowed[:m]
-            matched[m:] = False
-        cand = np.flatnonzero(matched)
+            score_parts.append(self.idf(tid) * tf * (k1 + 1) / (tf + norm))
+        if not ids_parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if len(ids_parts) == 1:  # one term: each chunk once (a term with idf 0 still matches)
+            cand, scores = ids_parts[0], score_parts[0]
+        else:  # sum per chunk in this thread's scratch arrays, then clear what was touched
+            acc, seen = self._scratch()
+            new = []
+            for ids, part in zip(ids_parts, score_parts):
+                new.append(ids[~seen[ids]])
+                seen[new[-1]] = True
+                acc[ids] += part
+            cand = np.concatenate(new)
+            scores = acc[cand]
+            acc[cand], seen[cand] = 0.0, False
+        if mask is not None:
+            keep = cand < len(mask)
+            keep[keep] = mask[cand[keep]]
+            cand, scores = cand[keep], scores[keep]
         if len(cand) > n:
-            cand = cand[np.argpartition(-scores[cand], n - 1)[:n]]
-        order = np.lexsort((cand, -scores[cand]))
-        cand = cand[order]
-        return cand.astype(np.int64), scores[cand].astype(np.float32)
+            top = np.argpartition(-scores, n - 1)[:n]
+            cand, scores = cand[top], scores[top]
+        order = np.lexsort((cand, -scores))
+        return cand[order].astype(np.int64), scores[order].astype(np.float32)
 
     # -- files
 
@@ -394,9 +421,10 @@ class BM25:
         tmp = _tmp_name(path)
         with open(tmp, "wb") as f:
             np.savez(f, manifest=np.frombuffer(json.dumps(manifest, sort_keys=True).encode("utf-8"), dtype=np.uint8),
-                     doc_len=self.doc_len, alive=self.alive,
+                     doc_len=self.doc_len.astype(np.uint32), alive=self.alive,
                      terms=np.frombuffer("\n".join(terms).encode("utf-8"), dtype=np.uint8),
-                     tids=tids, counts=bounds[:, 1] - bounds[:, 0], ids=self._ids, tf=self._tf)
+                     tids=tids, counts=bounds[:, 1] - bounds[:, 0], ids=self._ids.astype(_ID_DTYPE),
+                     tf=np.minimum(self._tf, 65535).astype(np.uint16))  # 6 bytes a posting on disk
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,137 +1,189 @@
-"""Indexes: the one owner of a KB's derived indexes in one process (FAISS for dense, BM25 for sparse).
+"""Indexes: the one owner of a KB's derived indexes in one process (FAISS for dense, BM25 for sparse, and
+the kind of each live chunk that filters and the unit cap read).
 
-Each index records the change-log sequence number it reflects. `catch_up` replays the log from there to
-the newest commit, whoever made it; an index is loaded from its saved file, or rebuilt from the store
-(with a notice) only when the file is missing, corrupt or too far behind. Writers never touch an index:
-they commit a Change (changes.py), and the next search catches up. Files are saved when enough has changed
-since the last save (a small write never rewrites whole files; a reader replays the short tail)."""
+Each index records the change-log sequence number it reflects. `catch_up` reads the log's tail and the rows
+it points to once, in one snapshot, and applies each change to every index behind it, whoever made the
+change. An index is loaded from its saved file, or rebuilt from the store (with a notice) only when the file
+is missing, corrupt or too far behind. Writers never touch an index: they commit a Change (changes.py), and
+the next search catches up. Files are saved when enough has changed since the last save (a small write
+never rewrites whole files; a reader replays the short tail)."""
 
+import json
+import os
 import threading
 
 import numpy as np
 
 from . import changes
+from .filters import KINDS
 from .index import BM25, DenseIndex
 
 SAVE_AFTER = 2048  # chunks changed since the last save; or 5% of the index, whichever is more
+REPLAY_LIMIT = 50_000  # chunks behind (or the index's size, if larger) beyond which a rebuild is cheaper
 
 
 class Indexes:
+    """Every derived index of one KB in one process, and the rule that keeps them at the log's head."""
+
     def __init__(self, dense_path, bm25_path, config, identity, dim, notify, readonly=False):
         """`identity()`: what a saved file must match ({model_id, kb_created}); `dim()`: the vector size."""
         self.dense_path, self.bm25_path = dense_path, bm25_path
         self.config, self._identity, self._dim, self._notify = config, identity, dim, notify
-        self.dense, self.bm25 = None, None
+        self.dense, self.bm25, self.kinds = None, None, None
         self.readonly = readonly  # a read-only KB: indexes live in memory only
         self.lock = threading.RLock()  # replays and searches of one index never overlap
 
     # -- catching up
 
     def catch_up(self, conn, dense=True, bm25=True):
-        """Bring the asked-for indexes to the newest committed change; returns its sequence number."""
+        """Bring the asked-for indexes (and the chunk kinds) to the newest committed change; returns it."""
         with self.lock:
             head = changes.head(conn)
-            if dense and (self.dense is None or self.dense.seq != head):
-                self.dense = self._dense_at(conn, head)
-            if bm25 and (self.bm25 is None or self.bm25.seq != head):
-                self.bm25 = self._bm25_at(conn, head)
+            names = ["kinds"] + ["dense"] * dense + ["bm25"] * bm25
+            if any(getattr(self, n) is None or getattr(self, n).seq != head for n in names):
+                self._open(conn, names, head)
+                behind = [n for n in names if getattr(self, n).seq != head]
+                if behind:
+                    self._replay(conn, behind, head)
             if self.bm25 is not None:  # k1 and b apply at query time: a changed setting needs no rebuild
                 self.bm25.k1, self.bm25.b = float(self.config["bm25"]["k1"]), float(self.config["bm25"]["b"])
             return head
 
-    def _behind(self, conn, seq, head, count):
-        """None when replaying (seq, head] is cheaper than a rebuild, else why not."""
+    def _open(self, conn, names, head):
+        """Load what is not in memory; rebuild what cannot catch up by replaying (with a notice why)."""
+        for name in names:
+            index = getattr(self, name)
+            if index is None:
+                index, why = self._load(name)
+                if index is None and why != "missing":  # a missing file is normal (new KB, cache removed)
+                    self._notify(f"{self._label(name)} {why}; rebuilding from the store")
+            if index is not None:
+                why = self._behind(conn, index, head)
+                if why is None:
+                    setattr(self, name, index)
+                    continue
+                if why != "reset by reindex":
+                    self._notify(f"{self._label(name)} {why}; rebuilding from the store")
+            setattr(self, name, self._build(conn, name))
+
+    def _behind(self, conn, index, head):
+        """None when replaying (index.seq, head] is cheaper than a rebuild, else why not."""
+        seq = index.seq
         if seq < 0 or seq > head:
             return "from another history"
         n, touched, reset = changes.pending(conn, seq, head)
         if reset:
             return "reset by reindex"
-        if touched > max(50_000, count):
+        if touched > max(REPLAY_LIMIT, _size(index)):
             return f"{touched} chunks behind"
+        if isinstance(index, DenseIndex) and not index.can_remove and n and _removes(conn, seq, head):
+            return "an HNSW graph cannot remove vectors"
         return None
 
-    def _dense_at(self, conn, head):
-        d = self.dense
-        if d is None:
-            d, why = DenseIndex.load(self.dense_path, self._dense_expect())
-            if d is None and why != "missing":  # a missing file is normal (new KB, cache removed)
-                self._notify(f"dense index {why}; rebuilding from stored embeddings")
-        if d is not None:
-            why = self._behind(conn, d.seq, head, d.count)
-            if why is None:
-                if self._replay_dense(conn, d, head):
-                    return d
-                why = "cannot remove from an HNSW index"
-            if why != "reset by reindex":
-                self._notify(f"dense index {why}; rebuilding from stored embeddings")
-        d = self._build_dense(conn)
-        self._save(d, self.dense_path, self._dense_expect())
-        return d
-
-    def _replay_dense(self, conn, d, head):
-        conn.execute("BEGIN")  # the log and the rows it points to, in one snapshot
+    def _replay(self, conn, names, head):
+        """The log's tail after the oldest of `names`, and the rows its added chunks point to, read in one
+        snapshot; each change applied, in order, to every index that has not applied it."""
+        start = min(getattr(self, n).seq for n in names)
+        conn.execute("BEGIN")
         try:
-            rows = changes.since(conn, d.seq, head)
-            for seq, added, removed, _, _ in rows:
-                if len(removed):
-                    if not d.can_remove:
-                        return False
-                    d.remove(removed)
-                if len(added):
-                    got = changes.active_rows(conn, "SELECT c.id, c.embedding FROM chunks c JOIN documents d "
-                                                    "ON d.id=c.doc_id WHERE d.status='active' AND c.id IN", added)
-                    if got:
-                        vecs = np.frombuffer(b"".join(r[1] for r in got), dtype=np.float32).reshape(len(got), -1)
-                        d.add([r[0] for r in got], vecs)
-                d.seq = seq
-            d.seq = head
-            return True
+            tail = changes.since(conn, start, head)
+            added = sorted({int(c) for entry in tail for c in entry[1]})
+            cols = "c.id, d.kind, c.text, d.title" + (", c.embedding" if "dense" in names else "")
+            rows = {r[0]: r for r in changes.active_rows(
+                conn, f"SELECT {cols} FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                      "WHERE d.status='active' AND c.id IN", added)}
+            for seq, add, removed, postings, _ in tail:
+                live = [rows[c] for c in add.tolist() if c in rows]  # chunks removed since are skipped
+                for name in names:
+                    index = getattr(self, name)
+                    if index.seq >= seq:
+                        continue
+                    if name == "kinds":
+                        index.remove(removed)
+                        index.add(live)
+                    elif name == "bm25":
+                        index.remove(removed, postings)
+                        index.add(conn, [(r[0], r[2], r[3]) for r in live])
+                    else:
+                        index.remove(removed)
+                        if live:
+                            index.add([r[0] for r in live], np.frombuffer(b"".join(r[4] for r in live),
+                                                                           dtype=np.float32).reshape(len(live), -1))
+                    index.seq = seq
+            for name in names:
+                getattr(self, name).seq = head
         finally:
             conn.execute("COMMIT")
 
-    def _build_dense(self, conn):
+    def _build(self, conn, name):
+        """One index from the store, in one snapshot at the head it reads; saved when it has a file."""
         conn.execute("BEGIN")
         try:
             seq = changes.head(conn)
-            ids, vecs = [], []
-            for cid, blob in conn.execute("SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                          "WHERE d.status='active' ORDER BY c.id"):
-                ids.append(cid)
-                vecs.append(blob)
+            if name == "kinds":
+                index = ChunkKinds()
+                index.add(conn.execute("SELECT c.id, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                       "WHERE d.status='active'").fetchall())
+            elif name == "bm25":
+                b = self.config["bm25"]
+                index = BM25(None, b["k1"], b["b"])
+                index.build(conn)
+            else:
+                index = self._build_dense(conn)
         finally:
             conn.execute("COMMIT")
+        index.seq = seq
+        if name == "bm25":
+            self._save(index, self.bm25_path, self._identity())
+        elif name == "dense" and self.saves_dense:
+            self._save(index, self.dense_path, self._dense_expect())
+        return index
+
+    def _build_dense(self, conn):
+        ids, vecs = [], []
+        for cid, blob in conn.execute("SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                      "WHERE d.status='active' ORDER BY c.id"):
+            ids.append(cid)
+            vecs.append(blob)
         dim = len(vecs[0]) // 4 if vecs else self._dim()
         cfg = self.config["dense"]
         d = DenseIndex(dim, cfg["index"], cfg["hnsw_m"])
         if ids:
-            d.add(np.asarray(ids, dtype=np.int64),
-                  np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), dim))
-        d.seq = seq
+            d.add(np.asarray(ids, dtype=np.int64), np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), dim))
         return d
 
-    def _bm25_at(self, conn, head):
-        b = self.config["bm25"]
-        e = self.bm25
-        if e is None:
-            e, why = BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
-            if e is None and why != "missing":
-                self._notify(f"BM25 arrays {why}; rebuilding from the postings")
-        if e is not None:
-            if self._behind(conn, e.seq, head, e.n_docs) is None:
-                conn.execute("BEGIN")
-                try:
-                    for seq, added, removed, post, _ in changes.since(conn, e.seq, head):
-                        e.remove(removed, post)
-                        e.add(conn, added)
-                    e.seq = head
-                finally:
-                    conn.execute("COMMIT")
-                return e
-        e = BM25(conn, b["k1"], b["b"])
-        self._save(e, self.bm25_path, self._identity())
-        return e
+    def _load(self, name):
+        if name == "kinds":
+            return None, "missing"
+        if name == "bm25":
+            b = self.config["bm25"]
+            return BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
+        if not self.saves_dense:
+            self._drop_file(self.dense_path)
+            return None, "missing"
+        return DenseIndex.load(self.dense_path, self._dense_expect())
+
+    @staticmethod
+    def _label(name):
+        return {"dense": "dense index", "bm25": "BM25 arrays", "kinds": "chunk kinds"}[name]
 
     # -- files
+
+    @property
+    def saves_dense(self):
+        """A flat index is nothing but the stored vectors: it is built from them on open (about 0.3 s per
+        100k chunks), so they are kept once. An HNSW graph costs minutes to build: its file earns its place."""
+        return self.config["dense"]["index"] != "flat"
+
+    def _drop_file(self, path):
+        """A flat index's file left by an older version: the vectors are in the store."""
+        if self.readonly:
+            return
+        for p in (path, path + ".manifest.json"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
 
     def _dense_expect(self):
         return dict(self._identity(), kind=self.config["dense"]["index"])
@@ -150,13 +202,14 @@ class Indexes:
         that the next process can load and replay cheaply; small writes rewrite nothing."""
         head = changes.head(conn)
         for name, path in (("dense", self.dense_path), ("bm25", self.bm25_path)):
+            if name == "dense" and not self.saves_dense:
+                continue
             saved = _saved_seq(path)
             n, touched, reset = changes.pending(conn, saved, head) if saved >= 0 else (1, 1 << 40, True)
             if not n:
                 continue
             index = getattr(self, name)
-            size = (index.count if name == "dense" else index.n_docs) if index is not None else 0
-            if reset or touched >= max(SAVE_AFTER, size // 20):
+            if reset or touched >= max(SAVE_AFTER, _size(index) // 20 if index is not None else 0):
                 with self.lock:
                     self.catch_up(conn, dense=name == "dense", bm25=name == "bm25")
                     index = getattr(self, name)
@@ -166,12 +219,85 @@ class Indexes:
     def reset(self):
         """Forget the in-memory indexes (after a reindex): the next catch-up loads or rebuilds them."""
         with self.lock:
-            self.dense, self.bm25 = None, None
+            self.dense, self.bm25, self.kinds = None, None, None
+
+    # -- filters
+
+    def mask(self, conn, where):
+        """A Filter as a boolean mask over chunk ids for the local engines, or None when it lets every live
+        chunk through. Kinds come from this process's own table; document predicates from the store."""
+        if where.kinds >= set(KINDS) and not where.on_records:
+            return None
+        m = self.kinds.mask(where.kinds)
+        if where.on_records:
+            cond, args = where.where_sql()
+            ids = np.array([r[0] for r in conn.execute(
+                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND " + cond,
+                args)], dtype=np.int64)
+            chosen = np.zeros(len(m), dtype=bool)
+            chosen[ids[ids < len(m)]] = True
+            m = m & chosen
+        return m
+
+
+class ChunkKinds:
+    """Per chunk id, the kind of a live chunk (0: not live): what a filter by kind and the unit cap are
+    evaluated against, in memory, kept at the log's head like the indexes."""
+
+    CODES = {"source": 1, "unit": 2}
+
+    def __init__(self):
+        self.codes = np.zeros(0, dtype=np.int8)
+        self.counts = {k: 0 for k in self.CODES}
+        self.seq = -1
+        self._masks = {}
+
+    def add(self, rows):
+        """(chunk id, kind, ...) rows of live chunks."""
+        if not rows:
+            return
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        if ids.max() >= len(self.codes):
+            grown = np.zeros(max(int(ids.max()) + 1, 2 * len(self.codes)), dtype=np.int8)
+            grown[:len(self.codes)] = self.codes
+            self.codes = grown
+        self.remove(ids)  # a chunk counted once, whatever came before
+        codes = np.array([self.CODES.get(r[1], 0) for r in rows], dtype=np.int8)
+        self.codes[ids] = codes
+        for kind, code in self.CODES.items():
+            self.counts[kind] += int((codes == code).sum())
+        self._masks = {}
+
+    def remove(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[ids < len(self.codes)]
+        if len(ids):
+            for kind, code in self.CODES.items():
+                self.counts[kind] -= int((self.codes[ids] == code).sum())
+            self.codes[ids] = 0
+            self._masks = {}
+
+    def mask(self, kinds):
+        key = frozenset(kinds)
+        if key not in self._masks:
+            self._masks[key] = np.isin(self.codes, [self.CODES[k] for k in key])
+        return self._masks[key]
+
+    def is_unit(self, chunk_id):
+        return chunk_id < len(self.codes) and self.codes[chunk_id] == self.CODES["unit"]
+
+
+def _size(index):
+    return index.count if isinstance(index, DenseIndex) else index.n_docs if isinstance(index, BM25) \
+        else int(len(index.codes))
+
+
+def _removes(conn, seq, head):
+    return conn.execute("SELECT 1 FROM changes WHERE seq>? AND seq<=? AND length(removed) > 0 LIMIT 1",
+                        (int(seq), int(head))).fetchone() is not None
 
 
 def _saved_seq(path):
-    import json
-
     try:
         with open(path + ".manifest.json", encoding="utf-8") as f:
             return int(json.load(f).get("seq", -1))

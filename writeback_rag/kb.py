@@ -14,13 +14,14 @@ import numpy as np
 from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
+from .filters import Filter
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, WbragError, storage_error
-from .changes import Change, head, record
-from .index import BM25, DenseIndex, load_term_ids, write_postings
+from .changes import Change, active_rows, head, record, recount_terms
+from .index import BM25, DenseIndex
 from .indexes import Indexes
 from .loaders import IngestReport, Problem, Record, _field_record, read_paths  # noqa: F401  (re-exported)
 from .progress import progress as _progress
-from .text import chunk_text, content_hash, count_tokens, normalize_id
+from .text import bm25_tokens, chunk_text, content_hash, count_tokens, index_text, normalize_id
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 MODES = ("bm25", "dense", "hybrid")
@@ -88,7 +89,6 @@ class KnowledgeBase:
                                 readonly)
         self._llm = None
         self._term_ids = None  # terms are append-only: one dict serves every write
-        self._units, self._units_gen = frozenset(), None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -283,12 +283,8 @@ class KnowledgeBase:
                     store.set_meta(conn, "dim", emb.dim)
                 cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
             with store.transaction(conn):
-                conn.execute("DELETE FROM postings")
-                term_ids = load_term_ids(conn)
-                for r in conn.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                      "WHERE d.status='active'").fetchall():
-                    n = write_postings(conn, term_ids, r["id"], _index_text(r["title"], r["text"]))
-                    conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, r["id"]))
+                lengths = recount_terms(conn)
+                conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?", [(n, c) for c, n in lengths.items()])
                 change = Change()
                 change.rebuild_all()
                 gen = record(conn, change)
@@ -301,14 +297,15 @@ class KnowledgeBase:
         """Compare every index with the records; returns {"ok", "problems", "notes", "counts"}.
 
         Problems are states that give wrong results (an index that claims to be current and is not: chunks
-        missing or extra, vectors that differ from the stored ones, postings of inactive chunks); each says
+        missing or extra, vectors that differ from the stored ones, lengths or term statistics that differ from the text); each says
         how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
         conn = self.conn
         problems, notes = [], []
         with self._indexes.lock:
             # the saved files first, as found; then this process's indexes, after replaying the log (the
             # replay itself is under test)
-            saved, why = DenseIndex.load(self.dense_path, self._indexes._dense_expect())
+            saved, why = DenseIndex.load(self.dense_path, self._indexes._dense_expect()) \
+                if self._indexes.saves_dense else (None, "missing")
             b = self.config["bm25"]
             e2, why2 = BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
             for _ in range(5):  # the records in one snapshot at the sequence the indexes reached
@@ -342,23 +339,56 @@ class KnowledgeBase:
                 problems.append(f"BM25 engine at change {engine.seq} covers {engine.n_docs} chunks, not the "
                                 f"{len(active)} active ones; " + repair)
             if e2 is None and why2 != "missing":
-                problems.append(f"BM25 arrays file: {why2}; it is rebuilt from the postings on next use")
+                problems.append(f"BM25 arrays file: {why2}; it is rebuilt from the chunks on next use")
             elif e2 is not None and e2.seq == gen and not np.array_equal(np.flatnonzero(e2.alive), active):
                 problems.append(f"BM25 arrays file claims change {gen} but covers other chunks; " + repair)
-        inactive = conn.execute("SELECT COUNT(DISTINCT p.chunk_id) FROM postings p LEFT JOIN chunks c ON c.id=p.chunk_id "
-                                "LEFT JOIN documents d ON d.id=c.doc_id WHERE d.status IS NOT 'active'").fetchone()[0]
-        unposted = conn.execute("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
-                                "AND c.bm25_len > 0 AND NOT EXISTS (SELECT 1 FROM postings p WHERE p.chunk_id=c.id)"
-                                ).fetchone()[0]
-        counts["bm25_postings_of_inactive_chunks"], counts["bm25_active_chunks_without_postings"] = inactive, unposted
-        if inactive or unposted:
-            problems.append(f"BM25 postings: {inactive} chunks indexed that are not active, {unposted} active "
-                            "chunks not indexed; " + repair)
+            problems += self._check_terms(conn, engine, active, sample, seed, repair)
         orphans = conn.execute("SELECT COUNT(*) FROM documents d WHERE d.kind='unit' AND NOT EXISTS "
                                "(SELECT 1 FROM units u WHERE u.id=d.id)").fetchone()[0]
         if orphans:
             problems.append(f"{orphans} knowledge units have no provenance record; roll back their run")
         return {"ok": not problems, "problems": problems, "notes": notes, "counts": counts}
+
+    @staticmethod
+    def _check_terms(conn, engine, active, sample, seed, repair):
+        """A sample of chunks: the engine's lengths are those of their text; a sample of terms: the stored
+        document frequencies (active sources) are what the engine holds."""
+        conn.execute("BEGIN")  # the records at the change the engine reached (or no verdict)
+        try:
+            if head(conn) != engine.seq:
+                return []
+            return KnowledgeBase._check_terms_at(conn, engine, active, sample, seed, repair)
+        finally:
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _check_terms_at(conn, engine, active, sample, seed, repair):
+        out = []
+        rng = np.random.default_rng(seed)
+        some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
+        rows = active_rows(conn, "SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                 "WHERE c.id IN", some.tolist())
+        bad = [r[0] for r in rows if r[0] >= len(engine.doc_len)
+               or engine.doc_len[r[0]] != len(bm25_tokens(index_text(r[2], r[1])))]
+        if bad:
+            out.append(f"BM25 engine: {len(bad)} of {len(rows)} sampled chunks have other lengths than their "
+                       f"text (e.g. {bad[:5]}); " + repair)
+        sources = np.array([r[0] for r in conn.execute(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source' AND "
+            "d.status='active'")], dtype=np.int64)
+        is_source = np.zeros(len(engine.alive), dtype=bool)
+        is_source[sources[sources < len(is_source)]] = True
+        terms = conn.execute("SELECT id, term, df FROM terms ORDER BY random() LIMIT ?", (sample,)).fetchall()
+        wrong = []
+        for tid, term, df in terms:
+            ids, _ = engine._postings(tid) if tid < len(engine.df) else (np.zeros(0, np.int64), None)
+            held = int((engine.alive[ids] & is_source[ids]).sum())
+            if held != df:
+                wrong.append(f"{term!r} {df} stored, {held} indexed")
+        if wrong:
+            out.append(f"term statistics: {len(wrong)} of {len(terms)} sampled terms differ ({'; '.join(wrong[:3])}); "
+                       + repair)
+        return out
 
     @staticmethod
     def _check_dense(conn, dense, active, label, sample, seed, repair):
@@ -389,10 +419,10 @@ class KnowledgeBase:
     def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0):
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
 
-        Each document is written with its chunks, embeddings and postings in one transaction, so a
+        Each document is written with its chunks, embeddings and term statistics in one transaction, so a
         crash loses at most the batch in flight, and re-running the same ingest finishes the work.
-        Big batches keep ingest speed flat as the KB grows: each commit rewrites the postings pages it
-        touched, and small batches touch the same pages over and over (eval/results/ingest-batching.md).
+        Big batches keep ingest speed flat as the KB grows: each commit rewrites the pages it touched,
+        and small batches touch the same pages over and over (eval/results/ingest-batching.md).
         Chunks are embedded 256 at a time and committed once `batch_chunks` are ready or `commit_seconds`
         have passed, so a slow embedder still commits (and moves the progress bar) every few seconds."""
         if isinstance(items, (str, os.PathLike, dict, Record)):
@@ -476,7 +506,7 @@ class KnowledgeBase:
         return report
 
     def _embed(self, pending):
-        texts = [_index_text(p[0].title, c) for p in pending for c in p[2]]
+        texts = [index_text(p[0].title, c) for p in pending for c in p[2]]
         return texts, self.embedder.encode(texts)
 
     def _write_docs(self, pending, report, kind="source", embedded=None):
@@ -485,7 +515,9 @@ class KnowledgeBase:
         emb = self.embedder
         texts, vecs = embedded if embedded is not None else self._embed(pending)
         conn = self.conn
-        change = Change()
+        if self._term_ids is None:
+            self._term_ids = {}
+        change = Change(self._term_ids)
         try:
             self._write_batch(conn, pending, report, kind, texts, vecs, emb, change)
         except BaseException:
@@ -493,15 +525,9 @@ class KnowledgeBase:
             raise
         return change.added
 
-    def _terms(self, conn):
-        if self._term_ids is None:
-            self._term_ids = load_term_ids(conn)
-        return self._term_ids
-
     def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, change):
         t = time.time()
         with store.transaction(conn):
-            term_ids = self._terms(conn)
             i = 0
             for rec, h, chunks, _, provenance in pending:
                 # whether it exists is decided here, in the write transaction: another writer may have
@@ -523,15 +549,16 @@ class KnowledgeBase:
                     "text=excluded.text, source=excluded.source, meta=excluded.meta, hash=excluded.hash, "
                     "status='active', updated=excluded.updated",
                     (rec.id, kind, rec.title, rec.text, rec.source, json.dumps(rec.meta), h, t, t))
+                added = []
                 for seq, c in enumerate(chunks):
                     cur = conn.execute("INSERT INTO chunks(doc_id, seq, text, n_tokens, bm25_len, embedding, model) "
                                        "VALUES (?,?,?,?,0,?,?)",
                                        (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
-                    cid = cur.lastrowid
-                    n = write_postings(conn, term_ids, cid, texts[i])
-                    conn.execute("UPDATE chunks SET bm25_len=? WHERE id=?", (n, cid))
-                    change.add([cid])
+                    added.append((cur.lastrowid, texts[i], kind))
                     i += 1
+                lengths = change.add(conn, added)
+                conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?",
+                                 [(n, a[0]) for n, a in zip(lengths, added)])
                 if exists:
                     report.updated += 1
                 else:
@@ -578,43 +605,15 @@ class KnowledgeBase:
         cur = conn.execute("SELECT status, title FROM documents WHERE id=?", (doc_id,)).fetchone()
         if cur is None or cur["status"] == status:
             return
-        rows = conn.execute("SELECT id, text FROM chunks WHERE doc_id=?", (doc_id,)).fetchall()
+        rows = conn.execute("SELECT c.id, c.text, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                            "WHERE c.doc_id=?", (doc_id,)).fetchall()
+        if cur["status"] == "active":  # out of the indexes while its rows still say what was indexed
+            change.remove(conn, [r["id"] for r in rows])
         conn.execute("UPDATE documents SET status=?, updated=? WHERE id=?", (status, time.time(), doc_id))
         if status == "active":
-            term_ids = {}  # looked up as needed: the caller's transaction may still roll back
-            for r in rows:
-                write_postings(conn, term_ids, r["id"], _index_text(cur["title"], r["text"]))
-            change.add([r["id"] for r in rows])
-        elif cur["status"] == "active":
-            change.remove(conn, [r["id"] for r in rows])
+            change.add(conn, [(r["id"], index_text(cur["title"], r["text"]), r["kind"]) for r in rows])
 
     # ---- reading -----------------------------------------------------------------------
-
-    def _allowed(self, filters, include_units):
-        """Chunk ids passing the filters, or None when nothing restricts the search."""
-        clauses, args = ["d.status='active'"], []
-        if not include_units:
-            clauses.append("d.kind='source'")
-        for key, value in (filters or {}).items():
-            if not isinstance(key, str) or not key.strip():
-                raise InputError(f"filter {key!r}={value!r}: empty key; use source, doc, kind or a metadata key")
-            if key == "source":
-                clauses.append("d.source GLOB ?")
-                args.append(value if any(c in value for c in "*?[") else f"*{value}*")
-            elif key in ("doc", "doc_id"):
-                clauses.append("d.id GLOB ?")
-                args.append(value)
-            elif key == "kind":
-                clauses.append("d.kind=?")
-                args.append(value)
-            else:
-                clauses.append("CAST(json_extract(d.meta, ?) AS TEXT)=?")
-                args += ["$." + key.removeprefix("meta."), str(value)]
-        if len(clauses) == 1:
-            return None
-        rows = self.conn.execute("SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE "
-                                 + " AND ".join(clauses), args).fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64)
 
     @_storage_guard
     def search(self, query, k=5, mode=None, filters=None, include_units=True, log=True, source="api",
@@ -635,12 +634,14 @@ class KnowledgeBase:
         unit_fusion = r["unit_fusion"]
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
-        gen = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
-        allowed = self._allowed(filters, include_units)
-        units = self._unit_chunks(gen) if include_units else frozenset()
-        separate = bool(units) and unit_fusion == "separate"
+        where = Filter.parse(filters, include_units)
+        self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
+        kinds = self._indexes.kinds
+        units = "unit" in where.kinds and kinds.counts["unit"] > 0
         qv = self.embedder.encode([query])[0] if mode != "bm25" else None
-        parts = self._split(allowed, units) if separate else (allowed,)
+        # separate candidate lists for sources and units, as if units had their own index (the paper's
+        # layout): units never shift the ranks the sources fuse on
+        parts = (where.only("source"), where.only("unit")) if units and unit_fusion == "separate" else (where,)
         cap = int(r["max_units"] if max_units is None else max_units)
         depth = max(int(r["candidates"]), 2 * k) if mode == "hybrid" else k
         while True:
@@ -665,34 +666,18 @@ class KnowledgeBase:
                         latency, hits, source) if log else None
         return SearchResult(qid, query, mode, hits, latency)
 
-    def _candidates(self, query, qv, mode, allowed, n):
-        """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `allowed`."""
+    def _candidates(self, query, qv, mode, where, n):
+        """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
         bm, dn = {}, {}
         with self._indexes.lock:  # a replay in another thread never runs under a search
-            return self._candidates_locked(query, qv, mode, allowed, n, bm, dn)
-
-    def _candidates_locked(self, query, qv, mode, allowed, n, bm, dn):
-        if mode in ("bm25", "hybrid"):
-            mask = None
-            if allowed is not None:
-                mask = np.zeros(len(self._bm25.doc_len), dtype=bool)
-                mask[allowed[allowed < len(mask)]] = True
-            ids, scores = self._bm25.search(query, n, mask)
-            bm = dict(zip(ids.tolist(), scores.tolist()))
-        if mode in ("dense", "hybrid"):
-            ids, scores = self._dense.search(qv, n, allowed)
-            dn = dict(zip(ids.tolist(), scores.tolist()))
+            mask = self._indexes.mask(self.conn, where)
+            if mode in ("bm25", "hybrid"):
+                ids, scores = self._bm25.search(query, n, mask)
+                bm = dict(zip(ids.tolist(), scores.tolist()))
+            if mode in ("dense", "hybrid"):
+                ids, scores = self._dense.search(qv, n, mask)
+                dn = dict(zip(ids.tolist(), scores.tolist()))
         return bm, dn
-
-    def _split(self, allowed, units):
-        """(source chunk ids, unit chunk ids) within `allowed`: separate candidate lists, as if units had
-        their own index (the paper's layout), so units never shift the ranks the sources fuse on."""
-        ids = np.fromiter(units, dtype=np.int64, count=len(units))
-        if allowed is None:  # every chunk id (ids of deleted chunks match nothing)
-            top = self.conn.execute("SELECT max(id) FROM chunks").fetchone()[0] or 0
-            allowed = np.arange(top + 1, dtype=np.int64)
-        is_unit = np.isin(allowed, ids)
-        return allowed[~is_unit], allowed[is_unit]
 
     def _top(self, fused, k, cap, units):
         """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units
@@ -700,9 +685,10 @@ class KnowledgeBase:
         ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
         if not units or cap < 0:
             return ranked[:k]
+        is_unit = self._indexes.kinds.is_unit
         out, n_units = [], 0
         for cid, score in ranked:
-            if cid in units:
+            if is_unit(cid):
                 if n_units >= cap:
                     continue
                 n_units += 1
@@ -710,14 +696,6 @@ class KnowledgeBase:
             if len(out) == k:
                 break
         return out
-
-    def _unit_chunks(self, gen):
-        """Chunk ids of active units at generation `gen`, cached: the unit cap costs no query per search."""
-        if self._units_gen != gen:
-            self._units = frozenset(r[0] for r in self.conn.execute(
-                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='unit' AND d.status='active'"))
-            self._units_gen = gen
-        return self._units
 
     def _hits(self, top, bm, dn):
         if not top:
@@ -850,11 +828,6 @@ def embedder_name(model_id):
         if getattr(factory, "model_id", None) == model_id:
             return name
     return model_id
-
-
-def _index_text(title, text):
-    """Titles are indexed with every chunk: they name what a chunk is about."""
-    return f"{title}\n{text}" if title else text
 
 
 def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5):

@@ -135,6 +135,17 @@ MIGRATIONS = [
     """
     CREATE INDEX documents_kind ON documents(kind, status);
     """,
+    # 6: postings are no longer stored (indexes tokenize the chunks they add; changes.py): the table and
+    #    its chunk index were 45% of the database. Each term keeps its document frequency over the active
+    #    source chunks instead, which write-back reads without loading an index.
+    """
+    ALTER TABLE terms ADD COLUMN df INTEGER NOT NULL DEFAULT 0;
+    UPDATE terms SET df=(SELECT COUNT(*) FROM postings p JOIN chunks c ON c.id=p.chunk_id
+                         JOIN documents d ON d.id=c.doc_id
+                         WHERE p.term_id=terms.id AND d.kind='source' AND d.status='active');
+    DROP INDEX postings_chunk;
+    DROP TABLE postings;
+    """,
 ]
 
 
@@ -155,8 +166,8 @@ def connect(path, readonly=False):
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
-    # 64 MiB page cache (allocated as used) instead of 2 MiB: postings are clustered by term, so a write
-    # batch touches pages all over the table and a small cache spills them before the commit
+    # 64 MiB page cache (allocated as used) instead of 2 MiB: a write batch touches term rows all over
+    # their table, and a small cache spills them before the commit
     conn.execute("PRAGMA cache_size=-65536")
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")

@@ -22,6 +22,11 @@ def bm25_tokens(text):
     return [t for t in _WORD.findall(text.lower()) if t not in STOPWORDS]
 
 
+def index_text(title, text):
+    """What a chunk is indexed as: its document's title names what it is about, so it goes with every chunk."""
+    return f"{title}\n{text}" if title else text
+
+
 def count_tokens(text):
     return len(_TOKEN.findall(text))
 

@@ -75,12 +75,8 @@ class _source_idf:
 
     def __call__(self, term):
         if term not in self.cache:
-            # every posting belongs to an active chunk; the source ones are all of them less the units'
-            # (a count over the primary key, then one probe per unit chunk: no join per posting)
-            df = self.conn.execute(
-                "SELECT (SELECT COUNT(*) FROM postings WHERE term_id=t.id) - (SELECT COUNT(*) FROM postings "
-                "WHERE term_id=t.id AND chunk_id IN (SELECT c.id FROM documents d JOIN chunks c ON c.doc_id=d.id "
-                "WHERE d.kind='unit' AND d.status='active')) FROM terms t WHERE t.term=?", (term,)).fetchone()
+            # the store keeps each term's frequency over the active source chunks (changes.py)
+            df = self.conn.execute("SELECT df FROM terms WHERE term=?", (term,)).fetchone()
             df = df[0] if df else 0
             raw = math.log(self.n - df + 0.5) - math.log(df + 0.5) if df else 1.0
             self.cache[term] = max(raw, 0.01)
@@ -333,7 +329,7 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
 
 
 def _flush(kb, pending):
-    """Units (rows, chunks, postings, provenance) commit together, a batch at a time."""
+    """Units (rows, chunks, term statistics, provenance) commit together, a batch at a time."""
     if pending:
         kb._write_docs(pending, IngestReport(), kind="unit")
         pending.clear()
@@ -404,7 +400,7 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
                  meta={"query": plan["query"], "run": run_id})
     chunks = chunk_text(text, kb.config["chunking"]["size"], kb.config["chunking"]["overlap"]) or [text]
     src_chunks = [r[0] for d in src_ids for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (d,))]
-    # unit row, chunks, postings and provenance commit together
+    # unit row, chunks, term statistics and provenance commit together
     provenance = (unit_id, json.dumps([qid]), json.dumps(plan["feedback_ids"]), json.dumps(src_ids),
                   json.dumps(src_chunks), distiller, model, run_id, time.time())
     pending.append((rec, content_hash(title, text), chunks, False, provenance))
