@@ -61,3 +61,16 @@ def test_library_never_imports_the_cli_or_the_facade_from_below():
             assert "cli" not in deps, f"{mod} imports the CLI"
         if mod not in FRONT_ENDS | {"__init__", "kb"}:
             assert "kb" not in deps and "__init__" not in deps, f"{mod} imports the KnowledgeBase facade"
+
+
+def test_services_use_the_facade_only_through_public_names():
+    """Feedback and write-back receive the KnowledgeBase; they write through kb.corpus and never reach into
+    the facade's private state (kb._...), so the facade can change without breaking them."""
+    for name in sorted(os.listdir(PKG)):
+        mod = name[:-3]
+        if not name.endswith(".py") or mod in FRONT_ENDS | {"kb", "__init__"}:
+            continue
+        tree = ast.parse(open(os.path.join(PKG, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kb":
+                assert not node.attr.startswith("_"), f"{mod}.py line {node.lineno}: kb.{node.attr}"

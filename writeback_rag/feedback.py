@@ -31,7 +31,7 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
         if d not in hit_docs:
             raise InputError(f"document {d!r} was not among the hits of query {qid} ({', '.join(hit_docs) or 'none'}); "
                              "feedback can only name retrieved documents")
-    with kb._lock:
+    with kb.corpus.lock:
         with store.transaction(conn):
             cur = conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts) VALUES (?,?,?,?,?,?,?)",
                                (qid, 1 if correct else 0, json.dumps(docs), answer, json.dumps(list(gold or [])),
@@ -51,7 +51,7 @@ def _count_against(kb, conn, qid, docs, hit_docs):
         conn.execute("UPDATE units SET against=against+1 WHERE id=?", (u,))
         row = conn.execute("SELECT against FROM units WHERE id=?", (u,)).fetchone()
         if row and row[0] >= limit:
-            kb.set_status(conn, u, "retired", change)
+            kb.corpus.set_status(conn, u, "retired", change)
     if change:
         record(conn, change)
 
@@ -267,7 +267,7 @@ def run_labelled(kb, path_or_examples, split="train", k=None, mode=None, show_pr
         res = kb.search(ex["query"], k=k, mode=mode, source="label")
         j = judge(kb, ex, res.hits, llm)
         kept = [d for d, _, p in j["docs"] if p]
-        with kb._lock, store.transaction(conn):
+        with kb.corpus.lock, store.transaction(conn):
             conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, doc_id, passed, s_nr, s_rag, s_doc, reason) "
                          "VALUES (?,?,?,?,?,?,?,?,?)",
                          (batch, res.query_id, "utility", None, int(j["useful"]), j["s_nr"], j["s_rag"], None,

@@ -142,14 +142,14 @@ def faithful(text, docs, threshold):
 # ---- staleness, lock, rollback --------------------------------------------------------------
 
 
-def mark_stale_units(kb, conn, doc_id, change):
+def mark_stale_units(corpus, conn, doc_id, change):
     """Units drawn from a changed or deleted source stop being returned (recorded in `change`)."""
     needle = json.dumps(doc_id)  # instr, not LIKE: ids of any length, and '%' or '_' in an id match only itself
     for unit_id, sources in conn.execute("SELECT u.id, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
                                          "WHERE d.status='active' AND instr(u.source_doc_ids, ?) > 0",
                                          (needle,)).fetchall():
         if doc_id in json.loads(sources):  # instr narrows; the JSON list decides
-            kb.set_status(conn, unit_id, "stale", change)
+            corpus.set_status(conn, unit_id, "stale", change)
 
 
 class Lock:
@@ -181,7 +181,7 @@ class Lock:
 def rollback(kb, run_id):
     """Remove a run's units from the database and both indexes; its feedback stays consumed."""
     conn = kb.conn
-    with kb._lock:
+    with kb.corpus.lock:
         run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None:
             from .errors import InputError
@@ -191,10 +191,7 @@ def rollback(kb, run_id):
         change = Change()
         with store.transaction(conn):
             for u in units:
-                change.remove(conn, [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (u,))])
-                conn.execute("DELETE FROM units WHERE id=?", (u,))
-                conn.execute("DELETE FROM chunks WHERE doc_id=?", (u,))
-                conn.execute("DELETE FROM documents WHERE id=?", (u,))
+                kb.corpus.remove(conn, u, change)
             conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
             record(conn, change)
     return len(units)
@@ -275,7 +272,7 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         with store.transaction(conn):
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
                          (time.time(), top, json.dumps(counts), run_id))
-        kb._indexes.save_if_due(conn)
+        kb.corpus.indexes.save_if_due(conn)
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
             "units": written, **counts}
 
@@ -331,7 +328,7 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
 def _flush(kb, pending):
     """Units (rows, chunks, term statistics, provenance) commit together, a batch at a time."""
     if pending:
-        kb._write_docs(pending, IngestReport(), kind="unit")
+        kb.corpus.write(pending, IngestReport(), kind="unit")
         pending.clear()
 
 
@@ -382,10 +379,10 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
         # its sources changed, yet the same text is still distilled from them: it is current again
         counts["revived"] += 1
         if not dry_run:
-            with kb._lock:
+            with kb.corpus.lock:
                 with store.transaction(conn):
                     change = Change()
-                    kb.set_status(conn, existing["id"], "active", change)
+                    kb.corpus.set_status(conn, existing["id"], "active", change)
                     record(conn, change)
             _merge(conn, existing["id"], qid, plan["feedback_ids"])
         return {"unit_id": existing["id"], "revived": True}

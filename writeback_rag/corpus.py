@@ -1,0 +1,264 @@
+"""The corpus: every write to the documents and their chunks (ingest, delete, status changes, reindex).
+
+Each write is one transaction that stores the rows and records the Change it makes to the indexes
+(changes.py); the indexes catch up on their next use. Write-back and feedback write through the same
+methods, so there is one way to add, remove, retire or restore a document."""
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import store
+from .changes import Change, record, recount_terms
+from .loaders import IngestReport, Problem, Record, _field_record, read_paths
+from .progress import progress as _progress
+from .text import chunk_text, content_hash, count_tokens, index_text, normalize_id
+
+
+class Corpus:
+    """The documents of one KB in one process: one writer at a time here (`lock`); SQLite serialises
+    writers across processes."""
+
+    def __init__(self, connection, indexes, config, embedder, on_source_changed):
+        """`connection()`: this thread's connection; `embedder()`: the model (loaded on first use);
+        `on_source_changed(corpus, conn, doc_id, change)`: what a changed or deleted source does to the
+        units drawn from it."""
+        self._connection, self.indexes, self.config = connection, indexes, config
+        self._embedder, self.on_source_changed = embedder, on_source_changed
+        self.lock = threading.RLock()
+        self._term_ids = None  # terms are append-only: one dict serves every write
+
+    @property
+    def conn(self):
+        return self._connection()
+
+    @property
+    def embedder(self):
+        return self._embedder()
+
+    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0):
+        """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
+        Whether a document is new, changed or unchanged is decided inside the write transaction.
+
+        Each document is written with its chunks, embeddings and term statistics in one transaction, so a
+        crash loses at most the batch in flight, and re-running the same ingest finishes the work.
+        Big batches keep ingest speed flat as the KB grows: each commit rewrites the pages it touched,
+        and small batches touch the same pages over and over (eval/results/ingest-batching.md).
+        Chunks are embedded 256 at a time and committed once `batch_chunks` are ready or `commit_seconds`
+        have passed, so a slow embedder still commits (and moves the progress bar) every few seconds."""
+        if isinstance(items, (str, os.PathLike, dict, Record)):
+            items = [items]
+        fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
+        report = IngestReport()
+        paths = [os.fspath(i) for i in items if isinstance(i, (str, os.PathLike))]
+        records = [i for i in items if not isinstance(i, (str, os.PathLike))]
+        max_bytes = int(float(self.config["ingest"]["max_doc_mb"]) * 1e6)
+
+        def stream():
+            for n, r in enumerate(records, 1):
+                if isinstance(r, Record):
+                    yield r
+                    continue
+                try:
+                    yield _field_record(r, fields, f"record {n}", r.get("source", "api") if isinstance(r, dict) else "api")
+                except ValueError as e:
+                    yield Problem("<records>", str(e))
+            yield from read_paths(paths, fields, max_bytes, stdin=stdin)
+
+        with self.lock:
+            conn = self.conn
+            seen, pending, pending_chunks = {}, [], 0
+            ready, ready_texts, ready_vecs, last_commit = [], [], [], time.monotonic()
+            embed_chunks = max(1, min(256, batch_chunks))
+
+            def embed_pending():
+                texts, vecs = self._embed(pending)
+                ready.extend(pending)
+                ready_texts.extend(texts)
+                ready_vecs.append(vecs)
+                bar.update(len(pending))
+
+            def commit_ready():
+                self.write(ready, report, embedded=(ready_texts, np.concatenate(ready_vecs)))
+                ready.clear()
+                ready_texts.clear()
+                ready_vecs.clear()
+
+            bar = _progress(None, show_progress, "ingesting", unit="doc")
+            for item in stream():
+                if isinstance(item, Problem):
+                    report.skipped.append(item)
+                    continue
+                rec = item
+                rec.id = normalize_id(rec.id)
+                where = rec.source or "<records>"
+                if rec.id in seen:
+                    report.skipped.append(Problem(where, f"duplicate id {rec.id!r} (first seen in {seen[rec.id]}); "
+                                                         "ids must be unique: choose another id field or rename"))
+                    continue
+                seen[rec.id] = where
+                if rec.id.startswith("unit:"):
+                    report.skipped.append(Problem(where, f"id {rec.id!r}: the 'unit:' prefix is reserved for knowledge units"))
+                    continue
+                if not rec.text.strip():
+                    report.skipped.append(Problem(where, f"document {rec.id!r} has no text", error=False))
+                    continue
+                h = content_hash(rec.title, rec.text, json.dumps(rec.meta, sort_keys=True))
+                row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
+                if row and row["hash"] == h:
+                    report.unchanged += 1
+                    bar.update(1)
+                    continue
+                chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
+                pending.append((rec, h, chunks, row is not None, None))
+                pending_chunks += len(chunks)
+                if pending_chunks >= embed_chunks:
+                    embed_pending()
+                    pending, pending_chunks = [], 0
+                    if len(ready_texts) >= batch_chunks or time.monotonic() - last_commit >= commit_seconds:
+                        commit_ready()
+                        last_commit = time.monotonic()
+            if pending:
+                embed_pending()
+            if ready:
+                commit_ready()
+            bar.close()
+            self.indexes.save_if_due(conn)  # a big ingest leaves files the next process loads, not rebuilds
+        return report
+
+    def _embed(self, pending):
+        texts = [index_text(p[0].title, c) for p in pending for c in p[2]]
+        return texts, self.embedder.encode(texts)
+
+    def write(self, pending, report, kind="source", embedded=None):
+        """Documents in one transaction with their chunks, vectors, term statistics and Change; returns
+        the chunk ids added. pending: (record, hash, chunks, exists, unit provenance or None) each;
+        `embedded`: their (texts, vectors) when already computed."""
+        emb = self.embedder
+        texts, vecs = embedded if embedded is not None else self._embed(pending)
+        conn = self.conn
+        if self._term_ids is None:
+            self._term_ids = {}
+        change = Change(self._term_ids)
+        try:
+            self._write_batch(conn, pending, report, kind, texts, vecs, emb, change)
+        except BaseException:
+            self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
+            raise
+        return change.added
+
+    def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, change):
+        t = time.time()
+        with store.transaction(conn):
+            i = 0
+            for rec, h, chunks, _, provenance in pending:
+                # whether it exists is decided here, in the write transaction: another writer may have
+                # stored the same document since it was read (two ingests of one file at once)
+                row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
+                exists = row is not None
+                if exists and row[0] == h and provenance is None:
+                    report.unchanged += 1
+                    i += len(chunks)
+                    continue
+                if exists:
+                    old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
+                    change.remove(conn, old)
+                    conn.execute("DELETE FROM chunks WHERE doc_id=?", (rec.id,))
+                    self.on_source_changed(self, conn, rec.id, change)
+                conn.execute(
+                    "INSERT INTO documents(id, kind, title, text, source, meta, hash, status, created, updated) "
+                    "VALUES (?,?,?,?,?,?,?, 'active', ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+                    "text=excluded.text, source=excluded.source, meta=excluded.meta, hash=excluded.hash, "
+                    "status='active', updated=excluded.updated",
+                    (rec.id, kind, rec.title, rec.text, rec.source, json.dumps(rec.meta), h, t, t))
+                added = []
+                for seq, c in enumerate(chunks):
+                    cur = conn.execute("INSERT INTO chunks(doc_id, seq, text, n_tokens, bm25_len, embedding, model) "
+                                       "VALUES (?,?,?,?,0,?,?)",
+                                       (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
+                    added.append((cur.lastrowid, texts[i], kind))
+                    i += 1
+                lengths = change.add(conn, added)
+                conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?",
+                                 [(n, a[0]) for n, a in zip(lengths, added)])
+                if exists:
+                    report.updated += 1
+                else:
+                    report.added += 1
+                report.chunks += len(chunks)
+                if provenance is not None:  # a knowledge unit: its provenance commits with it
+                    conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
+                                 "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
+            store.set_meta(conn, "dim", emb.dim)
+            return record(conn, change)
+
+    def delete(self, ids):
+        """Remove documents (and their chunks, postings, vectors) everywhere; returns how many existed."""
+        ids = [normalize_id(i) for i in ([ids] if isinstance(ids, str) else list(ids))]
+        with self.lock:
+            conn = self.conn
+            change, n = Change(), 0
+            with store.transaction(conn):
+                for doc_id in ids:
+                    n += self.remove(conn, doc_id, change)
+                if change:
+                    record(conn, change)
+            self.indexes.save_if_due(conn)
+        return n
+
+    def remove(self, conn, doc_id, change):
+        """Delete one document (a unit: with its provenance) inside the caller's transaction; the units
+        drawn from it go stale. Returns 1 if it existed."""
+        if not conn.execute("SELECT 1 FROM documents WHERE id=?", (doc_id,)).fetchone():
+            return 0
+        change.remove(conn, [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))])
+        self.on_source_changed(self, conn, doc_id, change)
+        conn.execute("DELETE FROM units WHERE id=?", (doc_id,))
+        conn.execute("DELETE FROM chunks WHERE doc_id=?", (doc_id,))
+        conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))
+        return 1
+
+    def set_status(self, conn, doc_id, status, change):
+        """Take a document's chunks out of (or back into) both indexes inside the caller's transaction;
+        the caller records `change` in the same transaction."""
+        cur = conn.execute("SELECT status, title FROM documents WHERE id=?", (doc_id,)).fetchone()
+        if cur is None or cur["status"] == status:
+            return
+        rows = conn.execute("SELECT c.id, c.text, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                            "WHERE c.doc_id=?", (doc_id,)).fetchall()
+        if cur["status"] == "active":  # out of the indexes while its rows still say what was indexed
+            change.remove(conn, [r["id"] for r in rows])
+        conn.execute("UPDATE documents SET status=?, updated=? WHERE id=?", (status, time.time(), doc_id))
+        if status == "active":
+            change.add(conn, [(r["id"], index_text(cur["title"], r["text"]), r["kind"]) for r in rows])
+
+
+    def reindex(self, re_embed=False, show_progress=False):
+        """Rebuild every index from the store; with re_embed, embed every chunk again with the configured model."""
+        with self.lock:
+            conn = self.conn
+            if re_embed:
+                emb = self.embedder
+                rows = conn.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                    "ORDER BY c.id").fetchall()
+                for start in _progress(range(0, len(rows), 256), show_progress, "re-embedding"):
+                    part = rows[start:start + 256]
+                    vecs = emb.encode([index_text(r["title"], r["text"]) for r in part])  # as ingest embeds them
+                    with store.transaction(conn):
+                        conn.executemany("UPDATE chunks SET embedding=?, model=? WHERE id=?",
+                                         [(v.tobytes(), emb.model_id, r["id"]) for r, v in zip(part, vecs)])
+                with store.transaction(conn):
+                    store.set_meta(conn, "model_id", emb.model_id)
+                    store.set_meta(conn, "dim", emb.dim)
+            with store.transaction(conn):
+                lengths = recount_terms(conn)
+                conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?", [(n, c) for c, n in lengths.items()])
+                change = Change()
+                change.rebuild_all()
+                gen = record(conn, change)
+            self.indexes.reset()
+            self.indexes.catch_up(conn)  # rebuilds both (the change resets them) and saves their files
+            return {"chunks": self.indexes.dense.count, "generation": gen}
