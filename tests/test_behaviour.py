@@ -68,6 +68,21 @@ def test_doc_filter_excludes_every_other_document(corpus_kb, mode):
     assert kb.search(Q, k=5, mode=mode, filters={"doc": "no-such-doc"}, log=False).hits == []
 
 
+@pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
+def test_source_and_metadata_filters_in_every_mode(kb, mode):
+    kb.ingest([{"id": "a", "text": "The keeper lit the lamp at dusk.", "source": "logs/1901.txt", "lang": "en"},
+               {"id": "b", "text": "The keeper lit the lamp at dawn.", "source": "logs/1902.txt", "lang": "fr"},
+               {"id": "c", "text": "The keeper trimmed the lamp wick.", "source": "notes/c.md", "lang": "en"}])
+    q = "keeper lamp"
+    assert {h.doc_id for h in kb.search(q, k=5, mode=mode, log=False).hits} == {"a", "b", "c"}
+    assert {h.doc_id for h in kb.search(q, k=5, mode=mode, filters={"source": "logs/"}, log=False).hits} == {"a", "b"}
+    assert {h.doc_id for h in kb.search(q, k=5, mode=mode, filters={"source": "*.md"}, log=False).hits} == {"c"}
+    assert {h.doc_id for h in kb.search(q, k=5, mode=mode, filters={"lang": "en"}, log=False).hits} == {"a", "c"}
+    both = kb.search(q, k=5, mode=mode, filters={"lang": "en", "source": "logs/"}, log=False).hits
+    assert [h.doc_id for h in both] == ["a"]
+    assert kb.search(q, k=5, mode=mode, filters={"kind": "unit", "lang": "en"}, log=False).hits == []
+
+
 @pytest.fixture
 def unit_kb(corpus_kb):
     kb = corpus_kb

@@ -1,6 +1,8 @@
-"""One contract, run unchanged against every dense index implementation (FAISS flat and HNSW today; a
+"""Contracts run unchanged against every implementation of an index interface. Dense (FAISS flat and HNSW today; a
 distributed engine next): add, search, filtered search, remove where supported, save and load with the
 change-log sequence, and refusal of a damaged file."""
+
+import os
 
 import numpy as np
 import pytest
@@ -81,3 +83,86 @@ def test_save_load_keeps_results_and_sequence_and_refuses_damage(kind, vectors, 
         f.write(b"\xff" * 64)
     e, why = DenseIndex.load(path, expect)
     assert e is None and "checksum" in why
+
+
+# ---- sparse ------------------------------------------------------------------------------------------
+# The sparse contract, run unchanged against every sparse engine: built from a store, kept up to date by
+# replaying changes (added rows, removed chunks with their postings), filtered by a mask, saved and loaded
+# with its change-log sequence. An engine is a class with that interface; BM25 is the one we ship.
+
+from writeback_rag import KnowledgeBase  # noqa: E402
+from writeback_rag.changes import since  # noqa: E402
+from writeback_rag.index import BM25  # noqa: E402
+
+SPARSE = [BM25]
+WORDS = "lamp tower keeper fog siren lens gale rock beacon oil wick cottage relief boat storm".split()
+
+
+@pytest.fixture
+def store(tmp_path):
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None)
+    rng = np.random.default_rng(1)
+    kb.ingest([{"id": f"d{i}", "text": " ".join(rng.choice(WORDS, size=int(rng.integers(4, 20))))}
+               for i in range(120)])
+    yield kb
+    kb.close()
+
+
+def ranked(engine, q, n=10, mask=None):
+    ids, scores = engine.search(q, n, mask)
+    return [(int(i), round(float(s), 5)) for i, s in zip(ids, scores)]
+
+
+@pytest.mark.parametrize("engine", SPARSE)
+def test_sparse_ranks_by_score_then_chunk_id(engine, store):
+    e = engine(store.conn)
+    got = ranked(e, "lamp keeper gale", 20)
+    assert len(got) == 20 and e.n_docs == 120
+    assert got == sorted(got, key=lambda x: (-x[1], x[0]))
+    assert ranked(e, "zeppelin") == [] and ranked(e, "lamp", 0) == []
+
+
+@pytest.mark.parametrize("engine", SPARSE)
+def test_sparse_replay_equals_a_fresh_build(engine, store):
+    e = engine(store.conn)
+    store.ingest([{"id": "new", "text": "lamp lamp keeper zeppelin"}])
+    store.delete([f"d{i}" for i in range(0, 120, 3)])
+    store.ingest([{"id": "d1", "text": "gale gale gale rock"}])  # an update: remove + add
+    conn = store.conn
+    for seq, added, removed, postings, _ in since(conn, e.seq, store.generation):
+        e.remove(removed, postings)
+        e.add(conn, conn.execute(f"SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                 f"WHERE d.status='active' AND c.id IN ({','.join(map(str, added.tolist()))})"
+                                 ).fetchall() if len(added) else [])
+        e.seq = seq
+    fresh = engine(conn)
+    assert e.n_docs == fresh.n_docs
+    for q in ("lamp keeper", "zeppelin", "gale rock", "fog siren lens oil"):
+        assert ranked(e, q) == ranked(fresh, q), q
+
+
+@pytest.mark.parametrize("engine", SPARSE)
+def test_sparse_mask_restricts_and_a_short_mask_excludes_the_rest(engine, store):
+    e = engine(store.conn)
+    allowed = [cid for cid, _ in ranked(e, "lamp", 40)][::2]
+    mask = np.zeros(max(allowed) + 1, dtype=bool)
+    mask[allowed] = True
+    got = [cid for cid, _ in ranked(e, "lamp", 10, mask)]
+    assert got and set(got) <= set(allowed)
+    assert ranked(e, "lamp", 10, np.zeros(5, dtype=bool)) == []
+
+
+@pytest.mark.parametrize("engine", SPARSE)
+def test_sparse_save_load_keeps_results_and_sequence_and_refuses_damage(engine, store, tmp_path):
+    e = engine(store.conn)
+    path = str(tmp_path / "sparse.npz")
+    expect = {"model_id": "m", "kb_created": "1"}
+    e.save(path, expect)
+    loaded, why = engine.load(path, expect)
+    assert why == "ok" and loaded.seq == e.seq and loaded.n_docs == e.n_docs
+    assert ranked(loaded, "lamp keeper gale") == ranked(e, "lamp keeper gale")
+    assert engine.load(path, dict(expect, kb_created="2"))[0] is None  # another KB's file
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * 64)
+    assert engine.load(path, expect)[0] is None

@@ -4,6 +4,7 @@ Each write is one transaction that stores the rows and records the Change it mak
 (changes.py); the indexes catch up on their next use. Write-back and feedback write through the same
 methods, so there is one way to add, remove, retire or restore a document."""
 
+import contextlib
 import json
 import os
 import threading
@@ -34,6 +35,25 @@ class Corpus:
     @property
     def conn(self):
         return self._connection()
+
+    @contextlib.contextmanager
+    def changing(self, conn):
+        """A write transaction (under this process's write lock) that records the Change it makes; after the
+        commit, the indexes this process has loaded apply it at once, so its next search pays nothing."""
+        with self.lock:
+            if self._term_ids is None:
+                self._term_ids = {}
+            change = Change(self._term_ids)
+            try:
+                with store.transaction(conn):
+                    yield change
+                    if change:
+                        record(conn, change)
+            except BaseException:
+                self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
+                raise
+            if change:
+                self.indexes.refresh(conn)
 
     @property
     def embedder(self):
@@ -140,72 +160,62 @@ class Corpus:
         emb = self.embedder
         texts, vecs = embedded if embedded is not None else self._embed(pending)
         conn = self.conn
-        if self._term_ids is None:
-            self._term_ids = {}
-        change = Change(self._term_ids)
-        try:
+        with self.changing(conn) as change:
             self._write_batch(conn, pending, report, kind, texts, vecs, emb, change)
-        except BaseException:
-            self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
-            raise
         return change.added
 
     def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, change):
         t = time.time()
-        with store.transaction(conn):
-            i = 0
-            for rec, h, chunks, _, provenance in pending:
-                # whether it exists is decided here, in the write transaction: another writer may have
-                # stored the same document since it was read (two ingests of one file at once)
-                row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
-                exists = row is not None
-                if exists and row[0] == h and provenance is None:
-                    report.unchanged += 1
-                    i += len(chunks)
-                    continue
-                if exists:
-                    old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
-                    change.remove(conn, old)
-                    conn.execute("DELETE FROM chunks WHERE doc_id=?", (rec.id,))
-                    self.on_source_changed(self, conn, rec.id, change)
-                conn.execute(
-                    "INSERT INTO documents(id, kind, title, text, source, meta, hash, status, created, updated) "
-                    "VALUES (?,?,?,?,?,?,?, 'active', ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
-                    "text=excluded.text, source=excluded.source, meta=excluded.meta, hash=excluded.hash, "
-                    "status='active', updated=excluded.updated",
-                    (rec.id, kind, rec.title, rec.text, rec.source, json.dumps(rec.meta), h, t, t))
-                added = []
-                for seq, c in enumerate(chunks):
-                    cur = conn.execute("INSERT INTO chunks(doc_id, seq, text, n_tokens, bm25_len, embedding, model) "
-                                       "VALUES (?,?,?,?,0,?,?)",
-                                       (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
-                    added.append((cur.lastrowid, texts[i], kind))
-                    i += 1
-                lengths = change.add(conn, added)
-                conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?",
-                                 [(n, a[0]) for n, a in zip(lengths, added)])
-                if exists:
-                    report.updated += 1
-                else:
-                    report.added += 1
-                report.chunks += len(chunks)
-                if provenance is not None:  # a knowledge unit: its provenance commits with it
-                    conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
-                                 "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
-            store.set_meta(conn, "dim", emb.dim)
-            return record(conn, change)
+        i = 0
+        for rec, h, chunks, _, provenance in pending:
+            # whether it exists is decided here, in the write transaction: another writer may have
+            # stored the same document since it was read (two ingests of one file at once)
+            row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
+            exists = row is not None
+            if exists and row[0] == h and provenance is None:
+                report.unchanged += 1
+                i += len(chunks)
+                continue
+            if exists:
+                old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
+                change.remove(conn, old)
+                conn.execute("DELETE FROM chunks WHERE doc_id=?", (rec.id,))
+                self.on_source_changed(self, conn, rec.id, change)
+            conn.execute(
+                "INSERT INTO documents(id, kind, title, text, source, meta, hash, status, created, updated) "
+                "VALUES (?,?,?,?,?,?,?, 'active', ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
+                "text=excluded.text, source=excluded.source, meta=excluded.meta, hash=excluded.hash, "
+                "status='active', updated=excluded.updated",
+                (rec.id, kind, rec.title, rec.text, rec.source, json.dumps(rec.meta), h, t, t))
+            added = []
+            for seq, c in enumerate(chunks):
+                cur = conn.execute("INSERT INTO chunks(doc_id, seq, text, n_tokens, bm25_len, embedding, model) "
+                                   "VALUES (?,?,?,?,0,?,?)",
+                                   (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
+                added.append((cur.lastrowid, texts[i], kind))
+                i += 1
+            lengths = change.add(conn, added)
+            conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?",
+                             [(n, a[0]) for n, a in zip(lengths, added)])
+            if exists:
+                report.updated += 1
+            else:
+                report.added += 1
+            report.chunks += len(chunks)
+            if provenance is not None:  # a knowledge unit: its provenance commits with it
+                conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
+                             "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
+        store.set_meta(conn, "dim", emb.dim)
 
     def delete(self, ids):
         """Remove documents (and their chunks, postings, vectors) everywhere; returns how many existed."""
         ids = [normalize_id(i) for i in ([ids] if isinstance(ids, str) else list(ids))]
         with self.lock:
             conn = self.conn
-            change, n = Change(), 0
-            with store.transaction(conn):
+            n = 0
+            with self.changing(conn) as change:
                 for doc_id in ids:
                     n += self.remove(conn, doc_id, change)
-                if change:
-                    record(conn, change)
             self.indexes.save_if_due(conn)
         return n
 

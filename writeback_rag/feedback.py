@@ -7,7 +7,6 @@ import time
 from collections import Counter
 
 from . import store
-from .changes import Change, record
 from .progress import progress as _progress
 from .errors import InputError, LLMError, UnknownQuery
 from .text import contains_answer, normalize_answer, normalize_id
@@ -31,29 +30,25 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
         if d not in hit_docs:
             raise InputError(f"document {d!r} was not among the hits of query {qid} ({', '.join(hit_docs) or 'none'}); "
                              "feedback can only name retrieved documents")
-    with kb.corpus.lock:
-        with store.transaction(conn):
-            cur = conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts) VALUES (?,?,?,?,?,?,?)",
-                               (qid, 1 if correct else 0, json.dumps(docs), answer, json.dumps(list(gold or [])),
-                                source, time.time()))
-            fid = cur.lastrowid
-            if not (correct or source == "label"):
-                _count_against(kb, conn, qid, docs, hit_docs)
+    with kb.corpus.changing(conn) as change:
+        cur = conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts) VALUES (?,?,?,?,?,?,?)",
+                           (qid, 1 if correct else 0, json.dumps(docs), answer, json.dumps(list(gold or [])),
+                            source, time.time()))
+        fid = cur.lastrowid
+        if not (correct or source == "label"):
+            _count_against(kb, conn, docs, hit_docs, change)
     return fid
 
 
-def _count_against(kb, conn, qid, docs, hit_docs):
+def _count_against(kb, conn, docs, hit_docs, change):
     """Wrong feedback counts against the units that answer used; enough of it retires a unit."""
     units = [d for d in (docs or hit_docs) if d.startswith("unit:")]
     limit = int(kb.config["writeback"]["retire_after_wrong"])
-    change = Change()
     for u in units:
         conn.execute("UPDATE units SET against=against+1 WHERE id=?", (u,))
         row = conn.execute("SELECT against FROM units WHERE id=?", (u,)).fetchone()
         if row and row[0] >= limit:
             kb.corpus.set_status(conn, u, "retired", change)
-    if change:
-        record(conn, change)
 
 
 def _context(hits, limit_chars=1500):

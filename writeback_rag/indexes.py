@@ -49,6 +49,13 @@ class Indexes:
                 self.bm25.k1, self.bm25.b = float(self.config["bm25"]["k1"]), float(self.config["bm25"]["b"])
             return head
 
+    def refresh(self, conn):
+        """After this process commits: the indexes it has loaded apply the change now (none is loaded by
+        a write alone), so the first search after a write costs what any search costs."""
+        with self.lock:
+            if self.dense is not None or self.bm25 is not None:
+                self.catch_up(conn, dense=self.dense is not None, bm25=self.bm25 is not None)
+
     def _open(self, conn, names, head):
         """Load what is not in memory; rebuild what cannot catch up by replaying (with a notice why)."""
         for name in names:

@@ -20,10 +20,12 @@ from .changes import active_rows, head
 from .corpus import Corpus
 from .index import BM25, DenseIndex
 from .indexes import Indexes
-from .loaders import IngestReport  # noqa: F401  (re-exported)
+from .loaders import IngestReport
 from .text import bm25_tokens, index_text, normalize_id
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
+__all__ = ["KnowledgeBase", "Hit", "SearchResult", "IngestReport", "fuse"]
+
 MODES = ("bm25", "dense", "hybrid")
 FUSIONS = ("rrf", "weighted")
 

@@ -11,7 +11,6 @@ import uuid
 from collections import defaultdict
 
 from . import store
-from .changes import Change, record
 from .errors import LLMError, LockBusy
 from .loaders import IngestReport, Record
 from .progress import progress as _progress
@@ -188,12 +187,10 @@ def rollback(kb, run_id):
             raise InputError(f"unknown run {run_id!r}", cli=f"list runs with: wbrag runs --kb {kb.path}",
                              api="list runs with writeback.list_runs(kb)")
         units = [r[0] for r in conn.execute("SELECT id FROM units WHERE run_id=?", (run_id,))]
-        change = Change()
-        with store.transaction(conn):
+        with kb.corpus.changing(conn) as change:
             for u in units:
                 kb.corpus.remove(conn, u, change)
             conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
-            record(conn, change)
     return len(units)
 
 
@@ -379,11 +376,8 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
         # its sources changed, yet the same text is still distilled from them: it is current again
         counts["revived"] += 1
         if not dry_run:
-            with kb.corpus.lock:
-                with store.transaction(conn):
-                    change = Change()
-                    kb.corpus.set_status(conn, existing["id"], "active", change)
-                    record(conn, change)
+            with kb.corpus.changing(conn) as change:
+                kb.corpus.set_status(conn, existing["id"], "active", change)
             _merge(conn, existing["id"], qid, plan["feedback_ids"])
         return {"unit_id": existing["id"], "revived": True}
     if existing is not None:  # a retired unit is not resurrected by the same evidence
