@@ -26,7 +26,7 @@ class _Group(TyperGroup):
 
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False,
                   help="writeback-rag: a retrieval knowledge base that improves from feedback.")
-units_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Inspect knowledge units.")
+units_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Inspect, retire and restore knowledge units.")
 app.add_typer(units_app, name="units")
 
 KB = typer.Option(None, "--kb", help="Knowledge-base folder [default: $WBRAG_KB or ./kb]")
@@ -236,7 +236,18 @@ def feedback(query_id: str, kb: Optional[str] = KB,
         raise InputError("say --correct or --wrong")
     with _open(kb) as k:
         fid = k.feedback(query_id, correct=correct, docs=doc or [], answer=answer, source=source)
-    typer.echo(f"feedback {fid} recorded for query {query_id}")
+        typer.echo(f"feedback {fid} recorded for query {query_id}")
+        if not correct:  # say what it did to the units the answer used
+            used = set(doc or [h["doc_id"] for h in k.query_record(query_id)["hits"]])
+            limit = int(k.config["writeback"]["retire_after_wrong"])
+            for u in k.units():
+                if u["id"] not in used:
+                    continue
+                if u["status"] == "retired":
+                    typer.echo(f"unit {u['id']} retired ({u['against']} wrong answers); "
+                               f"restore it with: wbrag units restore {u['id']}")
+                else:
+                    typer.echo(f"unit {u['id']}: {u['against']} of {limit} wrong answers before it is retired")
 
 
 @app.command()
@@ -347,6 +358,22 @@ def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
                 "distiller", "model", "run_id", "against"):
         typer.echo(f"{key}: {u[key]}")
     typer.echo(f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(u['created']))}")
+
+
+@units_app.command("retire")
+def units_retire(unit_id: str, kb: Optional[str] = KB):
+    """Take one unit out of retrieval (until restored)."""
+    with _open(kb) as k:
+        before = k.retire(unit_id)
+    typer.echo(f"unit {unit_id} retired (was {before})")
+
+
+@units_app.command("restore")
+def units_restore(unit_id: str, kb: Optional[str] = KB):
+    """Return a retired or stale unit to retrieval."""
+    with _open(kb) as k:
+        before = k.restore(unit_id)
+    typer.echo(f"unit {unit_id} active again (was {before})")
 
 
 from .eval import register_cli as _register_eval  # noqa: E402

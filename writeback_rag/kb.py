@@ -7,7 +7,8 @@ import sqlite3
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -32,6 +33,9 @@ FUSIONS = ("rrf", "weighted")
 
 @dataclass
 class Hit:
+    """One retrieved chunk: its document, text and scores (`bm25`/`dense`: the retrievers' own, when it
+    was in their list), and the document's `source` and metadata for citations."""
+
     rank: int
     chunk_id: int
     doc_id: str
@@ -41,20 +45,24 @@ class Hit:
     score: float
     bm25: float | None = None
     dense: float | None = None
+    source: str | None = None
+    meta: dict = field(default_factory=dict)
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
 class SearchResult:
+    """A search's hits and its `query_id` (None when not logged): feedback names the query by it."""
+
     query_id: int | None
     query: str
     mode: str
-    hits: list
+    hits: list[Hit]
     latency_ms: float
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {"query_id": self.query_id, "query": self.query, "mode": self.mode,
                 "latency_ms": round(self.latency_ms, 2), "hits": [h.to_dict() for h in self.hits]}
 
@@ -95,8 +103,10 @@ class KnowledgeBase:
     # ---- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, embedder=None, config=None, notify=None):
-        """Make a new KB folder; `embedder` is a registered name, model name or path (default: minilm)."""
+    def create(cls, path: str | os.PathLike, embedder: str | dict | None = None, config: dict | None = None,
+               notify: Callable[[str], Any] | None = None) -> "KnowledgeBase":
+        """Make a new KB folder; `embedder` is a registered name, model name or path (default: minilm);
+        `config` overrides settings ({section: {key: value}}); `notify` receives one-line notices."""
         path = os.path.abspath(path)
         if os.path.exists(path) and not os.path.isdir(path):
             raise InputError(f"{path}: is a file, not a folder; pick a new or empty folder for the knowledge base")
@@ -126,7 +136,16 @@ class KnowledgeBase:
         return kb
 
     @classmethod
-    def open(cls, path, embedder=None, notify=None, readonly=None):
+    def open_or_create(cls, path: str | os.PathLike, embedder: str | dict | None = None,
+                       config: dict | None = None, notify: Callable[[str], Any] | None = None) -> "KnowledgeBase":
+        """Open the KB at `path`, or create it there (with `embedder` and `config`) when there is none."""
+        if os.path.isfile(os.path.join(os.path.abspath(path), DB_NAME)):
+            return cls.open(path, embedder=embedder if isinstance(embedder, str) else None, notify=notify)
+        return cls.create(path, embedder=embedder, config=config, notify=notify)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, embedder: str | None = None, notify: Callable[[str], Any] | None = None,
+             readonly: bool | None = None) -> "KnowledgeBase":
         """Open an existing KB; refuses one built with another embedder than `embedder`/config asks for.
 
         `readonly` (default: when the folder or database cannot be written) opens it for searches without
@@ -187,7 +206,7 @@ class KnowledgeBase:
         return cls(path, cfg, notify=notify, readonly=readonly)
 
     @staticmethod
-    def configure(path, settings=()):
+    def configure(path: str | os.PathLike, settings: Iterable[str] = ()) -> dict:
         """Read (no settings) or change a KB's config.toml with 'SECTION.NAME=VALUE' strings; returns the
         validated settings. Works on a file with a bad value, so that value can be put right."""
         path = os.path.abspath(path)
@@ -205,7 +224,7 @@ class KnowledgeBase:
         except OSError as e:
             raise storage_error(e, path) from None
 
-    def close(self):
+    def close(self) -> None:
         """Save any index file that has fallen far behind the log, then close the connections."""
         if not getattr(self, "_closed", False) and not self.readonly:
             try:
@@ -215,20 +234,22 @@ class KnowledgeBase:
         self._closed = True
         self._conns.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "KnowledgeBase":
         return self
 
     def __exit__(self, *exc):
         self.close()
 
     @property
-    def conn(self):
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection to kb.sqlite, for read-only reporting (writes go through `corpus`)."""
         if getattr(self, "_closed", False):
             raise InputError(f"{self.path}: this KnowledgeBase is closed; open it again")
         return self._conns.get()
 
     @property
     def embedder(self):
+        """The embedding model (loaded on first use)."""
         if self._embedder is None:  # its own lock: a search never waits for a writer holding the write lock
             with self._embedder_lock:
                 if self._embedder is None:
@@ -236,12 +257,13 @@ class KnowledgeBase:
         return self._embedder
 
     @property
-    def generation(self):
+    def generation(self) -> int:
         """The sequence number of the newest committed change."""
         return head(self.conn)
 
     @property
-    def model_id(self):
+    def model_id(self) -> str | None:
+        """The embedding model the stored vectors were made with."""
         return store.get_meta(self.conn, "model_id")
 
     # ---- indexes (owned by indexes.Indexes; writers commit Changes, searches catch up) ----------------
@@ -267,7 +289,7 @@ class KnowledgeBase:
         return self._indexes.bm25
 
     @_storage_guard
-    def reindex(self, re_embed=False, show_progress=False):
+    def reindex(self, re_embed: bool = False, show_progress: bool = False) -> dict:
         """Rebuild every index from the store; with re_embed, embed every chunk again with the configured
         model (and record it in config.toml). Returns {"chunks", "generation"}."""
         out = self.corpus.reindex(re_embed, show_progress)
@@ -276,7 +298,7 @@ class KnowledgeBase:
         return out
 
     @_storage_guard
-    def check(self, sample=200, seed=0):
+    def check(self, sample: int = 200, seed: int = 0) -> dict:
         """Compare every index with the records; returns {"ok", "problems", "notes", "counts"}.
 
         Problems are states that give wrong results (an index that claims to be current and is not: chunks
@@ -401,23 +423,28 @@ class KnowledgeBase:
     # ---- writing documents (the corpus service) --------------------------------------------
 
     @_storage_guard
-    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0):
+    def ingest(self, items: Any, show_progress: bool = False, fields: dict | None = None, stdin: Any = None,
+               batch_chunks: int = 2048, commit_seconds: float = 5.0) -> IngestReport:
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
         Each commit batch is one transaction: a crash loses at most the batch in flight, and re-running the
         same ingest finishes the work (corpus.Corpus.ingest)."""
         return self.corpus.ingest(items, show_progress, fields, stdin, batch_chunks, commit_seconds)
 
     @_storage_guard
-    def delete(self, ids):
+    def delete(self, ids: str | Iterable[str]) -> int:
         """Remove documents (and their chunks and vectors) everywhere; returns how many existed."""
         return self.corpus.delete(ids)
 
     # ---- reading -----------------------------------------------------------------------
 
     @_storage_guard
-    def search(self, query, k=5, mode=None, filters=None, include_units=True, log=True, source="api",
-               fusion=None, max_units=None):
-        """Retrieve top-k chunks; every call is logged (query id in the result) unless log=False."""
+    def search(self, query: str, k: int = 5, mode: str | None = None, filters: dict | None = None,
+               include_units: bool = True, log: bool = True, source: str = "api", fusion: str | None = None,
+               max_units: int | None = None) -> SearchResult:
+        """Retrieve the top-k chunks. `mode`: bm25, dense or hybrid (default: retrieval.mode); `filters`:
+        {source: glob or substring, doc: glob, kind: source|unit, KEY: metadata value}; units take at most
+        `max_units` slots (default: retrieval.max_units; -1: no cap). Every call is logged (its query id is
+        in the result, for feedback) unless log=False."""
         if not isinstance(query, str) or not query.strip():
             raise InputError("empty query; give the question text")
         mode = mode or self.config["retrieval"]["mode"]
@@ -501,7 +528,7 @@ class KnowledgeBase:
             return []
         ids = [cid for cid, _ in top]
         rows = {r["id"]: r for r in self.conn.execute(
-            f"SELECT c.id, c.doc_id, c.text, d.title, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
+            f"SELECT c.id, c.doc_id, c.text, d.title, d.kind, d.source, d.meta FROM chunks c JOIN documents d ON d.id=c.doc_id "
             f"WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
         out = []
         for cid, score in top:
@@ -509,7 +536,7 @@ class KnowledgeBase:
             if row is None:  # deleted by another process since the index was loaded
                 continue
             out.append(Hit(len(out) + 1, cid, row["doc_id"], row["title"], row["text"], row["kind"], float(score),
-                           bm.get(cid), dn.get(cid)))
+                           bm.get(cid), dn.get(cid), row["source"], json.loads(row["meta"] or "{}")))
         return out
 
     def _log(self, query, mode, k, params, latency, hits, source):
@@ -524,7 +551,7 @@ class KnowledgeBase:
         return qid
 
     @_storage_guard
-    def queries(self, last=20, source=None):
+    def queries(self, last: int = 20, source: str | None = None) -> list[dict]:
         """The query log, newest first, each with its hits, feedback and gate decisions."""
         conn = self.conn
         sql = "SELECT * FROM queries" + (" WHERE source=?" if source else "") + " ORDER BY id DESC LIMIT ?"
@@ -532,7 +559,8 @@ class KnowledgeBase:
         return [self.query_record(r["id"]) for r in rows]
 
     @_storage_guard
-    def query_record(self, query_id):
+    def query_record(self, query_id: int) -> dict:
+        """One logged query with its hits, feedback and gate decisions; UnknownQuery if there is none."""
         conn = self.conn
         q = conn.execute("SELECT * FROM queries WHERE id=?", (int(query_id),)).fetchone()
         if q is None:
@@ -550,13 +578,14 @@ class KnowledgeBase:
         return out
 
     @_storage_guard
-    def document(self, doc_id):
+    def document(self, doc_id: str) -> dict | None:
         """One document or unit as a dict (meta decoded), or None."""
         row = self.conn.execute("SELECT * FROM documents WHERE id=?", (normalize_id(doc_id),)).fetchone()
         return dict(row, meta=json.loads(row["meta"])) if row else None
 
     @_storage_guard
-    def stats(self):
+    def stats(self) -> dict:
+        """Counts of documents, chunks, units, queries, feedback and runs, with the model and generation."""
         conn = self.conn
         one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
         return {
@@ -576,34 +605,98 @@ class KnowledgeBase:
     # ---- write-back (see feedback.py / writeback.py) ------------------------------------
 
     @_storage_guard
-    def feedback(self, query_id, correct, docs=(), answer=None, source="user", gold=()):
+    def feedback(self, query_id: int, correct: bool, docs: str | Iterable[str] = (), answer: str | None = None,
+                 source: str = "user", gold: Iterable[str] = ()) -> int:
+        """Record whether a logged query's answer was right and which of its hits (`docs`: document ids,
+        or one id) carried it; returns the feedback id. Wrong feedback counts against the units among the
+        named (or else all) hits: `writeback.retire_after_wrong` such events retire a unit."""
         from .feedback import add_feedback
 
         return add_feedback(self, query_id, correct, docs, answer, source, gold)
 
     @_storage_guard
-    def answer(self, question, k=5, mode=None, **kw):
+    def answer(self, question: str, k: int = 5, mode: str | None = None, source: str = "api") -> dict:
+        """Retrieve, then answer with the configured LLM: {"query_id", "answer", "hits"} (logged)."""
         from .feedback import answer
 
-        return answer(self, question, k=k, mode=mode, **kw)
+        return answer(self, question, k=k, mode=mode, source=source)
 
     @_storage_guard
-    def label(self, path, split="train", **kw):
+    def label(self, path: Any, split: str = "train", k: int | None = None, mode: str | None = None,
+              show_progress: bool = False) -> dict:
+        """Run a labelled set (JSONL file, BEIR folder or a list of {query, answers, relevant} dicts):
+        retrieve, judge, store gate decisions and feedback; returns counts and the query ids."""
         from .feedback import run_labelled
 
-        return run_labelled(self, path, split=split, **kw)
+        return run_labelled(self, path, split=split, k=k, mode=mode, show_progress=show_progress)
 
     @_storage_guard
-    def writeback(self, **kw):
+    def writeback(self, distiller: str | None = None, dry_run: bool = False, show_progress: bool = False) -> dict:
+        """Turn the feedback since the last run into knowledge units. The result always has the same keys:
+        run_id (None for a dry run), dry_run, distiller, units (what was written or revived), and the counts
+        examples, passed_utility, docs_kept, written, merged, revived, rejected."""
         from .writeback import run_writeback
 
-        return run_writeback(self, **kw)
+        return run_writeback(self, distiller=distiller, dry_run=dry_run, show_progress=show_progress)
 
     @_storage_guard
-    def rollback(self, run_id):
+    def rollback(self, run_id: str) -> int:
+        """Remove a run's units from the records and every index; returns how many."""
         from .writeback import rollback
 
         return rollback(self, run_id)
+
+    @_storage_guard
+    def units(self, include_inactive: bool = True) -> list[dict]:
+        """Knowledge units with their provenance, oldest first."""
+        from .writeback import list_units
+
+        return list_units(self, include_inactive=include_inactive)
+
+    @_storage_guard
+    def runs(self) -> list[dict]:
+        """Write-back runs with their counts, oldest first."""
+        from .writeback import list_runs
+
+        return list_runs(self)
+
+    @_storage_guard
+    def retire(self, unit_id: str) -> str:
+        """Take one unit out of retrieval for good (until restored); returns its previous status."""
+        return self._set_unit_status(unit_id, "retired")
+
+    @_storage_guard
+    def restore(self, unit_id: str) -> str:
+        """Return a retired or stale unit to retrieval (its count of wrong answers starts again)."""
+        return self._set_unit_status(unit_id, "active")
+
+    def _set_unit_status(self, unit_id, status):
+        unit_id = normalize_id(unit_id)
+        conn = self.conn
+        with self.corpus.changing(conn) as change:
+            row = conn.execute("SELECT status FROM documents WHERE id=? AND kind='unit'", (unit_id,)).fetchone()
+            if row is None:
+                raise InputError(f"no knowledge unit {unit_id!r}", cli=f"list units with: wbrag units list --kb {self.path}",
+                                 api="list units with kb.units()")
+            self.corpus.set_status(conn, unit_id, status, change)
+            if status == "active":
+                conn.execute("UPDATE units SET against=0 WHERE id=?", (unit_id,))
+        return row["status"]
+
+    # ---- async (apps on an event loop) ---------------------------------------------------
+
+    async def asearch(self, query: str, **kwargs: Any) -> SearchResult:
+        """`search` in a worker thread: the event loop keeps running while SQLite, FAISS and the embedder
+        work (each thread has its own connection)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.search, query, **kwargs)
+
+    async def afeedback(self, query_id: int, correct: bool, **kwargs: Any) -> int:
+        """`feedback` in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.feedback, query_id, correct, **kwargs)
 
     @property
     def llm(self):

@@ -197,6 +197,9 @@ def rollback(kb, run_id):
 # ---- the job --------------------------------------------------------------------------------
 
 
+COUNTS = ("examples", "passed_utility", "docs_kept", "written", "merged", "revived", "rejected")
+
+
 def run_writeback(kb, distiller=None, dry_run=False, show_progress=False, log=None):
     """Process feedback since the last successful run: gates' survivors -> units. Resumable, idempotent."""
     w = kb.config["writeback"]
@@ -271,7 +274,7 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
                          (time.time(), top, json.dumps(counts), run_id))
         kb.corpus.indexes.save_if_due(conn)
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
-            "units": written, **counts}
+            "units": written, **{k: counts.get(k, 0) for k in COUNTS}}
 
 
 def _plan(kb, conn, qid, run_id, counts, dry_run):
