@@ -599,8 +599,8 @@ def stage_synth_build(a):
     timers.wrap(changesmod, "term_ids")
     timers.wrap(indexesmod.Indexes, "catch_up")
     timers.wrap(indexesmod.Indexes, "save_if_due")
-    timers.wrap(indexmod.BM25, "build")
-    timers.wrap(indexmod.BM25, "save")
+    timers.wrap(indexmod.BM25, "build", "bm25_build")
+    timers.wrap(indexmod.BM25, "save", "bm25_save")
     res["rss_before_ingest_mb"] = rss_mb()
     res["peak_rss_before_ingest_mb"] = peak_rss_mb()
     log(f"2: ingesting {len(docs)} docs (hash embedder)")
@@ -617,7 +617,7 @@ def stage_synth_build(a):
     res["timers"] = {"write_s": sum(t for _, t in batches),
                      "term_ids_s": timers.t.get("term_ids", 0.0), "term_ids_calls": timers.n.get("term_ids", 0),
                      "catch_up_s": timers.t.get("catch_up", 0.0), "save_if_due_s": timers.t.get("save_if_due", 0.0),
-                     "bm25_build_s": timers.t.get("build", 0.0), "bm25_save_s": timers.t.get("save", 0.0)}
+                     "bm25_build_s": timers.t.get("bm25_build", 0.0), "bm25_save_s": timers.t.get("bm25_save", 0.0)}
     # throughput of the first and last tenth of the write batches: does ingest slow down as the KB grows?
     tenth = max(1, len(batches) // 10)
     first, last = batches[:tenth], batches[-tenth:]
@@ -1409,6 +1409,10 @@ def main(argv=None):
     if args.from_json:
         with open(args.from_json) as fh:
             R = json.load(fh)
+        if "load_term_ids_s" in R.get("synth_build", {}).get("timers", {}) or "sql_fetch_tuples_s" in R.get("synth_query", {}):
+            log(f"{args.from_json} was written when postings were stored in SQLite; this report describes the current "
+                "code and cannot be written from it: run the benchmark again")
+            return 1
         stem = args.from_json[:-len("-data.json")] if args.from_json.endswith("-data.json") else args.from_json
         out = os.path.abspath(args.out or stem + ".md")
         stem = out[:-3] if out.endswith(".md") else out

@@ -6,14 +6,15 @@ import json
 import os
 import urllib.error
 import urllib.request
+from typing import Callable
 
 import numpy as np
 
 from .errors import LLMError, WbragError
 
-EMBEDDERS = {}
-LLMS = {}
-DISTILLERS = {}
+EMBEDDERS: dict[str, Callable] = {}
+LLMS: dict[str, Callable] = {}
+DISTILLERS: dict[str, Callable] = {}
 
 
 def register_embedder(name):

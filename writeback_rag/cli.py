@@ -54,8 +54,8 @@ def init(kb: Optional[str] = KB,
          chunk_size: Optional[int] = typer.Option(None, help="Chunk size in tokens [default: chunking.size]."),
          chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens [default: chunking.overlap].")):
     """Create a knowledge base folder."""
-    config = {"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap}}
-    config = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in config.items()}
+    given: dict[str, dict] = {"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap}}
+    config = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in given.items()}
     k = KnowledgeBase.create(_kb_path(kb), embedder=embedder, config=config)
     typer.echo(f"created knowledge base {k.path} (embedder {k.model_id})")
 

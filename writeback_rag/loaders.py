@@ -229,7 +229,7 @@ def read_paths(paths, fields, max_bytes, stdin=None):
                 yield Problem(full, str(e))
                 continue
             yield from records
-        for e in walk_errors:
-            yield Problem(e.filename or path, f"cannot read folder ({e.strerror}); check permissions")
+        for err in walk_errors:
+            yield Problem(err.filename or path, f"cannot read folder ({err.strerror}); check permissions")
         if os.path.isdir(path) and not found and not walk_errors:
             yield Problem(path, f"folder has no supported files ({', '.join(sorted(SUPPORTED))})")
