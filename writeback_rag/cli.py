@@ -376,6 +376,30 @@ def units_restore(unit_id: str, kb: Optional[str] = KB):
     typer.echo(f"unit {unit_id} active again (was {before})")
 
 
+@app.command()
+def serve(kb: Optional[str] = KB, host: str = typer.Option("127.0.0.1", help="Address to bind; any but loopback "
+                                                                            "needs --token."),
+          port: int = typer.Option(8765, help="Port."),
+          token: Optional[str] = typer.Option(None, envvar="WBRAG_TOKEN", help="Bearer token clients must send "
+                                              "[env: WBRAG_TOKEN]."),
+          cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", help="Allow browser calls from "
+                                                          "this origin (repeatable); CORS is off without it."),
+          max_k: int = typer.Option(100, "--max-k", help="Largest k a request may ask for.")):
+    """Serve the knowledge base over HTTP (search, feedback, answer, ingest, write-back jobs, units, runs, log,
+    stats, check, and Dify's POST /retrieval); OpenAPI at /docs."""
+    from .server import serve as run_server
+
+    run_server(_kb_path(kb), host=host, port=port, token=token, cors_origins=tuple(cors_origin or ()), max_k=max_k)
+
+
+@app.command()
+def mcp(kb: Optional[str] = KB):
+    """Serve the knowledge base to a local agent over MCP (stdio): tools search, feedback, answer, units."""
+    from .mcp_server import serve as run_mcp
+
+    run_mcp(_kb_path(kb))
+
+
 from .eval import register_cli as _register_eval  # noqa: E402
 
 _register_eval(app)

@@ -31,6 +31,11 @@ class IngestReport:
     def errors(self):
         return [p for p in self.skipped if p.error]
 
+    def to_dict(self) -> dict:
+        """Counts and the skipped files with their reasons (what `wbrag ingest --json` and HTTP return)."""
+        return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged, "chunks": self.chunks,
+                "skipped": [{"where": p.where, "reason": p.reason, "error": p.error} for p in self.skipped]}
+
     def summary(self):
         s = f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, skipped {len(self.skipped)}"
         return s + f" ({self.chunks} chunks embedded)"
