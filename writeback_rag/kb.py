@@ -586,19 +586,21 @@ class KnowledgeBase:
     @_storage_guard
     def stats(self) -> dict:
         """Counts of documents, chunks, units, queries, feedback and runs, with the model and generation."""
-        conn = self.conn
-        one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+        import sqlite_utils
+
+        db = sqlite_utils.Database(self.conn)
         return {
             "path": self.path,
             "model_id": self.model_id,
             "generation": self.generation,
-            "documents": one("SELECT COUNT(*) FROM documents WHERE kind='source'"),
-            "chunks": one("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source'"),
-            "units_active": one("SELECT COUNT(*) FROM documents WHERE kind='unit' AND status='active'"),
-            "units_inactive": one("SELECT COUNT(*) FROM documents WHERE kind='unit' AND status!='active'"),
-            "queries": one("SELECT COUNT(*) FROM queries"),
-            "feedback": one("SELECT COUNT(*) FROM feedback"),
-            "runs": one("SELECT COUNT(*) FROM runs"),
+            "documents": db["documents"].count_where("kind='source'"),
+            "chunks": next(db.query("SELECT COUNT(*) AS n FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                    "WHERE d.kind='source'"))["n"],
+            "units_active": db["documents"].count_where("kind='unit' AND status='active'"),
+            "units_inactive": db["documents"].count_where("kind='unit' AND status!='active'"),
+            "queries": db["queries"].count,
+            "feedback": db["feedback"].count,
+            "runs": db["runs"].count,
             "dense_index": self.config["dense"]["index"],
         }
 

@@ -435,4 +435,7 @@ def list_units(kb, include_inactive=True):
 
 
 def list_runs(kb):
-    return [dict(r, counts=json.loads(r["counts"])) for r in kb.conn.execute("SELECT * FROM runs ORDER BY started")]
+    import sqlite_utils
+
+    return [dict(r, counts=json.loads(r["counts"]))
+            for r in sqlite_utils.Database(kb.conn)["runs"].rows_where(order_by="started")]
