@@ -100,6 +100,8 @@ def test_errors_and_limits(served):
     r = c.post("/ingest", json={"records": [{"id": "big", "text": "x " * 5000}]})
     assert r.status_code == 413
     assert c.post("/search", json={"k": 3}).status_code == 422  # no query
+    r = c.post("/answer", json={"question": "Who designed Fenwick Point?"})
+    assert r.status_code == 400 and "no LLM configured" in r.json()["error"] and r.json()["hint"]
 
 
 def test_token_is_required_and_compared(served):
