@@ -138,12 +138,20 @@ def test_utf16_and_utf32_text_are_read(tmp_path, kb_path):
 
 
 def test_named_unsupported_file_is_an_error_but_not_in_a_folder(tmp_path, kb_path):
-    f = write(tmp_path / "d" / "slides.pptx", "not really")
+    f = write(tmp_path / "d" / "slides.key", "not really")
     write(tmp_path / "d" / "note.txt", "A note about the lamp room.")
     r = wbrag("ingest", "--kb", kb_path, f)
-    assert r.exit_code == 2 and "unsupported file type '.pptx'" in r.output
+    assert r.exit_code == 2 and "unsupported file type '.key'" in r.output and ".pdf" in r.output
     r = wbrag("ingest", "--kb", kb_path, tmp_path / "d")
     assert r.exit_code == 0 and "skipped" in r.output
+
+
+@pytest.mark.parametrize("name", ["slides.pptx", "report.docx", "manual.pdf", "notes.txt.gz"])
+def test_damaged_binary_file_is_an_error_naming_it(tmp_path, kb_path, name):
+    pytest.importorskip("markitdown")
+    f = write(tmp_path / name, "not really")
+    r = wbrag("ingest", "--kb", kb_path, f)
+    assert r.exit_code == 2 and name in r.output and ("damaged" in r.output or "not a valid" in r.output), r.output
 
 
 def test_unreadable_folder_is_reported_as_such(tmp_path, kb_path, monkeypatch):

@@ -155,20 +155,37 @@ def test_json_jsonl_csv_stdin_and_fields(kb, tmp_path):
     assert [h.doc_id for h in hits] == ["d3"]
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("bad.txt", b"caf\xe9 au lait\n", "invalid UTF-8"),
-    ("bin.txt", b"\x00\x01\x02binary", "binary"),
-    ("bad.jsonl", b'{"id": "x", "text": "ok"}\n{"id": oops}\n', "line 2: malformed JSON"),
-    ("notext.jsonl", b'{"id": "x", "body": "no text here"}\n', "no text field"),
-    ("noid.json", b'[{"text": "no id"}]', "no id field"),
+@pytest.mark.parametrize("name,content,match,encoding", [
+    ("bad.txt", b"ok\ncaf\xe9 au lait\n", "line 2: not valid utf-8", "utf-8"),
+    ("bin.txt", b"\x00\x01\x02binary", "binary", None),
+    ("bad.jsonl", b'{"id": "x", "text": "ok"}\n{"id": oops}\n', "line 2: malformed JSON", None),
+    ("notext.jsonl", b'{"id": "x", "body": "no text here"}\n', "no text field", None),
+    ("noid.json", b'[{"text": "no id"}]', "no id field", None),
+    ("any.txt", b"text", "unknown encoding 'klingon'", "klingon"),
 ])
-def test_bad_files_are_rejected_whole_with_location(kb, tmp_path, name, content, match):
+def test_bad_files_are_rejected_whole_with_location(kb, tmp_path, name, content, match, encoding):
     kb.ingest([{"id": "keep", "text": "already stored"}])
     path = write(tmp_path / name, content, "wb")
-    rep = kb.ingest([path])
+    rep = kb.ingest([path], encoding=encoding)
     assert rep.added == 0 and len(rep.errors) == 1
     assert name in str(rep.errors[0]) and match in str(rep.errors[0])
     assert kb.stats()["documents"] == 1 and kb.document("x") is None  # nothing half-written, nothing lost
+
+
+def test_encodings_detected_or_given(kb, tmp_path):
+    """UTF-8, a UTF-16 BOM, and 8-bit Western text (Latin-1 / Windows-1252) without being told; or as given."""
+    write(tmp_path / "docs" / "utf8.txt", "Café du Phare\n\nLe gardien allumait la lampe.".encode("utf-8"), "wb")
+    write(tmp_path / "docs" / "latin1.txt", "Café du Port\n\nLa lampe à pétrole brûlait.".encode("latin-1"), "wb")
+    write(tmp_path / "docs" / "cp1252.txt", "Quotes\n\nThe keeper said \u201cfog\u201d \u2013 twice.".encode("cp1252"), "wb")
+    write(tmp_path / "docs" / "utf16.txt", "Phare\n\nLumière blanche.".encode("utf-16"), "wb")
+    rep = kb.ingest([str(tmp_path / "docs")])
+    assert rep.added == 4 and not rep.skipped
+    assert kb.document("latin1.txt")["title"] == "Café du Port" and "brûlait" in kb.document("latin1.txt")["text"]
+    assert "\u201cfog\u201d \u2013" in kb.document("cp1252.txt")["text"]
+    assert kb.document("utf16.txt")["text"] == "Lumière blanche."
+    ko = write(tmp_path / "koi8" / "r.txt", "Маяк\n\nСвет.".encode("koi8-r"), "wb")
+    kb.ingest([ko], encoding="koi8-r")
+    assert kb.document("r.txt")["title"] == "Маяк"
 
 
 def test_empty_duplicate_missing_and_unsupported(kb, tmp_path):

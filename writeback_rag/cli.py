@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from .errors import EmbedderMismatch, InputError, WbragError
 from .kb import KnowledgeBase
+from .loaders import formats
 
 
 class _Group(TyperGroup):
@@ -60,27 +61,52 @@ def init(kb: Optional[str] = KB,
     typer.echo(f"created knowledge base {k.path} (embedder {k.model_id})")
 
 
-@app.command()
-def ingest(paths: List[str] = typer.Argument(..., help="Files, folders, or - for stdin (JSONL or text)."),
-           kb: Optional[str] = KB, quiet: bool = QUIET, as_json: bool = JSON,
-           id_field: Optional[str] = typer.Option(None, help="JSON/CSV field holding the id."),
-           title_field: Optional[str] = typer.Option(None, help="JSON/CSV field holding the title."),
-           text_field: Optional[str] = typer.Option(None, help="JSON/CSV field holding the text.")):
-    """Add or update documents; unchanged ones are skipped by content hash."""
-    fields = {k: v for k, v in (("id_field", id_field), ("title_field", title_field), ("text_field", text_field)) if v}
-    with _open(kb) as k:
-        report = k.ingest(paths, show_progress=not quiet, fields=fields, stdin=sys.stdin)
+ENCODING = typer.Option(None, "--encoding", help="Encoding of the text files (e.g. latin-1) [default: detected: "
+                                                    "BOM, UTF-8, else Windows-1252].")
+FIELD_OPTIONS = dict(
+    id_field=typer.Option(None, help="JSON/CSV field holding the id."),
+    title_field=typer.Option(None, help="JSON/CSV field holding the title."),
+    text_field=typer.Option(None, help="JSON/CSV field holding the text."))
+
+
+def _report(report, as_json):
     for p in report.skipped:
         typer.echo(f"wbrag: {'error' if p.error else 'skipped'}: {p}", err=True)
     if as_json:
-        _dump({"added": report.added, "updated": report.updated, "unchanged": report.unchanged,
-               "chunks": report.chunks, "skipped": [{"where": p.where, "reason": p.reason, "error": p.error}
-                                                    for p in report.skipped]})
+        _dump(report.to_dict())
     else:
         typer.echo(report.summary())
     if report.errors:
-        nothing = not (report.added or report.updated or report.unchanged)
+        nothing = not (report.added or report.updated or report.unchanged or report.deleted)
         raise typer.Exit(2 if nothing else 1)
+
+
+@app.command(help="Add or update documents; unchanged ones are skipped by content hash. Formats: "
+                  f"{formats()}; files in a folder of another type are noted and skipped. The [docs] extra "
+                  "(pip install 'writeback-rag[docs]') adds PDF (a document per page), PPTX (per slide), DOCX, "
+                  "XLSX and EPUB.")
+def ingest(paths: List[str] = typer.Argument(..., help="Files, folders, or - for stdin (JSONL or text)."),
+           kb: Optional[str] = KB, quiet: bool = QUIET, as_json: bool = JSON, encoding: Optional[str] = ENCODING,
+           id_field: Optional[str] = FIELD_OPTIONS["id_field"], title_field: Optional[str] = FIELD_OPTIONS["title_field"],
+           text_field: Optional[str] = FIELD_OPTIONS["text_field"]):
+    fields = {k: v for k, v in (("id_field", id_field), ("title_field", title_field), ("text_field", text_field)) if v}
+    with _open(kb) as k:
+        report = k.ingest(paths, show_progress=not quiet, fields=fields, stdin=sys.stdin, encoding=encoding)
+    _report(report, as_json)
+
+
+@app.command()
+def sync(folder: str, kb: Optional[str] = KB, dry_run: bool = typer.Option(False, "--dry-run", help="Say what would "
+                                                                                                     "change; write nothing."),
+         quiet: bool = QUIET, as_json: bool = JSON, encoding: Optional[str] = ENCODING,
+         id_field: Optional[str] = FIELD_OPTIONS["id_field"], title_field: Optional[str] = FIELD_OPTIONS["title_field"],
+         text_field: Optional[str] = FIELD_OPTIONS["text_field"]):
+    """Make the KB match a folder: ingest new and changed files, delete documents whose files are gone (their
+    units go stale). The folder becomes a source root: ids are relative to it, whatever path is typed later."""
+    fields = {k: v for k, v in (("id_field", id_field), ("title_field", title_field), ("text_field", text_field)) if v}
+    with _open(kb) as k:
+        report = k.sync(folder, dry_run=dry_run, show_progress=not quiet, fields=fields, encoding=encoding)
+    _report(report, as_json)
 
 
 @app.command()

@@ -59,7 +59,62 @@ class Corpus:
     def embedder(self):
         return self._embedder()
 
-    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0):
+    # ---- source roots: ids stay the same whatever path is typed -------------------------------------
+
+    def roots(self):
+        """Folders registered by sync: a file under one gets an id relative to it."""
+        return json.loads(store.get_meta(self.conn, "source_roots", "[]"))
+
+    def root_for(self, path):
+        p = os.path.abspath(path)
+        inside = [r for r in self.roots() if p == r or p.startswith(r.rstrip(os.sep) + os.sep)]
+        return max(inside, key=len) if inside else None
+
+    def sync(self, path, dry_run=False, show_progress=False, fields=None, encoding=None):
+        """Make the KB match a folder: new and changed files are ingested, and documents whose files are
+        gone (or whose records a file no longer holds) are deleted, their units going stale, in the same
+        run. The folder becomes a source root (ids relative to it). A file that fails to read keeps its
+        documents. With dry_run nothing is written and the report says what would change."""
+        root = os.path.abspath(path)
+        if not os.path.isdir(root):
+            from .errors import InputError
+
+            raise InputError(f"{path}: not a folder; sync keeps a KB in step with a folder of files")
+        fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
+        max_bytes = int(float(self.config["ingest"]["max_doc_mb"]) * 1e6)
+        items = list(read_paths([root], fields, max_bytes, encoding=encoding, root=root))
+        records = [r for r in items if isinstance(r, Record)]
+        problems = [p for p in items if isinstance(p, Problem)]
+        failed = {os.path.abspath(p.where) for p in problems if p.error}
+        seen = {normalize_id(r.id) for r in records}
+        conn = self.conn
+        under = root.rstrip(os.sep) + os.sep
+        stored = conn.execute("SELECT id, source FROM documents WHERE kind='source' AND (source=? OR "
+                              "substr(source, 1, ?)=?)", (root, len(under), under)).fetchall()
+        gone = [r["id"] for r in stored if r["id"] not in seen and r["source"] not in failed]
+        if dry_run:
+            report = IngestReport(skipped=problems, dry_run=True, deleted=len(gone))
+            hashes = {r["id"]: r["hash"] for r in conn.execute("SELECT id, hash FROM documents")}
+            for r in records:
+                h = hashes.get(normalize_id(r.id))
+                if h is None:
+                    report.added += 1
+                elif h == content_hash(r.title, r.text, json.dumps(r.meta, sort_keys=True)):
+                    report.unchanged += 1
+                else:
+                    report.updated += 1
+            return report
+        with self.lock:
+            with store.transaction(conn):
+                if root not in self.roots():
+                    store.set_meta(conn, "source_roots", json.dumps(sorted(self.roots() + [root])))
+            report = self.ingest(records, show_progress=show_progress, fields=fields)
+            report.skipped = problems + report.skipped
+            report.deleted = self.delete(gone) if gone else 0
+        return report
+
+    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0,
+               encoding=None):
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
         Whether a document is new, changed or unchanged is decided inside the write transaction.
 
@@ -86,7 +141,9 @@ class Corpus:
                     yield _field_record(r, fields, f"record {n}", r.get("source", "api") if isinstance(r, dict) else "api")
                 except ValueError as e:
                     yield Problem("<records>", str(e))
-            yield from read_paths(paths, fields, max_bytes, stdin=stdin)
+            for path in paths:  # under a source root, ids are relative to it
+                yield from read_paths([path], fields, max_bytes, stdin=stdin, encoding=encoding,
+                                      root=self.root_for(path) if path != "-" else None)
 
         with self.lock:
             conn = self.conn
@@ -272,3 +329,4 @@ class Corpus:
             self.indexes.reset()
             self.indexes.catch_up(conn)  # rebuilds both (the change resets them) and saves their files
             return {"chunks": self.indexes.dense.count, "generation": gen}
+

@@ -424,11 +424,19 @@ class KnowledgeBase:
 
     @_storage_guard
     def ingest(self, items: Any, show_progress: bool = False, fields: dict | None = None, stdin: Any = None,
-               batch_chunks: int = 2048, commit_seconds: float = 5.0) -> IngestReport:
+               batch_chunks: int = 2048, commit_seconds: float = 5.0, encoding: str | None = None) -> IngestReport:
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
         Each commit batch is one transaction: a crash loses at most the batch in flight, and re-running the
-        same ingest finishes the work (corpus.Corpus.ingest)."""
-        return self.corpus.ingest(items, show_progress, fields, stdin, batch_chunks, commit_seconds)
+        same ingest finishes the work (corpus.Corpus.ingest). `encoding`: of text files (default: detected)."""
+        return self.corpus.ingest(items, show_progress, fields, stdin, batch_chunks, commit_seconds, encoding)
+
+    @_storage_guard
+    def sync(self, folder: str | os.PathLike, dry_run: bool = False, show_progress: bool = False,
+             fields: dict | None = None, encoding: str | None = None) -> IngestReport:
+        """Make the KB match a folder: new and changed files ingested, documents whose files are gone deleted
+        (their units go stale), in one run; `dry_run` writes nothing and reports what would change. The
+        folder becomes a source root: ids are relative to it, whatever path is typed later."""
+        return self.corpus.sync(os.fspath(folder), dry_run, show_progress, fields, encoding)
 
     @_storage_guard
     def delete(self, ids: str | Iterable[str]) -> int:
