@@ -217,3 +217,32 @@ def test_sync_keeps_the_documents_of_a_file_it_cannot_read(folder, tmp_path):
     kb = KnowledgeBase.open(path)
     assert kb.document("j1") is not None
     kb.close()
+
+
+def test_one_command_for_a_folder_of_different_shapes(tmp_path):
+    """A CSV, a Pyserini-style JSONL and a JSON with their own field names ingest cleanly in one command:
+    common shapes are detected, and [[ingest.sources]] maps the rest; a BEIR folder gives its corpus only."""
+    d = tmp_path / "mixed"
+    (d / "faq").mkdir(parents=True)
+    (d / "faq" / "faq.csv").write_text("q,answer\nhow-to-light,Strike the match below the wick.\n")
+    (d / "pyserini.jsonl").write_text(json.dumps({"docid": "p1", "contents": "The jetty lamp burns colza."}) + "\n")
+    (d / "notes.json").write_text(json.dumps([{"key": "n1", "headline": "Gulls", "body": "Gulls nest on the rock."}]))
+    path = _kb(tmp_path)
+    r = runner.invoke(app, ["config", "--kb", path,
+                            'ingest.sources=[{glob = "faq/*.csv", id_field = "q", text_field = "answer"}, '
+                            '{glob = "notes.json", id_field = "key", title_field = "headline"}]'])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["ingest", "--kb", path, str(d)])
+    assert r.exit_code == 0 and "added 3" in r.output and "skipped 0" in r.output, r.output
+    kb = KnowledgeBase.open(path)
+    assert kb.document("how-to-light")["text"] == "Strike the match below the wick."
+    assert kb.document("p1")["text"] == "The jetty lamp burns colza."
+    assert kb.document("n1")["title"] == "Gulls"
+    kb.close()
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "c1", "title": "T", "text": "Corpus text."}) + "\n")
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "a question"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tc1\t1\n")
+    r = runner.invoke(app, ["ingest", "--kb", path, str(beir)])
+    assert r.exit_code == 0 and "added 1" in r.output, r.output

@@ -25,6 +25,7 @@ class Key:
     choices: tuple | object = ()  # or a function returning them (registries that plugins extend)
     min: float | None = None
     max: float | None = None
+    items: tuple = ()  # type list: each item a table with these keys (the first one required)
 
     @property
     def path(self):
@@ -37,6 +38,8 @@ class Key:
         if doc and callable(self.choices):  # the docs list the built-in names; plugins add their own
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.options()
                                          if c in ("", "openai", "llamacpp", "extractive", "llm")) + ", or a plugin's"
+        if self.type is list:
+            return f"a list of tables with {self.items[0]} (required) and any of {', '.join(self.items[1:])}"
         if self.options():
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.options())
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[self.type]
@@ -49,6 +52,16 @@ class Key:
     def check(self, value, where):
         """The value converted to this key's type, or ConfigError naming the key and what is allowed."""
         bad = ConfigError(f"{where}{self.path} = {_show(value)}: expected {self.allowed()}")
+        if self.type is list:
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise bad
+            for n, table in enumerate(value, 1):
+                unknown = set(table) - set(self.items)
+                if unknown or not isinstance(table.get(self.items[0]), str) or \
+                        not all(isinstance(v, str) and v for v in table.values()):
+                    raise ConfigError(f"{where}{self.path} entry {n} = {_show(table)}: expected {self.allowed()}, "
+                                      "each a non-empty string")
+            return [dict(t) for t in value]
         if self.type is bool:
             if not isinstance(value, bool):
                 raise bad
@@ -85,6 +98,11 @@ class Key:
             except ValueError:
                 return self.check(text, where)
             return self.check(value, where)
+        if self.type is list:  # TOML's inline form: [{glob = "*.csv", text_field = "body"}]
+            try:
+                return self.check(tomllib.loads(f"v = {text}")["v"], where)
+            except tomllib.TOMLDecodeError:
+                return self.check(text, where)
         return self.check(text, where)
 
 
@@ -122,9 +140,16 @@ KEYS = [
         "data: eval/results/choose-unit-use.md.", min=-1, max=10_000),
     Key("retrieval", "unit_fusion", str, "joint", "joint: units ranked in the same candidate lists as "
         "documents; separate: in lists of their own, merged by fused score.", choices=("joint", "separate")),
-    Key("ingest", "id_field", str, "id", "JSON/CSV field holding a record's id ('_id' is also tried)."),
-    Key("ingest", "title_field", str, "title", "JSON/CSV field holding a record's title."),
-    Key("ingest", "text_field", str, "text", "JSON/CSV field holding a record's text."),
+    Key("ingest", "id_field", str, "id", "JSON/CSV field holding a record's id (when absent: _id, docid, "
+        "doc_id are tried)."),
+    Key("ingest", "title_field", str, "title", "JSON/CSV field holding a record's title (when absent: name, "
+        "heading)."),
+    Key("ingest", "text_field", str, "text", "JSON/CSV field holding a record's text (when absent: text, "
+        "contents, content, body, passage, abstract)."),
+    Key("ingest", "sources", list, [], "Per-file field mappings: the first entry whose glob matches a file's "
+        "path (relative to the folder ingested) or its name gives that file's id/title/text fields and "
+        "encoding, e.g. [[ingest.sources]] glob = \"faq/*.csv\" text_field = \"answer\".",
+        items=("glob", "id_field", "title_field", "text_field", "encoding")),
     Key("ingest", "max_doc_mb", float, 50.0, "Files larger than this (MB) are skipped with an error.",
         min=0.001, max=100_000.0),
     Key("llm", "backend", str, "", "LLM for answers, judging and the llm distiller: '' (none), openai (any "
@@ -247,6 +272,9 @@ def get(cfg, path):
 
 
 def toml_value(v):
+    if isinstance(v, list):
+        return "[" + ", ".join("{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in t.items()) + "}"
+                               for t in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):

@@ -82,7 +82,8 @@ class Corpus:
             raise InputError(f"{path}: not a folder; sync keeps a KB in step with a folder of files")
         fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
         max_bytes = int(float(self.config["ingest"]["max_doc_mb"]) * 1e6)
-        items = list(read_paths([root], fields, max_bytes, encoding=encoding, root=root))
+        items = list(read_paths([root], fields, max_bytes, encoding=encoding, root=root,
+                                sources=self.config["ingest"]["sources"]))
         records = [r for r in items if isinstance(r, Record)]
         problems = [p for p in items if isinstance(p, Problem)]
         failed = {os.path.abspath(p.where) for p in problems if p.error}
@@ -143,7 +144,8 @@ class Corpus:
                     yield Problem("<records>", str(e))
             for path in paths:  # under a source root, ids are relative to it
                 yield from read_paths([path], fields, max_bytes, stdin=stdin, encoding=encoding,
-                                      root=self.root_for(path) if path != "-" else None)
+                                      root=self.root_for(path) if path != "-" else None,
+                                      sources=self.config["ingest"]["sources"])
 
         with self.lock:
             conn = self.conn

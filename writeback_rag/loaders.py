@@ -1,6 +1,7 @@
 """Turn paths (files, folders, stdin) into document records; each file is read whole or rejected whole."""
 
 import csv
+import fnmatch
 import importlib.util
 import io
 import json
@@ -135,17 +136,32 @@ def _decode(raw, where, encoding=None):
         return raw.decode("latin-1")  # the five bytes cp1252 leaves undefined
 
 
+# the field names of common shapes (BEIR: _id/title/text; Pyserini: id/contents; ...), tried in order
+# when the configured field is absent
+ID_FIELDS = ("_id", "docid", "doc_id")
+TITLE_FIELDS = ("name", "heading")
+TEXT_FIELDS = ("text", "contents", "content", "body", "passage", "abstract")
+
+
+def _pick(obj, configured, fallbacks):
+    return configured if configured in obj else next((f for f in fallbacks if f in obj), None)
+
+
 def _field_record(obj, fields, where, source):
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    text_f = fields["text_field"] if fields["text_field"] in obj else ("text" if "text" in obj else None)
+    text_f = _pick(obj, fields["text_field"], TEXT_FIELDS)
     if text_f is None or not isinstance(obj.get(text_f), str):
-        raise ValueError(f"{where}: no text field {fields['text_field']!r}; name the field that holds the text (text_field)")
-    rid = obj.get(fields["id_field"], obj.get("_id"))
+        raise ValueError(f"{where}: no text field {fields['text_field']!r} (nor {', '.join(TEXT_FIELDS)}); "
+                         "name the field that holds the text (text_field)")
+    id_f = _pick(obj, fields["id_field"], ID_FIELDS)
+    rid = obj.get(id_f) if id_f else None
     if rid is None or str(rid).strip() == "":
-        raise ValueError(f"{where}: no id field {fields['id_field']!r} (or '_id'); name the field that holds the id (id_field)")
-    title = obj.get(fields["title_field"]) or ""
-    known = {fields["id_field"], "_id", fields["title_field"], text_f}
+        raise ValueError(f"{where}: no id field {fields['id_field']!r} (nor {', '.join(ID_FIELDS)}); name the "
+                         "field that holds the id (id_field)")
+    title_f = _pick(obj, fields["title_field"], TITLE_FIELDS)
+    title = (obj.get(title_f) if title_f else "") or ""
+    known = {id_f, title_f, text_f}
     meta = {k: v for k, v in obj.items() if k not in known and isinstance(v, (str, int, float, bool))}
     if isinstance(obj.get("metadata"), dict):
         meta.update({k: v for k, v in obj["metadata"].items() if isinstance(v, (str, int, float, bool))})
@@ -237,13 +253,17 @@ def _json(content, path, doc_id, fields):
 @register_loader(".csv", ".tsv", name="CSV")
 def _csv(content, path, doc_id, fields):
     reader = csv.DictReader(io.StringIO(content), dialect="excel-tab" if path.lower().endswith(".tsv") else "excel")
-    if not reader.fieldnames or fields["text_field"] not in reader.fieldnames:
-        raise ValueError(f"line 1: no column {fields['text_field']!r} in the header; name the column that holds the text (text_field)")
+    header = {h: True for h in reader.fieldnames or ()}
+    text_f = _pick(header, fields["text_field"], TEXT_FIELDS)
+    if text_f is None:
+        raise ValueError(f"line 1: no column {fields['text_field']!r} (nor {', '.join(TEXT_FIELDS)}) in the header; "
+                         "name the column that holds the text (text_field)")
+    id_f, title_f = _pick(header, fields["id_field"], ID_FIELDS), _pick(header, fields["title_field"], TITLE_FIELDS)
     out = []
     for n, row in enumerate(reader, 2):
-        rid = row.get(fields["id_field"]) or f"{doc_id}#{n - 1}"
-        meta = {k: v for k, v in row.items() if k not in (fields["id_field"], fields["title_field"], fields["text_field"]) and k}
-        out.append(Record(id=rid, title=row.get(fields["title_field"]) or "", text=row[fields["text_field"]] or "",
+        rid = (row.get(id_f) if id_f else None) or f"{doc_id}#{n - 1}"
+        meta = {k: v for k, v in row.items() if k not in (id_f, title_f, text_f) and k}
+        out.append(Record(id=rid, title=(row.get(title_f) if title_f else "") or "", text=row[text_f] or "",
                           source=path, meta=meta))
     return out
 
@@ -401,11 +421,29 @@ def iter_files(path, errors=None):
         yield path, os.path.basename(path)
 
 
-def read_paths(paths, fields, max_bytes, stdin=None, encoding=None, root=None):
+def is_beir(folder):
+    """A BEIR dataset folder (corpus.jsonl beside queries and qrels/): only its corpus is documents."""
+    return os.path.isfile(os.path.join(folder, "corpus.jsonl")) and os.path.isdir(os.path.join(folder, "qrels"))
+
+
+def mapping(sources, rel_id, fields, encoding):
+    """(fields, encoding) for one file: the first [[ingest.sources]] entry whose glob matches its path
+    relative to the folder ingested, or its name; else the defaults."""
+    name = rel_id.rsplit("/", 1)[-1]
+    for src in sources or ():
+        if fnmatch.fnmatch(rel_id, src["glob"]) or fnmatch.fnmatch(name, src["glob"]):
+            return ({**fields, **{k: v for k, v in src.items() if k.endswith("_field")}},
+                    src.get("encoding", encoding))
+    return fields, encoding
+
+
+def read_paths(paths, fields, max_bytes, stdin=None, encoding=None, root=None, sources=()):
     """Yield Record or Problem for everything under `paths`; raises nothing for bad files.
     `encoding`: of every text file (default: detected); `root`: ids are paths relative to it (a source's
-    root), whatever path was typed, so the same file keeps its id."""
+    root), whatever path was typed, so the same file keeps its id; `sources`: per-file mappings."""
     for path in paths:
+        if path != "-" and os.path.isdir(path) and is_beir(path):
+            path = os.path.join(path, "corpus.jsonl")
         if path == "-":
             content = (stdin or io.StringIO()).read()
             try:
@@ -419,6 +457,7 @@ def read_paths(paths, fields, max_bytes, stdin=None, encoding=None, root=None):
         found, walk_errors = False, []
         named = not os.path.isdir(path)
         for full, doc_id in iter_files(path, walk_errors):
+            file_fields, file_encoding = mapping(sources, doc_id, fields, encoding)
             if root is not None:
                 doc_id = os.path.relpath(os.path.abspath(full), os.path.abspath(root)).replace(os.sep, "/")
             ld = loader_for(full)
@@ -444,13 +483,13 @@ def read_paths(paths, fields, max_bytes, stdin=None, encoding=None, root=None):
                 continue
             try:
                 if ld.binary:
-                    records = ld.read(raw, full, doc_id, fields, encoding=encoding)
+                    records = ld.read(raw, full, doc_id, file_fields, encoding=file_encoding)
                 else:
-                    content = _decode(raw, full, encoding)
+                    content = _decode(raw, full, file_encoding)
                     if not content.strip():
                         yield Problem(full, "empty file", error=False)
                         continue
-                    records = ld.read(content, full, doc_id, fields)
+                    records = ld.read(content, full, doc_id, file_fields)
             except ValueError as e:
                 yield Problem(full, str(e))
                 continue
