@@ -214,7 +214,7 @@ def test_library_errors_are_neutral_and_the_cli_renders_commands(tmp_path, kb_pa
     kb.close()
     one_line_error(wbrag("feedback", "--kb", kb_path, "999", "--correct"), 2, "wbrag log")
     one_line_error(wbrag("answer", "--kb", kb_path, "who?"), 5, "wbrag config")
-    r = wbrag("ingest", "--kb", kb_path, "-", input='{"name": "x", "body": "text"}\n')
+    r = wbrag("ingest", "--kb", kb_path, "-", input='{"name": "x", "words": "text"}\n')
     assert "text_field" in r.output and "--text-field" not in r.output  # the setting's name, not a CLI flag
 
 

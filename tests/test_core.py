@@ -159,7 +159,7 @@ def test_json_jsonl_csv_stdin_and_fields(kb, tmp_path):
     ("bad.txt", b"ok\ncaf\xe9 au lait\n", "line 2: not valid utf-8", "utf-8"),
     ("bin.txt", b"\x00\x01\x02binary", "binary", None),
     ("bad.jsonl", b'{"id": "x", "text": "ok"}\n{"id": oops}\n', "line 2: malformed JSON", None),
-    ("notext.jsonl", b'{"id": "x", "body": "no text here"}\n', "no text field", None),
+    ("notext.jsonl", b'{"id": "x", "words": "no text here"}\n', "no text field", None),
     ("noid.json", b'[{"text": "no id"}]', "no id field", None),
     ("any.txt", b"text", "unknown encoding 'klingon'", "klingon"),
 ])
