@@ -180,3 +180,48 @@ def test_eval_protocol_with_real_embedder_and_reader(tmp_path):
         for m in ("reader_em", "reader_f1", "answer_recall@5", "credit/nDCG@10"):
             assert 0.0 <= res[side]["hybrid"][m] <= 1.0
     assert res["after"]["hybrid"]["answer_recall@5"] >= res["before"]["hybrid"]["answer_recall@5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("has_bf16,agreement,want", [(False, 1.0, "fp32"), (True, 1.0, "bf16"), (True, 0.99, "fp32")])
+def test_auto_precision_picks_bf16_only_where_native_and_agreeing(tmp_path, monkeypatch, has_bf16, agreement, want):
+    """`auto` is decided once, when the KB is created: bf16 on a CPU with native bf16 whose vectors agree
+    with fp32 ones; the stored model id tells precisions apart, so the other precision is refused on open."""
+    from writeback_rag import backends
+
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: has_bf16)
+    real = backends.SentenceTransformerEmbedder.agreement
+    seen = []
+    monkeypatch.setattr(backends.SentenceTransformerEmbedder, "agreement",
+                        lambda self, *a: (seen.append(real(self, *a)), agreement)[1])
+    kb = KnowledgeBase.create(tmp_path / "kb", config={"embedder": {"precision": "auto"}}, notify=lambda m: None)
+    assert kb.config["embedder"]["precision"] == want
+    assert kb.model_id == "sentence-transformers/all-MiniLM-L6-v2" + ("@bf16" if want == "bf16" else "")
+    assert seen == [] or seen[0] >= 0.999  # the real check, where it ran, agrees on this machine
+    kb.ingest([CORPUS])
+    assert kb.search("Who designed the tower at Fenwick Point?", k=1, mode="dense",
+                     log=False).hits[0].doc_id == "fenwick-point-light.md"
+    kb.close()
+    assert 'precision = "%s"' % want in open(tmp_path / "kb" / "config.toml").read()
+    again = KnowledgeBase.open(tmp_path / "kb")
+    assert again.model_id.endswith("@bf16") == (want == "bf16")
+    again.close()
+    if want == "bf16":
+        with pytest.raises(EmbedderMismatch):
+            KnowledgeBase.open(tmp_path / "kb", embedder={"name": "minilm", "precision": "fp32"})
+
+
+@pytest.mark.slow
+def test_bf16_vectors_agree_with_fp32_and_long_chunks_are_counted(tmp_path):
+    from writeback_rag.backends import get_embedder
+
+    fp32 = get_embedder({"name": "minilm", "precision": "fp32"})
+    bf16 = get_embedder({"name": "minilm", "precision": "bf16"})
+    texts = ["The lamp room holds a first-order Fresnel lens.", "Fog signals sounded twice a minute. " * 20]
+    assert float((fp32.encode(texts) * bf16.encode(texts)).sum(axis=1).min()) >= 0.999
+    assert bf16.model_id.endswith("@bf16") and not fp32.model_id.endswith("@bf16")
+    kb = KnowledgeBase.create(tmp_path / "kb", config={"chunking": {"size": 2000, "overlap": 0}}, notify=lambda m: None)
+    rep = kb.ingest([{"id": "long", "text": "The keeper wrote in the log every night of the storm. " * 60},
+                     {"id": "short", "text": "A short note."}])
+    assert rep.truncated == 1 and "1 longer than the model's window" in rep.summary()
+    kb.close()

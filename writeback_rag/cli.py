@@ -53,9 +53,13 @@ def init(kb: Optional[str] = KB,
                                                              "folder [default: embedder.name]."),
          dense_index: Optional[str] = typer.Option(None, help="flat (exact) or hnsw (large corpora) [default: dense.index]."),
          chunk_size: Optional[int] = typer.Option(None, help="Chunk size in tokens [default: chunking.size]."),
-         chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens [default: chunking.overlap].")):
+         chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens [default: chunking.overlap]."),
+         precision: Optional[str] = typer.Option(None, help="Embedding precision: fp32, bf16, or auto (bf16 on a "
+                                                 "CPU with native bf16 when it agrees with fp32) [default: "
+                                                 "embedder.precision].")):
     """Create a knowledge base folder."""
-    given: dict[str, dict] = {"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap}}
+    given: dict[str, dict] = {"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap},
+                              "embedder": {"precision": precision}}
     config = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in given.items()}
     k = KnowledgeBase.create(_kb_path(kb), embedder=embedder, config=config)
     typer.echo(f"created knowledge base {k.path} (embedder {k.model_id})")

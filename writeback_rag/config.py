@@ -118,6 +118,12 @@ KEYS = [
     Key("embedder", "name", str, "minilm",
         "Embedding model: a registered name (minilm, hash) or a local sentence-transformers folder. Fixed when "
         "the KB is created; change it only by re-embedding (`wbrag reindex --re-embed --embedder NAME`)."),
+    Key("embedder", "precision", str, "fp32", "fp32, bf16, or auto: bf16 only on a CPU with native bf16 "
+        "(AVX512-BF16, AMX) and only when its vectors agree with fp32 ones (cosine >= 0.999) on a sample; "
+        "resolved when the KB is created (the stored model id ends in @bf16 for bf16 vectors).",
+        choices=("fp32", "bf16", "auto")),
+    Key("embedder", "threads", int, 0, "torch threads for embedding batches (0: torch's default); a single "
+        "query always uses one, the fastest on a busy machine.", min=0, max=1024),
     Key("chunking", "size", int, 200, "Chunk size in tokens (applies to documents ingested from now on).",
         min=16, max=100_000),
     Key("chunking", "overlap", int, 40, "Tokens carried from the end of one chunk into the next; below size.",

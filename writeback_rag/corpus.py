@@ -155,6 +155,9 @@ class Corpus:
 
             def embed_pending():
                 texts, vecs = self._embed(pending)
+                count = getattr(self.embedder, "truncated", None)
+                if count is not None:
+                    report.truncated += count(texts)
                 ready.extend(pending)
                 ready_texts.extend(texts)
                 ready_vecs.append(vecs)

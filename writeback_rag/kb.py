@@ -114,9 +114,12 @@ class KnowledgeBase:
             raise InputError(f"{path}: a knowledge base already exists here; use it or pick another folder")
         overrides = {s: dict(v) if isinstance(v, dict) else v for s, v in (config or {}).items()}
         if embedder is not None:
-            overrides["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
+            overrides.setdefault("embedder", {}).update({"name": embedder} if isinstance(embedder, str)
+                                                        else dict(embedder))
         cfg = cfgmod.validate(overrides)
         emb = get_embedder(cfg["embedder"])  # an embedder that cannot load is refused before anything is written
+        # `auto` is decided once, here, on this CPU: the KB keeps the precision its vectors were made in
+        cfg["embedder"]["precision"] = getattr(emb, "precision", "fp32")
         try:
             os.makedirs(path, exist_ok=True)
             cfgmod.dump(cfg, os.path.join(path, CONFIG_NAME))
@@ -187,7 +190,9 @@ class KnowledgeBase:
         if os.path.exists(cpath):
             cfg = cfgmod.load(cpath)
         else:  # settings lost, data intact: defaults, with the embedder the KB was built with
-            cfg = cfgmod.validate({"embedder": {"name": embedder_name(built_with)}} if built_with else None)
+            base, _, precision = (built_with or "").partition("@")
+            cfg = cfgmod.validate({"embedder": {"name": embedder_name(base), "precision": precision or "fp32"}}
+                                  if built_with else None)
             try:
                 cfgmod.dump(cfg, cpath)
                 (notify or _stderr)(f"{cpath} was missing; recreated it with default settings and the KB's "
@@ -195,7 +200,7 @@ class KnowledgeBase:
             except OSError:
                 pass
         if embedder is not None:
-            cfg["embedder"] = {"name": embedder} if isinstance(embedder, str) else dict(embedder)
+            cfg["embedder"] = {**cfg["embedder"], **({"name": embedder} if isinstance(embedder, str) else embedder)}
         wanted = embedder_model_id(cfg["embedder"])
         if built_with and wanted != built_with:
             raise EmbedderMismatch(

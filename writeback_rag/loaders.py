@@ -30,6 +30,7 @@ class IngestReport:
     chunks: int = 0
     skipped: list = field(default_factory=list)  # Problem
     deleted: int = 0        # by a sync: documents whose files are gone
+    truncated: int = 0      # chunks longer than the embedding model's window (their ends are not embedded)
     dry_run: bool = False   # nothing was written: the counts say what would be
 
     @property
@@ -39,7 +40,7 @@ class IngestReport:
     def to_dict(self) -> dict:
         """Counts and the skipped files with their reasons (what `wbrag ingest --json` and HTTP return)."""
         return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged, "chunks": self.chunks,
-                "deleted": self.deleted, "dry_run": self.dry_run,
+                "deleted": self.deleted, "truncated": self.truncated, "dry_run": self.dry_run,
                 "skipped": [{"where": p.where, "reason": p.reason, "error": p.error} for p in self.skipped]}
 
     def summary(self):
@@ -47,7 +48,10 @@ class IngestReport:
             f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, skipped {len(self.skipped)}"
         if self.deleted:
             s += f", deleted {self.deleted}"
-        return s + ("" if self.dry_run else f" ({self.chunks} chunks embedded)")
+        if self.dry_run:
+            return s
+        cut = f", {self.truncated} longer than the model's window: their ends are not embedded" if self.truncated else ""
+        return s + f" ({self.chunks} chunks embedded{cut})"
 
 
 @dataclass
