@@ -14,7 +14,7 @@ import numpy as np
 
 from . import store
 from .changes import Change, record, recount_terms
-from .loaders import IngestReport, Problem, Record, _field_record, read_paths
+from .loaders import IngestReport, Problem, Record, _field_record, estimate, read_paths
 from .progress import progress as _progress
 from .text import chunk_text, content_hash, count_tokens, index_text, normalize_id
 
@@ -161,7 +161,7 @@ class Corpus:
                 ready.extend(pending)
                 ready_texts.extend(texts)
                 ready_vecs.append(vecs)
-                bar.update(len(pending))
+                bar.update(len(pending), embedded=len(pending))
 
             def commit_ready():
                 self.write(ready, report, embedded=(ready_texts, np.concatenate(ready_vecs)))
@@ -169,10 +169,13 @@ class Corpus:
                 ready_texts.clear()
                 ready_vecs.clear()
 
-            bar = _progress(None, show_progress, "ingesting", unit="doc")
+            total = estimate(paths) if show_progress else None
+            bar = _progress(None, show_progress, "ingesting", unit="doc",
+                            total=None if total is None else total + len(records))
             for item in stream():
                 if isinstance(item, Problem):
                     report.skipped.append(item)
+                    bar.update(1, skipped=1)
                     continue
                 rec = item
                 rec.id = normalize_id(rec.id)
@@ -180,19 +183,22 @@ class Corpus:
                 if rec.id in seen:
                     report.skipped.append(Problem(where, f"duplicate id {rec.id!r} (first seen in {seen[rec.id]}); "
                                                          "ids must be unique: choose another id field or rename"))
+                    bar.update(1, skipped=1)
                     continue
                 seen[rec.id] = where
                 if rec.id.startswith("unit:"):
                     report.skipped.append(Problem(where, f"id {rec.id!r}: the 'unit:' prefix is reserved for knowledge units"))
+                    bar.update(1, skipped=1)
                     continue
                 if not rec.text.strip():
                     report.skipped.append(Problem(where, f"document {rec.id!r} has no text", error=False))
+                    bar.update(1, skipped=1)
                     continue
                 h = content_hash(rec.title, rec.text, json.dumps(rec.meta, sort_keys=True))
                 row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
                 if row and row["hash"] == h:
                     report.unchanged += 1
-                    bar.update(1)
+                    bar.update(1, unchanged=1)
                     continue
                 chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
                 pending.append((rec, h, chunks, row is not None, None))

@@ -441,6 +441,29 @@ def mapping(sources, rel_id, fields, encoding):
     return fields, encoding
 
 
+def estimate(paths):
+    """How many records `paths` hold, cheaply (a line count for JSONL/CSV, one per other file), for a
+    progress total; None when unknowable (stdin)."""
+    n = 0
+    for path in paths:
+        if path == "-":
+            return None
+        if os.path.isdir(path) and is_beir(path):
+            path = os.path.join(path, "corpus.jsonl")
+        for full, _ in iter_files(path):
+            ext = os.path.splitext(full)[1].lower()
+            if ext in (".jsonl", ".ndjson", ".csv", ".tsv"):
+                try:
+                    with open(full, "rb") as f:
+                        lines = sum(1 for line in f if line.strip())
+                except OSError:
+                    lines = 1
+                n += max(lines - (ext in (".csv", ".tsv")), 0)
+            else:
+                n += 1
+    return n
+
+
 def read_paths(paths, fields, max_bytes, stdin=None, encoding=None, root=None, sources=()):
     """Yield Record or Problem for everything under `paths`; raises nothing for bad files.
     `encoding`: of every text file (default: detected); `root`: ids are paths relative to it (a source's

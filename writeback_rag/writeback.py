@@ -249,13 +249,13 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
     qids = list(dict.fromkeys(qids))
     counts["examples"] = len(qids)
     plans = []
-    for qid in _progress(qids, show_progress, "write-back", unit="q"):
+    for qid in _progress(qids, show_progress, "write-back: gates", unit="q"):
         plan = _plan(kb, conn, qid, run_id, counts, dry_run)
         if plan:
             plans.append(plan)
     written, pending = [], []
     try:
-        for plan in plans:
+        for plan in _progress(plans, show_progress, "write-back: distilling", unit="q"):
             res = _distil(kb, plan, distiller, run_id, counts, dry_run, pending)
             if res:
                 written.append(res)
