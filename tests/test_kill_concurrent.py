@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import QUESTIONS, write
+from test_writeback import SLOW_RUN
 from writeback_rag import KnowledgeBase
 from writeback_rag.writeback import list_runs, list_units
 
@@ -87,19 +88,6 @@ def test_killed_ingest_among_concurrent_writers_resumes_to_the_uninterrupted_kb(
     KnowledgeBase.create(twin, embedder="hash", notify=lambda m: None).ingest([b, a])
     assert _state(kb) == _state(twin)
 
-
-SLOW_RUN = """
-import sys, time
-from writeback_rag import KnowledgeBase
-from writeback_rag.writeback import register_distiller, extractive
-@register_distiller("extractive")
-def slow(kb, q, a, d):
-    time.sleep(0.1)
-    return extractive(kb, q, a, d)
-kb = KnowledgeBase.open(sys.argv[1])
-kb.config["writeback"]["batch"] = 2  # commit often, so the kill lands between commits
-print(kb.writeback())
-"""
 
 OTHER_WRITER = """
 import sys
