@@ -83,10 +83,18 @@ def test_search_feedback_writeback_job_units_and_reports(served):
     r = c.post("/ingest", json={"records": [{"id": "new-note", "text": "The Skerrow bell rang at noon."}]})
     assert r.json()["added"] == 1 and c.post("/search", json={"query": "Skerrow bell noon", "k": 1,
                                                                 "mode": "bm25"}).json()["hits"][0]["doc_id"] == "new-note"
+    folder = kb.path + "-files"
+    os.makedirs(folder)
+    with open(os.path.join(folder, "tide.md"), "w") as f:
+        f.write("# Tides\n\nThe tide gauge reads in fathoms.\n")
+    assert c.post("/sync", json={"folder": folder, "dry_run": True}).json()["added"] == 1
+    assert c.post("/sync", json={"folder": folder}).json()["added"] == 1
+    os.remove(os.path.join(folder, "tide.md"))
+    assert c.post("/sync", json={"folder": folder}).json()["deleted"] == 1
     run = c.get("/runs").json()[0]["id"]
     assert c.post(f"/runs/{run}/rollback").json()["units_removed"] == len(units)
     spec = c.get("/openapi.json").json()
-    assert {"/search", "/feedback", "/answer", "/ingest", "/writeback", "/retrieval"} <= set(spec["paths"])
+    assert {"/search", "/feedback", "/answer", "/ingest", "/sync", "/writeback", "/retrieval"} <= set(spec["paths"])
 
 
 def test_errors_and_limits(served):

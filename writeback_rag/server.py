@@ -48,6 +48,11 @@ class IngestIn(BaseModel):
     records: list[dict[str, Any]]
 
 
+class SyncIn(BaseModel):
+    folder: str
+    dry_run: bool = False
+
+
 class WritebackIn(BaseModel):
     distiller: str | None = None
     dry_run: bool = False
@@ -160,6 +165,11 @@ def create_app(kb: KnowledgeBase, token: str | None = None, cors_origins: tuple[
     def ingest(req: IngestIn) -> dict:
         """Records ({id, text, title?, ...metadata}); files on the server are ingested with the CLI."""
         return kb.ingest(req.records).to_dict()
+
+    @app.post("/sync", dependencies=auth)
+    def sync(req: SyncIn) -> dict:
+        """Make the KB match a folder on the server (new and changed files in, deleted files' documents out)."""
+        return kb.sync(req.folder, dry_run=req.dry_run).to_dict()
 
     @app.post("/writeback", dependencies=auth, status_code=202)
     def writeback(req: WritebackIn = Body(default_factory=WritebackIn)) -> dict:
