@@ -148,3 +148,27 @@ def test_term_statistics_that_differ_from_the_text_are_found(kb_path):
     assert r.exit_code == 1 and "term statistics" in r.output and "wbrag reindex" in r.output
     assert runner.invoke(app, ["reindex", "--kb", kb_path, "--quiet"]).exit_code == 0
     assert runner.invoke(app, ["check", "--kb", kb_path]).exit_code == 0
+
+
+def test_read_only_media_falls_back_to_an_immutable_open(kb_path, monkeypatch):
+    """Where SQLite cannot even create the WAL's shared memory (read-only media), mode=ro fails; the KB then
+    opens with immutable=1 and still serves searches without logging, stats and check."""
+    import sqlite3
+
+    from writeback_rag import store
+
+    real = sqlite3.connect
+    used = []
+
+    def connect(database, *a, **k):
+        if "mode=ro" in str(database):
+            raise sqlite3.OperationalError("unable to open database file")
+        used.append(str(database))
+        return real(database, *a, **k)
+
+    monkeypatch.setattr(store.sqlite3, "connect", connect)
+    kb = KnowledgeBase.open(kb_path, readonly=True, notify=lambda m: None)
+    assert kb.search("Fenwick Point designer", k=1, mode="hybrid", log=False).hits
+    assert kb.stats()["documents"] > 40 and kb.check()["ok"]
+    assert used and all("immutable=1" in u for u in used)
+    kb.close()
