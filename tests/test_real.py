@@ -225,3 +225,20 @@ def test_bf16_vectors_agree_with_fp32_and_long_chunks_are_counted(tmp_path):
                      {"id": "short", "text": "A short note."}])
     assert rep.truncated == 1 and "1 longer than the model's window" in rep.summary()
     kb.close()
+
+
+@pytest.mark.slow
+def test_a_model_loaded_after_a_query_keeps_torchs_threads_for_batches(tmp_path):
+    """A single query runs on one torch thread (process-wide); a second model loaded afterwards must still
+    embed batches with torch's own count, not inherit that one."""
+    import torch
+
+    from writeback_rag.backends import get_embedder
+
+    first = get_embedder({"name": "minilm"})
+    first.encode(["one query"])
+    assert torch.get_num_threads() == 1
+    second = get_embedder({"name": "minilm"})
+    assert second.threads == first.threads >= 1
+    second.encode(["a batch"] * 8)
+    assert torch.get_num_threads() == second.threads

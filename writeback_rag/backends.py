@@ -82,6 +82,19 @@ AGREEMENT_SAMPLE = [
 ]
 
 
+_BATCH_THREADS = []
+
+
+def _batch_threads():
+    """torch's own thread count, read once per process before any single query sets it to one (a model
+    loaded after a query must not inherit that one thread for its batches)."""
+    if not _BATCH_THREADS:
+        import torch
+
+        _BATCH_THREADS.append(torch.get_num_threads())
+    return _BATCH_THREADS[0]
+
+
 class SentenceTransformerEmbedder:
     def __init__(self, model, model_id=None, device="cpu", batch_size=64, precision="fp32", threads=0):
         """`precision`: fp32, bf16, or auto (bf16 only on a CPU with native bf16 and only when its vectors
@@ -98,10 +111,7 @@ class SentenceTransformerEmbedder:
                              "give a local model folder or an installed model package") from None
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
-        import torch
-
-        # torch's own default, before a single query sets one thread
-        self.batch_size, self.threads = batch_size, int(threads) or torch.get_num_threads()
+        self.batch_size, self.threads = batch_size, int(threads) or _batch_threads()
         self.precision = "fp32"
         if precision == "auto":
             precision = "bf16" if cpu_has_bf16() and self.agreement() >= 0.999 else "fp32"
