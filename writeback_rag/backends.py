@@ -82,7 +82,7 @@ AGREEMENT_SAMPLE = [
 ]
 
 
-_BATCH_THREADS = []
+_BATCH_THREADS: list[int] = []
 
 
 def _batch_threads():
