@@ -25,8 +25,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import ROOT, command_line, write_result
 
 T = time.perf_counter
 
@@ -236,19 +235,13 @@ def main():
         ("KB folder / (raw text + float32 vectors)", f"{size / 2**20:.1f} MiB / {raw / 2**20:.1f} MiB = "
                                                      f"{size / raw:.2f}x", "<= 2x"),
     ]
-    cmd = "`.venv/bin/python eval/bench_changelog.py --chunks {} --rounds {}{}`".format(
-        a.chunks, a.rounds, f" --out {a.out}" if a.out else "")
-    out = ["# Change-log indexes: writes and the first query after them", "", f"Command: {cmd}", "",
+    out = ["# Change-log indexes: writes and the first query after them", "", f"Command: `{command_line()}`", "",
            f"{n_chunks} chunks (hash embedder, 256-d; Zipf vocabulary of 20,000 words), built in {build_s:.0f} s "
            f"(tantivy: {tantivy_build_s:.1f} s, one thread). {a.rounds} rounds, systems alternating within each "
            f"round; `check` after the run: {'clean' if check['ok'] else check['problems']}. Machine: 2 cores, "
            "shared.", "", "| measure | result | target |", "|---|---|---|"]
     out += [f"| {a_} | {b_} | {c_} |" for a_, b_, c_ in rows]
-    text = "\n".join(out) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_result("\n".join(out) + "\n", a.out)
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,24 +13,21 @@ the command."""
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import DATA, command_line, write_result
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("dataset", nargs="?", default=os.path.join(ROOT, "..", "shared", "datasets", "scifact"))
+    ap.add_argument("dataset", nargs="?", default=os.path.join(DATA, "scifact"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from writeback_rag import KnowledgeBase
     from writeback_rag.backends import cpu_has_bf16, get_embedder
     from writeback_rag.config import defaults
@@ -76,9 +73,7 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
 
     q32, qa = quality["fp32"], quality["auto"]
-    cmd = "`.venv/bin/python eval/bench_precision.py {} --rounds {} --block {}{}`".format(
-        os.path.relpath(a.dataset, ROOT), a.rounds, a.block, f" --out {a.out}" if a.out else "")
-    out = ["# Embedding precision: fp32 vs auto (MiniLM on SciFact)", "", f"Command: {cmd}", "",
+    out = ["# Embedding precision: fp32 vs auto (MiniLM on SciFact)", "", f"Command: `{command_line()}`", "",
            f"CPU with native bf16: {cpu_has_bf16()}; `auto` chose **{chosen}** (its agreement check on the fixed "
            f"sample gave a lowest cosine of {auto.agreement():.5f}). torch threads: {auto.threads}. 2 shared cores.", "",
            "| measure | fp32 | auto | ratio / difference |", "|---|---|---|---|",
@@ -91,11 +86,7 @@ def main():
            f"| hybrid nDCG@10 | {q32['hybrid']:.4f} | {qa['hybrid']:.4f} | {qa['hybrid'] - q32['hybrid']:+.4f} |",
            f"| cosine of the two vectors of a chunk: min / mean | | | {cos.min():.5f} / {cos.mean():.6f} |",
            f"| stored model id | {q32['model_id']} | {qa['model_id']} | |"]
-    text = "\n".join(out) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_result("\n".join(out) + "\n", a.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import time
 
 import httpx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, command_line, write_result
+
 WBRAG = [sys.executable, "-m", "writeback_rag.cli"]
 
 
@@ -130,9 +131,7 @@ def main():
     wb = writes["writeback"] or {}
     rows = [(phase, len(xs), ms(statistics.median(xs)) if xs else "-", ms(pct(xs, 95)) if xs else "-",
              ms(pct(xs, 99)) if xs else "-") for phase, xs in lat.items()]
-    cmd = f"`.venv/bin/python eval/bench_service.py --clients {a.clients} --seconds {a.seconds:g} --embedder " \
-          f"{a.embedder}{' --out ' + a.out if a.out else ''}`"
-    out = ["# `wbrag serve` under load", "", f"Command: {cmd}", "",
+    out = ["# `wbrag serve` under load", "", f"Command: `{command_line()}`", "",
            f"{a.clients} search clients (hybrid, k=5, the sample corpus's questions) against `wbrag serve` on "
            f"loopback for {a.seconds:g} s; embedder {a.embedder}; 2 shared cores. For the first third the clients "
            "search alone; then one more client ingests 20-record batches through POST /ingest while a write-back "
@@ -146,11 +145,7 @@ def main():
             f"- write-back job: {wb.get('status')}, written {((wb.get('result') or {}).get('written'))}, "
             f"{(wb.get('finished', 0) - wb.get('started', 0)):.1f} s" if wb else "- write-back job: did not finish",
             f"- `check` after the run: {'clean' if check.get('ok') else check.get('problems')}"]
-    text = "\n".join(out) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_result("\n".join(out) + "\n", a.out)
     if errors or writes["errors"] or not check.get("ok") or (wb.get("status") != "done"):
         sys.exit(1)
 

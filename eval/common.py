@@ -1,5 +1,5 @@
 """What the eval scripts share: the repository root on sys.path, offline models, the datasets folder,
-timestamped progress lines and the command line that each result file starts with."""
+timestamped progress lines, the command line that each result file starts with, and writing that file."""
 
 import os
 import shlex
@@ -22,3 +22,11 @@ def command_line():
     """The command as typed from the repository root (the venv's python shown relative to it)."""
     rel = os.path.relpath(sys.executable, ROOT)
     return " ".join(shlex.quote(a) for a in [sys.executable if rel.startswith("..") else rel] + sys.argv)
+
+
+def write_result(text, out=None):
+    """Print a result (markdown) and, with `out`, write it there too."""
+    print(text)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)

@@ -14,6 +14,11 @@ PUBLIC = [name for name, member in inspect.getmembers(KnowledgeBase)
           if not name.startswith("_") and (inspect.isfunction(member) or inspect.ismethod(member))]
 
 
+def test_the_public_surface_is_found():
+    """The parametrized checks below run over these names: an empty list would check nothing."""
+    assert {"create", "open", "open_or_create", "search", "feedback", "writeback", "sync", "retire"} <= set(PUBLIC)
+
+
 @pytest.mark.parametrize("name", PUBLIC)
 def test_public_method_is_typed_and_documented(name):
     fn = getattr(KnowledgeBase, name)

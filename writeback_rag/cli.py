@@ -390,20 +390,22 @@ def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
     typer.echo(f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(u['created']))}")
 
 
+def _set_unit(kb, unit_id, method, now):
+    with _open(kb) as k:
+        before = getattr(k, method)(unit_id)
+    typer.echo(f"unit {unit_id} {now} (was {before})")
+
+
 @units_app.command("retire")
 def units_retire(unit_id: str, kb: Optional[str] = KB):
     """Take one unit out of retrieval (until restored)."""
-    with _open(kb) as k:
-        before = k.retire(unit_id)
-    typer.echo(f"unit {unit_id} retired (was {before})")
+    _set_unit(kb, unit_id, "retire", "retired")
 
 
 @units_app.command("restore")
 def units_restore(unit_id: str, kb: Optional[str] = KB):
     """Return a retired or stale unit to retrieval."""
-    with _open(kb) as k:
-        before = k.restore(unit_id)
-    typer.echo(f"unit {unit_id} active again (was {before})")
+    _set_unit(kb, unit_id, "restore", "active again")
 
 
 @app.command()

@@ -58,6 +58,7 @@ class Indexes:
 
     def _open(self, conn, names, head):
         """Load what is not in memory; rebuild what cannot catch up by replaying (with a notice why)."""
+        behind = {}  # seq -> pending(): the indexes are usually at one sequence, so the log is asked once
         for name in names:
             index = getattr(self, name)
             if index is None:
@@ -65,7 +66,7 @@ class Indexes:
                 if index is None and why != "missing":  # a missing file is normal (new KB, cache removed)
                     self._notify(f"{self._label(name)} {why}; rebuilding from the store")
             if index is not None:
-                why = self._behind(conn, index, head)
+                why = self._behind(conn, index, head, behind)
                 if why is None:
                     setattr(self, name, index)
                     continue
@@ -73,12 +74,14 @@ class Indexes:
                     self._notify(f"{self._label(name)} {why}; rebuilding from the store")
             setattr(self, name, self._build(conn, name))
 
-    def _behind(self, conn, index, head):
+    def _behind(self, conn, index, head, memo):
         """None when replaying (index.seq, head] is cheaper than a rebuild, else why not."""
         seq = index.seq
         if seq < 0 or seq > head:
             return "from another history"
-        n, touched, reset = changes.pending(conn, seq, head)
+        if seq not in memo:
+            memo[seq] = changes.pending(conn, seq, head)
+        n, touched, reset = memo[seq]
         if reset:
             return "reset by reindex"
         if touched > max(REPLAY_LIMIT, _size(index)):

@@ -92,13 +92,13 @@ class KnowledgeBase:
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path, readonly)
         self._embedder_lock = threading.Lock()
+        self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
         self._notify = notify or _stderr
         self._indexes = Indexes(self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify,
                                 readonly)
         self._llm = None
         self.corpus = Corpus(lambda: self.conn, self._indexes, cfg, lambda: self.embedder, _units_go_stale)
-        self._lock = self.corpus.lock  # one writer at a time in this process (SQLite serialises processes)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -717,7 +717,7 @@ class KnowledgeBase:
     def llm(self):
         from .backends import get_llm
 
-        with self._lock:
+        with self._llm_lock:
             if self._llm is None:
                 self._llm = get_llm(self.config.get("llm"))
             return self._llm
