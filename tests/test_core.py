@@ -10,6 +10,7 @@ import pytest
 from conftest import CORPUS, write
 from writeback_rag import KnowledgeBase
 from writeback_rag.errors import EmbedderMismatch, InputError, NotAKnowledgeBase
+from writeback_rag.backends import HashEmbedder
 from writeback_rag.index import BM25
 from writeback_rag.text import bm25_tokens, chunk_text, count_tokens, sentences
 
@@ -109,9 +110,11 @@ def test_small_write_batches_give_the_same_kb(corpus_kb, tmp_path):
 
 
 def test_commits_by_size_or_time(tmp_path):
-    """Each write transaction bumps the generation once: count them for size- and time-bound commits."""
+    """Each write transaction bumps the generation once: count them for size- and time-bound commits. The
+    first commit holds 256 chunks (the embedder's speed is not known yet), later ones what the embedder does
+    in commit_seconds, at most batch_chunks."""
     docs = [{"id": f"d{i}", "text": f"word{i} shared text"} for i in range(600)]
-    for batch, seconds, commits in ((10**6, 1e9, 1), (10**6, 0.0, 3), (300, 1e9, 2), (100, 1e9, 6)):
+    for batch, seconds, commits in ((10**6, 1e9, 2), (10**6, 0.0, 3), (300, 1e9, 3), (100, 1e9, 6)):
         kb = KnowledgeBase.create(tmp_path / f"kb{batch}-{seconds}", embedder="hash", notify=lambda m: None)
         rep = kb.ingest(docs, batch_chunks=batch, commit_seconds=seconds)
         assert (rep.added, kb.generation, index_agrees(kb)) == (600, commits, 600)
@@ -432,3 +435,31 @@ def test_unreadable_file_is_reported(kb, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", guarded)
     rep = kb.ingest([path])
     assert rep.added == 0 and "secret.txt: cannot read (Permission denied)" in str(rep.errors[0])
+
+
+def test_a_commit_is_embedded_in_one_length_order_and_each_vector_lands_on_its_chunk(tmp_path):
+    """Within one commit the chunks are sorted by length once (groups of similar length pad less), and the
+    vectors still go back to their own chunks and the documents are written in arrival order."""
+    import random
+
+    calls = []
+
+    class Recording(HashEmbedder):
+        def encode(self, texts, show_progress=False):
+            calls.append([len(t) for t in texts])
+            return super().encode(texts)
+
+    rng = random.Random(7)
+    docs = [{"id": f"d{i:03d}", "text": f"token{i} " + "filler " * rng.randrange(1, 60)} for i in range(600)]
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None)
+    kb._embedder = Recording()
+    rep = kb.ingest(docs, commit_seconds=1e9)
+    assert rep.added == 600 and [len(c) for c in calls] == [256, 256, 88]  # commits of 256 then 344 chunks
+    assert all(a <= b for c in calls for a, b in zip(c, c[1:]))
+    assert max(calls[1]) <= min(calls[2])  # one sort over the whole commit, not per group
+    for i in (0, 137, 599):
+        assert kb.search(docs[i]["text"], k=1, mode="dense", log=False).hits[0].doc_id == f"d{i:03d}"
+    ids = [r[0] for r in kb.conn.execute("SELECT d.id FROM chunks c JOIN documents d ON d.id=c.doc_id ORDER BY c.id")]
+    assert ids == sorted(ids)  # written in arrival order: chunk ids do not depend on the commit size
+    assert kb.check()["ok"]
+    kb.close()

@@ -18,6 +18,8 @@ from .loaders import IngestReport, Problem, Record, _field_record, estimate, rea
 from .progress import progress as _progress
 from .text import chunk_text, content_hash, count_tokens, index_text, normalize_id
 
+EMBED_GROUP = 256  # chunks per encode call: the progress bar moves after each
+
 
 class Corpus:
     """The documents of one KB in one process: one writer at a time here (`lock`); SQLite serialises
@@ -114,7 +116,7 @@ class Corpus:
             report.deleted = self.delete(gone) if gone else 0
         return report
 
-    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=5.0,
+    def ingest(self, items, show_progress=False, fields=None, stdin=None, batch_chunks=2048, commit_seconds=30.0,
                encoding=None):
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
         Whether a document is new, changed or unchanged is decided inside the write transaction.
@@ -123,8 +125,9 @@ class Corpus:
         crash loses at most the batch in flight, and re-running the same ingest finishes the work.
         Big batches keep ingest speed flat as the KB grows: each commit rewrites the pages it touched,
         and small batches touch the same pages over and over (eval/results/ingest-batching.md).
-        Chunks are embedded 256 at a time and committed once `batch_chunks` are ready or `commit_seconds`
-        have passed, so a slow embedder still commits (and moves the progress bar) every few seconds."""
+        A commit holds what the embedder does in about `commit_seconds` (at least EMBED_GROUP chunks, at most
+        `batch_chunks`): a slow embedder still commits every few seconds. Its chunks are sorted by length once
+        and embedded EMBED_GROUP at a time; the progress bar moves after each group."""
         if isinstance(items, (str, os.PathLike, dict, Record)):
             items = [items]
         fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
@@ -150,24 +153,38 @@ class Corpus:
         with self.lock:
             conn = self.conn
             seen, pending, pending_chunks = {}, [], 0
-            ready, ready_texts, ready_vecs, last_commit = [], [], [], time.monotonic()
-            embed_chunks = max(1, min(256, batch_chunks))
+            window = min(batch_chunks, EMBED_GROUP)  # chunks per commit: grows to what commit_seconds embeds
 
-            def embed_pending():
-                texts, vecs = self._embed(pending)
+            def commit_window():
+                """The window's chunks sorted once by length and embedded in groups of similar length (less
+                padding than groups in arrival order), then written in arrival order in one transaction."""
+                nonlocal window
+                started = time.monotonic()
+                texts = [index_text(p[0].title, c) for p in pending for c in p[2]]
+                sizes = np.array([len(p[2]) for p in pending])
+                ends = np.cumsum(sizes)
+                order = np.argsort(np.array([len(t) for t in texts]), kind="stable")
+                position = np.empty(len(texts), dtype=np.int64)
+                position[order] = np.arange(len(texts))
+                last = np.maximum.reduceat(position, ends - sizes)  # a document is done with its last chunk
+                done_at = np.sort(last)
+                vecs, done = None, 0
                 count = getattr(self.embedder, "truncated", None)
-                if count is not None:
-                    report.truncated += count(texts)
-                ready.extend(pending)
-                ready_texts.extend(texts)
-                ready_vecs.append(vecs)
-                bar.update(len(pending), embedded=len(pending))
-
-            def commit_ready():
-                self.write(ready, report, embedded=(ready_texts, np.concatenate(ready_vecs)))
-                ready.clear()
-                ready_texts.clear()
-                ready_vecs.clear()
+                for g in range(0, len(texts), EMBED_GROUP):
+                    part = order[g:g + EMBED_GROUP]
+                    group = [texts[i] for i in part]
+                    v = self.embedder.encode(group)
+                    if vecs is None:
+                        vecs = np.empty((len(texts), v.shape[1]), dtype=np.float32)
+                    vecs[part] = v
+                    if count is not None:
+                        report.truncated += count(group)
+                    upto = int(np.searchsorted(done_at, g + len(part)))
+                    bar.update(upto - done, embedded=upto - done)
+                    done = upto
+                rate = len(texts) / max(time.monotonic() - started, 1e-6)
+                window = int(min(batch_chunks, max(EMBED_GROUP, rate * commit_seconds)))
+                self.write(pending, report, embedded=(texts, vecs))
 
             total = estimate(paths) if show_progress else None
             bar = _progress(None, show_progress, "ingesting", unit="doc",
@@ -203,16 +220,11 @@ class Corpus:
                 chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
                 pending.append((rec, h, chunks, row is not None, None))
                 pending_chunks += len(chunks)
-                if pending_chunks >= embed_chunks:
-                    embed_pending()
+                if pending_chunks >= window:
+                    commit_window()
                     pending, pending_chunks = [], 0
-                    if len(ready_texts) >= batch_chunks or time.monotonic() - last_commit >= commit_seconds:
-                        commit_ready()
-                        last_commit = time.monotonic()
             if pending:
-                embed_pending()
-            if ready:
-                commit_ready()
+                commit_window()
             bar.close()
             self.indexes.save_if_due(conn)  # a big ingest leaves files the next process loads, not rebuilds
         return report

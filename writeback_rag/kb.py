@@ -429,7 +429,7 @@ class KnowledgeBase:
 
     @_storage_guard
     def ingest(self, items: Any, show_progress: bool = False, fields: dict | None = None, stdin: Any = None,
-               batch_chunks: int = 2048, commit_seconds: float = 5.0, encoding: str | None = None) -> IngestReport:
+               batch_chunks: int = 2048, commit_seconds: float = 30.0, encoding: str | None = None) -> IngestReport:
         """Add or update documents from paths (str) and/or records (dict/Record); returns an IngestReport.
         Each commit batch is one transaction: a crash loses at most the batch in flight, and re-running the
         same ingest finishes the work (corpus.Corpus.ingest). `encoding`: of text files (default: detected)."""
