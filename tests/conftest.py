@@ -45,9 +45,64 @@ def scripted():
     return ScriptedLLM
 
 
+def pytest_generate_tests(metafunc):
+    """A module that sets BACKENDS = [...] runs each of its tests that builds a KB once per index backend."""
+    backends = getattr(metafunc.module, "BACKENDS", None)
+    if backends and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory):
+    """A real Milvus engine (milvus-lite's C++ server) on loopback for the whole run, or the server named by
+    WBRAG_TEST_MILVUS_URI (a standalone or cluster Milvus)."""
+    if os.environ.get("WBRAG_TEST_MILVUS_URI"):
+        yield os.environ["WBRAG_TEST_MILVUS_URI"]
+        return
+    import socket
+    import time
+
+    from milvus_lite.server import Server
+
+    from writeback_rag.milvus import connect
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = Server(str(tmp_path_factory.mktemp("milvus") / "milvus.db"), address=f"127.0.0.1:{port}")
+    assert server.start(), "milvus-lite did not start"
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            connect(uri, timeout=2).close()
+            break
+        except Exception:
+            if time.time() > deadline:
+                server.stop()
+                raise
+            time.sleep(0.2)
+    yield uri
+    server.stop()
+
+
 @pytest.fixture
-def kb(tmp_path):
-    k = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None)
+def backend(request):
+    return getattr(request, "param", "embedded")
+
+
+@pytest.fixture
+def kb_config(backend, request):
+    """The settings that put a KB's indexes on `backend`."""
+    if backend == "milvus":
+        return {"index": {"backend": "milvus"}, "milvus": {"uri": request.getfixturevalue("milvus_uri")}}
+    return {}
+
+
+@pytest.fixture
+def kb(tmp_path, kb_config):
+    k = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None, config=kb_config)
     yield k
     k.close()
 

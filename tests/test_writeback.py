@@ -19,6 +19,8 @@ from writeback_rag.feedback import judge, read_labels
 from writeback_rag.index import BM25
 from writeback_rag.writeback import Lock, extractive, faithful, list_runs, list_units
 
+BACKENDS = ["embedded", "milvus"]  # every test that builds a KB runs on both (conftest.pytest_generate_tests)
+
 DOCS = [
     {"id": "heron", "title": "Grey Heron Light", "text": "Grey Heron Light was completed in 1861. Its lens was made "
      "by the Calder foundry. The tower is painted white with one black band. Herons fish on the rocks nearby."},
@@ -121,7 +123,7 @@ def test_writeback_writes_units_with_provenance_and_is_idempotent(small):
     hits = small.search("Calder foundry town", k=5, log=False).hits
     assert any(h.kind == "unit" for h in hits)
     assert all(h.kind == "source" for h in small.search("Calder foundry town", k=5, include_units=False, log=False).hits)
-    assert small._dense.count == small.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    assert small.check()["counts"]["indexed_chunks"] == small.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
 
 
 def test_dry_run_writes_nothing(small):
@@ -164,10 +166,10 @@ def test_wrong_feedback_retires_unit(small):
 def test_rollback_removes_units_everywhere(small):
     labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
     run = small.writeback()["run_id"]
-    n_chunks = small.check()["counts"]["dense_vectors"]
+    n_chunks = small.check()["counts"]["indexed_chunks"]
     assert small.rollback(run) == 1
     rep = small.check()
-    assert list_units(small) == [] and rep["ok"] and rep["counts"]["dense_vectors"] == n_chunks - 1
+    assert list_units(small) == [] and rep["ok"] and rep["counts"]["indexed_chunks"] == n_chunks - 1
     assert all(h.kind == "source" for h in small.search("Calder foundry Marrowick", k=5, log=False).hits)
     assert [r["status"] for r in list_runs(small)] == ["rolled-back"]
     assert small.writeback()["examples"] == 0  # rolled-back feedback is not replayed
@@ -175,7 +177,7 @@ def test_rollback_removes_units_everywhere(small):
         small.rollback("nope")
 
 
-def test_stale_units_hidden_then_redistilled(small):
+def test_stale_units_hidden_then_redistilled(small, backend):
     # enough other text that a unit's removal leaves tombstones behind (no compaction)
     small.ingest([{"id": f"filler{i}", "text": f"Filler note {i} on tides, gulls, ferries and harbour walls."}
                   for i in range(60)])
@@ -190,12 +192,13 @@ def test_stale_units_hidden_then_redistilled(small):
     out = small.writeback()  # the distilled sentences did not change: the same unit is current again
     assert out["revived"] == 1 and list_units(small)[0]["status"] == "active"
     # the revived unit's chunks come back under their old ids: each scored once, as a fresh engine does
-    fresh = BM25(small.conn)
-    ids, scores = fresh.search("Calder foundry Marrowick bells", 50)
-    want = dict(zip(ids.tolist(), scores.tolist()))
     hits = small.search("Calder foundry Marrowick bells", k=5, mode="bm25", log=False).hits
-    assert any(h.kind == "unit" for h in hits)
-    assert all(h.bm25 == pytest.approx(want[h.chunk_id], rel=1e-5) for h in hits)
+    assert any(h.kind == "unit" for h in hits) and len({h.chunk_id for h in hits}) == len(hits)
+    if backend == "embedded":
+        fresh = BM25(small.conn)
+        ids, scores = fresh.search("Calder foundry Marrowick bells", 50)
+        want = dict(zip(ids.tolist(), scores.tolist()))
+        assert all(h.bm25 == pytest.approx(want[h.chunk_id], rel=1e-5) for h in hits)
     changed = dict(DOCS[1], text=DOCS[1]["text"].replace("stood in", "was built in"))
     small.ingest([changed])
     assert list_units(small)[0]["status"] == "stale"
@@ -340,7 +343,7 @@ def test_kill_minus_9_mid_run_then_resume(tmp_path, corpus_kb):
     statuses = [r["status"] for r in list_runs(k)]
     assert statuses == ["interrupted", "done"]
     rep = KnowledgeBase.open(kb.path, notify=lambda m: None).check()
-    assert rep["ok"] and rep["counts"]["dense_vectors"] == k.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    assert rep["ok"] and rep["counts"]["indexed_chunks"] == k.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
     assert k.writeback()["examples"] == 0
 
 
@@ -396,8 +399,10 @@ def test_unit_fusion_separate_keeps_the_static_source_ranking(small):
         KnowledgeBase.configure(small.path, ["retrieval.unit_fusion=paper"])
 
 
-def test_dense_queries_never_load_bm25(small):
+def test_dense_queries_never_load_bm25(small, backend):
     """A dense query needs neither the BM25 arrays nor their file, also with units in a separate list."""
+    if backend == "milvus":
+        pytest.skip("one Milvus collection holds both halves: no BM25 arrays to load")
     labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
     small.writeback()
     kb = KnowledgeBase.open(small.path)

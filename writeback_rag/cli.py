@@ -56,10 +56,15 @@ def init(kb: Optional[str] = KB,
          chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens [default: chunking.overlap]."),
          precision: Optional[str] = typer.Option(None, help="Embedding precision: fp32, bf16, or auto (bf16 on a "
                                                  "CPU with native bf16 when it agrees with fp32) [default: "
-                                                 "embedder.precision].")):
+                                                 "embedder.precision]."),
+         backend: Optional[str] = typer.Option(None, help="Where the indexes live: embedded or milvus "
+                                               "[default: index.backend]."),
+         milvus_uri: Optional[str] = typer.Option(None, help="With --backend milvus: the server, e.g. "
+                                                  "http://127.0.0.1:19530 (token: MILVUS_TOKEN).")):
     """Create a knowledge base folder."""
     given: dict[str, dict] = {"dense": {"index": dense_index}, "chunking": {"size": chunk_size, "overlap": chunk_overlap},
-                              "embedder": {"precision": precision}}
+                              "embedder": {"precision": precision}, "index": {"backend": backend},
+                              "milvus": {"uri": milvus_uri}}
     config = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in given.items()}
     k = KnowledgeBase.create(_kb_path(kb), embedder=embedder, config=config)
     typer.echo(f"created knowledge base {k.path} (embedder {k.model_id})")
@@ -214,8 +219,12 @@ def check(kb: Optional[str] = KB, as_json: bool = JSON):
 @app.command()
 def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="Embed all chunks again."),
             embedder: Optional[str] = typer.Option(None, help="With --re-embed: switch to this embedder."),
+            backend: Optional[str] = typer.Option(None, help="Move the indexes to embedded or milvus (from the "
+                                                  "stored vectors), then remove the old ones."),
+            milvus_uri: Optional[str] = typer.Option(None, help="With --backend milvus: the server "
+                                                     "[default: milvus.uri]."),
             quiet: bool = QUIET):
-    """Rebuild FAISS and BM25 from the database (no re-embedding unless --re-embed)."""
+    """Rebuild the indexes from the database (no re-embedding unless --re-embed); --backend moves them."""
     from . import config as cfgmod
     from .kb import CONFIG_NAME
 
@@ -231,8 +240,8 @@ def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="E
         cfg["embedder"] = {"name": embedder}
         k = KnowledgeBase(os.path.abspath(path), cfg)
     with k:
-        out = k.reindex(re_embed=re_embed, show_progress=not quiet)
-    typer.echo(f"reindexed {out['chunks']} chunks (generation {out['generation']})")
+        out = k.reindex(re_embed=re_embed, show_progress=not quiet, backend=backend, milvus_uri=milvus_uri)
+    typer.echo(f"reindexed {out['chunks']} chunks (generation {out['generation']}, backend {out['backend']})")
 
 
 @app.command("config")

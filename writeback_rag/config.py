@@ -133,6 +133,18 @@ KEYS = [
     Key("dense", "index", str, "flat", "FAISS index: flat (exact) or hnsw (approximate, for large corpora).",
         choices=("flat", "hnsw")),
     Key("dense", "hnsw_m", int, 32, "HNSW graph degree (with index = hnsw).", min=4, max=512),
+    Key("index", "backend", str, "embedded", "Where the derived indexes live: embedded (FAISS and BM25 in each "
+        "process, beside kb.sqlite) or milvus (one shared Milvus collection; see milvus.*). Move a KB with "
+        "`wbrag reindex --backend NAME` (no re-embedding).", choices=("embedded", "milvus")),
+    Key("milvus", "uri", str, "", "Milvus address (http://host:19530, or a Zilliz Cloud endpoint; the token "
+        "comes from the MILVUS_TOKEN environment variable), with index.backend = milvus."),
+    Key("milvus", "collection", str, "", "Collection name (default: wbrag_ and the KB's creation time)."),
+    Key("milvus", "index_type", str, "AUTOINDEX", "Vector index: AUTOINDEX, FLAT, IVF_FLAT or HNSW (HNSW "
+        "uses dense.hnsw_m; milvus-lite takes FLAT, IVF_FLAT or AUTOINDEX only).",
+        choices=("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")),
+    Key("milvus", "consistency", str, "Strong", "Consistency level of searches: Strong sees every committed "
+        "write (deletes included); Bounded is faster and may return a chunk deleted a moment ago.",
+        choices=("Strong", "Bounded", "Session", "Eventually")),
     Key("retrieval", "mode", str, "hybrid", "Default search mode.", choices=("bm25", "dense", "hybrid")),
     Key("retrieval", "fusion", str, "rrf", "Hybrid fusion: reciprocal rank fusion or weighted min-max scores.",
         choices=("rrf", "weighted")),

@@ -17,9 +17,26 @@ import numpy as np
 from . import changes
 from .filters import KINDS
 from .index import BM25, DenseIndex
+from .text import bm25_tokens, index_text
 
 SAVE_AFTER = 2048  # chunks changed since the last save; or 5% of the index, whichever is more
 REPLAY_LIMIT = 50_000  # chunks behind (or the index's size, if larger) beyond which a rebuild is cheaper
+
+
+BACKENDS = {"embedded": ("writeback_rag.indexes", "Indexes"), "milvus": ("writeback_rag.milvus", "MilvusIndexes")}
+
+
+def register_backend(name, module, cls):
+    """A place for the derived indexes: a subclass of Indexes, importable as module.cls (loaded on use)."""
+    BACKENDS[name] = (module, cls)
+
+
+def backend(name):
+    """The Indexes class of a backend (index.backend)."""
+    import importlib
+
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 class Indexes:
@@ -226,10 +243,148 @@ class Indexes:
                     if getattr(index, "saved_seq", None) != index.seq:
                         self._save(index, path, self._dense_expect() if name == "dense" else self._identity())
 
+    def drop(self, conn):
+        """Remove the saved files (after the KB moved its indexes to another backend)."""
+        with self.lock:
+            self.dense = self.bm25 = None
+            for path in (self.dense_path, self.bm25_path):
+                self._drop_file(path)
+
     def reset(self):
         """Forget the in-memory indexes (after a reindex): the next catch-up loads or rebuilds them."""
         with self.lock:
             self.dense, self.bm25, self.kinds = None, None, None
+
+    # -- searching (what kb.search asks of any backend)
+
+    def search_sparse(self, conn, query, n, where):
+        """Top-n (chunk ids, BM25 scores) within the Filter `where`."""
+        with self.lock:  # a replay in another thread never runs under a search
+            return self.bm25.search(query, n, self.mask(conn, where))
+
+    def search_dense(self, conn, qvec, n, where):
+        """Top-n (chunk ids, cosines) within the Filter `where`."""
+        with self.lock:
+            return self.dense.search(qvec, n, self.mask(conn, where))
+
+    # -- checking
+
+    def verify(self, conn, sample=200, seed=0):
+        """Every index against the records: (problems, notes, counts). The saved files first, as found; then
+        this process's indexes, after replaying the log (the replay itself is under test)."""
+        problems, notes = [], []
+        with self.lock:
+            saved, why = DenseIndex.load(self.dense_path, self._dense_expect()) \
+                if self.saves_dense else (None, "missing")
+            b = self.config["bm25"]
+            e2, why2 = BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
+            gen, active = self._active_at_head(conn)
+            repair = "repair with: reindex (CLI: wbrag reindex)"
+            counts = {"generation": gen, "active_chunks": int(len(active))}
+            if saved is None and why != "missing":
+                problems.append(f"dense index file: {why}; it is rebuilt from the stored embeddings on next use")
+            elif saved is not None and saved.seq != gen:
+                notes.append(f"dense index file is at change {saved.seq}, the KB at {gen}: the tail is replayed on open")
+            for label, dense in (("in memory", self.dense), ("file", saved if saved is not None and
+                                                                       saved.seq == gen else None)):
+                if dense is None:
+                    continue
+                problems += self._check_dense(conn, dense, active, label, sample, seed, repair)
+                counts["dense_vectors" if label == "in memory" else "dense_file_vectors"] = int(dense.count)
+            counts["indexed_chunks"] = counts["dense_vectors"]
+            engine = self.bm25
+            alive = np.flatnonzero(engine.alive)
+            counts["bm25_chunks"] = int(engine.n_docs)
+            if engine.n_docs != len(active) or not np.array_equal(alive, active):
+                problems.append(f"BM25 engine at change {engine.seq} covers {engine.n_docs} chunks, not the "
+                                f"{len(active)} active ones; " + repair)
+            if e2 is None and why2 != "missing":
+                problems.append(f"BM25 arrays file: {why2}; it is rebuilt from the chunks on next use")
+            elif e2 is not None and e2.seq == gen and not np.array_equal(np.flatnonzero(e2.alive), active):
+                problems.append(f"BM25 arrays file claims change {gen} but covers other chunks; " + repair)
+            problems += self._check_terms(conn, engine, active, sample, seed, repair)
+        return problems, notes, counts
+
+    def _active_at_head(self, conn):
+        """(sequence, active chunk ids) in one snapshot at the sequence the indexes reached."""
+        for _ in range(5):
+            self.catch_up(conn)
+            conn.execute("BEGIN")
+            try:
+                gen = changes.head(conn)
+                active = np.array([r[0] for r in conn.execute(
+                    "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
+                    "ORDER BY c.id")], dtype=np.int64)
+            finally:
+                conn.execute("COMMIT")
+            if gen == self.dense.seq == self.bm25.seq:
+                break
+        return gen, active
+
+    @staticmethod
+    def _check_terms(conn, engine, active, sample, seed, repair):
+        """A sample of chunks: the engine's lengths are those of their text; a sample of terms: the stored
+        document frequencies (active sources) are what the engine holds."""
+        conn.execute("BEGIN")  # the records at the change the engine reached (or no verdict)
+        try:
+            if changes.head(conn) != engine.seq:
+                return []
+            return Indexes._check_terms_at(conn, engine, active, sample, seed, repair)
+        finally:
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _check_terms_at(conn, engine, active, sample, seed, repair):
+        out = []
+        rng = np.random.default_rng(seed)
+        some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
+        rows = changes.active_rows(conn, "SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                 "WHERE c.id IN", some.tolist())
+        bad = [r[0] for r in rows if r[0] >= len(engine.doc_len)
+               or engine.doc_len[r[0]] != len(bm25_tokens(index_text(r[2], r[1])))]
+        if bad:
+            out.append(f"BM25 engine: {len(bad)} of {len(rows)} sampled chunks have other lengths than their "
+                       f"text (e.g. {bad[:5]}); " + repair)
+        sources = np.array([r[0] for r in conn.execute(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source' AND "
+            "d.status='active'")], dtype=np.int64)
+        is_source = np.zeros(len(engine.alive), dtype=bool)
+        is_source[sources[sources < len(is_source)]] = True
+        terms = conn.execute("SELECT id, term, df FROM terms ORDER BY random() LIMIT ?", (sample,)).fetchall()
+        wrong = []
+        for tid, term, df in terms:
+            ids, _ = engine._postings(tid) if tid < len(engine.df) else (np.zeros(0, np.int64), None)
+            held = int((engine.alive[ids] & is_source[ids]).sum())
+            if held != df:
+                wrong.append(f"{term!r} {df} stored, {held} indexed")
+        if wrong:
+            out.append(f"term statistics: {len(wrong)} of {len(terms)} sampled terms differ ({'; '.join(wrong[:3])}); "
+                       + repair)
+        return out
+
+    @staticmethod
+    def _check_dense(conn, dense, active, label, sample, seed, repair):
+        import faiss
+
+        out = []
+        ids = faiss.vector_to_array(dense.index.id_map).astype(np.int64)
+        missing, extra = np.setdiff1d(active, ids), np.setdiff1d(ids, active)
+        if len(missing) or len(extra) or len(ids) != len(np.unique(ids)):
+            out.append(f"dense index ({label}) at change {dense.seq} lacks {len(missing)} active chunks and holds "
+                       f"{len(extra) + len(ids) - len(np.unique(ids))} others (e.g. "
+                       f"{(missing.tolist() + extra.tolist())[:5]}); " + repair)
+        rng = np.random.default_rng(seed)
+        some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
+        bad = 0
+        for cid in np.intersect1d(some, ids).tolist():
+            blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+            if not np.allclose(dense.index.reconstruct(cid), np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+                bad += 1
+        if bad:
+            out.append(f"dense index ({label}): {bad} of {len(some)} sampled vectors differ from the stored "
+                       "embeddings; " + repair)
+        return out
+
 
     # -- filters
 

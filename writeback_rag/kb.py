@@ -1,5 +1,6 @@
 """KnowledgeBase: the public API that the CLI and other apps use."""
 
+import copy
 import functools
 import json
 import os
@@ -10,19 +11,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-import numpy as np
-
 from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
 from .filters import Filter
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, WbragError, storage_error
-from .changes import active_rows, head
+from .changes import head
 from .corpus import Corpus
-from .index import BM25, DenseIndex
-from .indexes import Indexes
+from .indexes import backend as index_backend
 from .loaders import IngestReport
-from .text import bm25_tokens, index_text, normalize_id
+from .text import normalize_id
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 __all__ = ["KnowledgeBase", "Hit", "SearchResult", "IngestReport", "fuse"]
@@ -95,8 +93,8 @@ class KnowledgeBase:
         self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
         self._notify = notify or _stderr
-        self._indexes = Indexes(self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify,
-                                readonly)
+        self._indexes = index_backend(cfg["index"]["backend"])(
+            self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify, readonly)
         self._llm = None
         self.corpus = Corpus(lambda: self.conn, self._indexes, cfg, lambda: self.embedder, _units_go_stale)
 
@@ -294,13 +292,36 @@ class KnowledgeBase:
         return self._indexes.bm25
 
     @_storage_guard
-    def reindex(self, re_embed: bool = False, show_progress: bool = False) -> dict:
+    def reindex(self, re_embed: bool = False, show_progress: bool = False, backend: str | None = None,
+                milvus_uri: str | None = None) -> dict:
         """Rebuild every index from the store; with re_embed, embed every chunk again with the configured
-        model (and record it in config.toml). Returns {"chunks", "generation"}."""
-        out = self.corpus.reindex(re_embed, show_progress)
-        if re_embed:
+        model (and record it in config.toml). `backend` (embedded or milvus, with `milvus_uri`) moves the
+        indexes there, from the stored vectors (no re-embedding), then removes the old ones.
+        Returns {"chunks", "generation", "backend"}."""
+        old, moved = self._indexes, None
+        if backend is not None or milvus_uri is not None:
+            moved = copy.deepcopy(self.config)
+            moved["index"]["backend"] = backend or moved["index"]["backend"]
+            if milvus_uri is not None:
+                moved["milvus"]["uri"] = milvus_uri
+            moved = cfgmod.validate(moved)
+            new = index_backend(moved["index"]["backend"])(self.dense_path, self.bm25_path, self.config,
+                                                           self._identity, self._dim, self._notify, self.readonly)
+            for section in ("index", "milvus"):
+                self.config[section].update(moved[section])
+            self._indexes = self.corpus.indexes = new
+        try:
+            out = self.corpus.reindex(re_embed, show_progress)
+        except BaseException:
+            if moved is not None:  # nothing moved: the KB keeps its old place
+                self._indexes = self.corpus.indexes = old
+                self.config.update(cfgmod.load(os.path.join(self.path, CONFIG_NAME)))
+            raise
+        if re_embed or moved is not None:
             cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
-        return out
+        if moved is not None and type(old) is not type(self._indexes):
+            old.drop(self.conn)
+        return dict(out, backend=self.config["index"]["backend"])
 
     @_storage_guard
     def check(self, sample: int = 200, seed: int = 0) -> dict:
@@ -310,120 +331,12 @@ class KnowledgeBase:
         missing or extra, vectors that differ from the stored ones, lengths or term statistics that differ from the text); each says
         how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
         conn = self.conn
-        problems, notes = [], []
-        with self._indexes.lock:
-            # the saved files first, as found; then this process's indexes, after replaying the log (the
-            # replay itself is under test)
-            saved, why = DenseIndex.load(self.dense_path, self._indexes._dense_expect()) \
-                if self._indexes.saves_dense else (None, "missing")
-            b = self.config["bm25"]
-            e2, why2 = BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
-            for _ in range(5):  # the records in one snapshot at the sequence the indexes reached
-                self._indexes.catch_up(conn)
-                conn.execute("BEGIN")
-                try:
-                    gen = self.generation
-                    active = np.array([r[0] for r in conn.execute(
-                        "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
-                        "ORDER BY c.id")], dtype=np.int64)
-                finally:
-                    conn.execute("COMMIT")
-                if gen == self._indexes.dense.seq == self._indexes.bm25.seq:
-                    break
-            repair = "repair with: reindex (CLI: wbrag reindex)"
-            counts = {"generation": gen, "active_chunks": int(len(active))}
-            if saved is None and why != "missing":
-                problems.append(f"dense index file: {why}; it is rebuilt from the stored embeddings on next use")
-            elif saved is not None and saved.seq != gen:
-                notes.append(f"dense index file is at change {saved.seq}, the KB at {gen}: the tail is replayed on open")
-            for label, dense in (("in memory", self._indexes.dense), ("file", saved if saved is not None and
-                                                                       saved.seq == gen else None)):
-                if dense is None:
-                    continue
-                problems += self._check_dense(conn, dense, active, label, sample, seed, repair)
-                counts["dense_vectors" if label == "in memory" else "dense_file_vectors"] = int(dense.count)
-            engine = self._indexes.bm25
-            alive = np.flatnonzero(engine.alive)
-            counts["bm25_chunks"] = int(engine.n_docs)
-            if engine.n_docs != len(active) or not np.array_equal(alive, active):
-                problems.append(f"BM25 engine at change {engine.seq} covers {engine.n_docs} chunks, not the "
-                                f"{len(active)} active ones; " + repair)
-            if e2 is None and why2 != "missing":
-                problems.append(f"BM25 arrays file: {why2}; it is rebuilt from the chunks on next use")
-            elif e2 is not None and e2.seq == gen and not np.array_equal(np.flatnonzero(e2.alive), active):
-                problems.append(f"BM25 arrays file claims change {gen} but covers other chunks; " + repair)
-            problems += self._check_terms(conn, engine, active, sample, seed, repair)
+        problems, notes, counts = self._indexes.verify(conn, sample, seed)
         orphans = conn.execute("SELECT COUNT(*) FROM documents d WHERE d.kind='unit' AND NOT EXISTS "
                                "(SELECT 1 FROM units u WHERE u.id=d.id)").fetchone()[0]
         if orphans:
             problems.append(f"{orphans} knowledge units have no provenance record; roll back their run")
         return {"ok": not problems, "problems": problems, "notes": notes, "counts": counts}
-
-    @staticmethod
-    def _check_terms(conn, engine, active, sample, seed, repair):
-        """A sample of chunks: the engine's lengths are those of their text; a sample of terms: the stored
-        document frequencies (active sources) are what the engine holds."""
-        conn.execute("BEGIN")  # the records at the change the engine reached (or no verdict)
-        try:
-            if head(conn) != engine.seq:
-                return []
-            return KnowledgeBase._check_terms_at(conn, engine, active, sample, seed, repair)
-        finally:
-            conn.execute("COMMIT")
-
-    @staticmethod
-    def _check_terms_at(conn, engine, active, sample, seed, repair):
-        out = []
-        rng = np.random.default_rng(seed)
-        some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
-        rows = active_rows(conn, "SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                 "WHERE c.id IN", some.tolist())
-        bad = [r[0] for r in rows if r[0] >= len(engine.doc_len)
-               or engine.doc_len[r[0]] != len(bm25_tokens(index_text(r[2], r[1])))]
-        if bad:
-            out.append(f"BM25 engine: {len(bad)} of {len(rows)} sampled chunks have other lengths than their "
-                       f"text (e.g. {bad[:5]}); " + repair)
-        sources = np.array([r[0] for r in conn.execute(
-            "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source' AND "
-            "d.status='active'")], dtype=np.int64)
-        is_source = np.zeros(len(engine.alive), dtype=bool)
-        is_source[sources[sources < len(is_source)]] = True
-        terms = conn.execute("SELECT id, term, df FROM terms ORDER BY random() LIMIT ?", (sample,)).fetchall()
-        wrong = []
-        for tid, term, df in terms:
-            ids, _ = engine._postings(tid) if tid < len(engine.df) else (np.zeros(0, np.int64), None)
-            held = int((engine.alive[ids] & is_source[ids]).sum())
-            if held != df:
-                wrong.append(f"{term!r} {df} stored, {held} indexed")
-        if wrong:
-            out.append(f"term statistics: {len(wrong)} of {len(terms)} sampled terms differ ({'; '.join(wrong[:3])}); "
-                       + repair)
-        return out
-
-    @staticmethod
-    def _check_dense(conn, dense, active, label, sample, seed, repair):
-        import faiss
-
-        out = []
-        ids = faiss.vector_to_array(dense.index.id_map).astype(np.int64)
-        missing, extra = np.setdiff1d(active, ids), np.setdiff1d(ids, active)
-        if len(missing) or len(extra) or len(ids) != len(np.unique(ids)):
-            out.append(f"dense index ({label}) at change {dense.seq} lacks {len(missing)} active chunks and holds "
-                       f"{len(extra) + len(ids) - len(np.unique(ids))} others (e.g. "
-                       f"{(missing.tolist() + extra.tolist())[:5]}); " + repair)
-        rng = np.random.default_rng(seed)
-        some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
-        bad = 0
-        for cid in np.intersect1d(some, ids).tolist():
-            blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
-            if not np.allclose(dense.index.reconstruct(cid), np.frombuffer(blob, dtype=np.float32), atol=1e-5):
-                bad += 1
-        if bad:
-            out.append(f"dense index ({label}): {bad} of {len(some)} sampled vectors differ from the stored "
-                       "embeddings; " + repair)
-        return out
-
-    # ---- writing documents -------------------------------------------------------------
 
     # ---- writing documents (the corpus service) --------------------------------------------
 
@@ -508,14 +421,12 @@ class KnowledgeBase:
     def _candidates(self, query, qv, mode, where, n):
         """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
         bm, dn = {}, {}
-        with self._indexes.lock:  # a replay in another thread never runs under a search
-            mask = self._indexes.mask(self.conn, where)
-            if mode in ("bm25", "hybrid"):
-                ids, scores = self._bm25.search(query, n, mask)
-                bm = dict(zip(ids.tolist(), scores.tolist()))
-            if mode in ("dense", "hybrid"):
-                ids, scores = self._dense.search(qv, n, mask)
-                dn = dict(zip(ids.tolist(), scores.tolist()))
+        if mode in ("bm25", "hybrid"):
+            ids, scores = self._indexes.search_sparse(self.conn, query, n, where)
+            bm = dict(zip(ids.tolist(), scores.tolist()))
+        if mode in ("dense", "hybrid"):
+            ids, scores = self._indexes.search_dense(self.conn, qv, n, where)
+            dn = dict(zip(ids.tolist(), scores.tolist()))
         return bm, dn
 
     def _top(self, fused, k, cap, units):

@@ -1,0 +1,205 @@
+"""The milvus backend against the real engine (milvus-lite's C++ Milvus on loopback, started by conftest), beside
+the embedded default: the same results, other processes' writes, filters pushed down, moving a KB both ways
+without re-embedding, `check` finding damage, kill -9 of an ingest, and the CLI. test_writeback.py runs its
+whole suite (units, the cap, staleness, rollback, kill -9 of write-back) on both backends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CORPUS
+from test_kill_concurrent import _count, _ingest, _jsonl, _state
+from writeback_rag import KnowledgeBase
+from writeback_rag.backends import HashEmbedder
+from writeback_rag.errors import WbragError
+from writeback_rag.milvus import MilvusCollection, collection_name, connect
+
+QUERIES = ("Who built Fenwick Point Light?", "lighthouse stamps", "fog signal at Corran Head", "keepers' wives")
+
+
+def milvus_cfg(uri):
+    return {"index": {"backend": "milvus"}, "milvus": {"uri": uri}}
+
+
+def make(path, uri=None):
+    return KnowledgeBase.create(path, embedder="hash", notify=lambda m: None, config=milvus_cfg(uri) if uri else None)
+
+
+def ranked(kb, q, mode, k=5, **kw):
+    return [h.doc_id for h in kb.search(q, k=k, mode=mode, log=False, **kw).hits]
+
+
+def test_same_corpus_ranks_the_same_on_both_backends(tmp_path, milvus_uri):
+    emb, mil = make(tmp_path / "e"), make(tmp_path / "m", milvus_uri)
+    emb.ingest([CORPUS])
+    mil.ingest([CORPUS])
+    for q in QUERIES:
+        assert ranked(mil, q, "dense") == ranked(emb, q, "dense")  # the same vectors, exact search
+        e = emb.search(q, k=5, mode="dense", log=False).hits
+        m = mil.search(q, k=5, mode="dense", log=False).hits
+        assert [h.score for h in m] == pytest.approx([h.score for h in e], abs=1e-5)
+        # BM25 over the same tokens; Milvus's own statistics shift scores a little, not the winner
+        assert ranked(mil, q, "bm25", k=1) == ranked(emb, q, "bm25", k=1)
+        assert ranked(mil, q, "hybrid", k=1) == ranked(emb, q, "hybrid", k=1)
+        assert len(ranked(mil, q, "hybrid", k=7)) == 7
+    rep = mil.check()
+    assert rep["ok"] and rep["counts"]["indexed_chunks"] == rep["counts"]["active_chunks"] == emb.stats()["chunks"]
+
+
+def test_update_delete_and_filters(tmp_path, milvus_uri):
+    kb = make(tmp_path / "kb", milvus_uri)
+    kb.ingest([{"id": "a/zebra", "text": "The zebra grazes on the savanna grass.", "lang": "en", "n": 3},
+               {"id": "b/okapi", "text": "The okapi hides in the rainforest.", "lang": "fr"},
+               {"id": "b/zebra-fr", "text": "Le zebra grazes pres du lac.", "lang": "fr"}])
+    for mode in ("bm25", "dense", "hybrid"):
+        assert ranked(kb, "zebra grazes savanna", mode)[0] == "a/zebra"
+        assert ranked(kb, "zebra grazes", mode, filters={"doc": "b/*"}) == ["b/zebra-fr"] + \
+            (["b/okapi"] if mode != "bm25" else [])  # pushed down as doc_id like "b/%"
+        assert ranked(kb, "zebra", mode, filters={"lang": "fr"})[0] == "b/zebra-fr"  # ids from the records
+        assert set(ranked(kb, "zebra", mode, filters={"lang": "fr"})) <= {"b/zebra-fr", "b/okapi"}
+        assert ranked(kb, "zebra", mode, filters={"lang": "de"}) == []
+        assert ranked(kb, "zebra", mode, filters={"meta.n": 3}) == ["a/zebra"]
+        assert ranked(kb, "zebra", mode, filters={"doc": "?/zebra*"})[0] in ("a/zebra", "b/zebra-fr")
+        assert ranked(kb, "zebra", mode, filters={"kind": "unit"}) == []
+    kb.ingest([{"id": "a/zebra", "text": "The quagga once lived on the plains.", "lang": "en"}])
+    kb.delete(["b/okapi"])
+    for mode in ("bm25", "dense", "hybrid"):
+        assert "a/zebra" not in ranked(kb, "zebra grazes savanna", mode, k=3)[:1]
+        assert ranked(kb, "quagga plains", mode)[0] == "a/zebra"
+        assert "b/okapi" not in ranked(kb, "okapi rainforest", mode)
+    assert kb.check()["ok"]
+
+
+def test_another_process_writes_are_seen_by_the_next_search(tmp_path, milvus_uri):
+    kb = make(tmp_path / "kb", milvus_uri)
+    kb.ingest([CORPUS])
+    assert ranked(kb, "Fenwick Point", "bm25")  # this process is caught up
+    code = ("import sys; from writeback_rag import KnowledgeBase as K; k = K.open(sys.argv[1]); "
+            "k.ingest([{'id': 'late', 'text': 'A kraken was sighted off Tulloch Ness by the relief boat.'}]); "
+            "k.delete(['fenwick-point-light.md']); k.search('kraken', k=1)")
+    subprocess.run([sys.executable, "-c", code, kb.path], check=True, capture_output=True)
+    for mode in ("bm25", "dense", "hybrid"):
+        assert ranked(kb, "kraken sighted Tulloch Ness relief boat", mode)[0] == "late"
+        assert "fenwick-point-light.md" not in ranked(kb, "Who built Fenwick Point Light?", mode, k=10)
+    assert kb.check()["ok"]
+
+
+class Counting(HashEmbedder):
+    calls = 0
+
+    def encode(self, texts, show_progress=False):
+        Counting.calls += len(texts)
+        return super().encode(texts)
+
+
+def test_moving_a_kb_to_milvus_and_back_re_embeds_nothing(tmp_path, milvus_uri):
+    kb = make(tmp_path / "kb")
+    kb.ingest([CORPUS])
+    kb.label([{"id": "x", "query": "Who designed the tower at Fenwick Point?", "answers": ["Aldous Penhallow"]}], k=3)
+    assert kb.writeback()["written"] == 1
+    before = {(q, m): ranked(kb, q, m) for q in QUERIES for m in ("dense", "bm25", "hybrid")}
+    kb._embedder = Counting()
+    Counting.calls = 0
+    out = kb.reindex(backend="milvus", milvus_uri=milvus_uri)
+    assert out["backend"] == "milvus" and Counting.calls == 0 and kb.check()["ok"]
+    assert not os.path.exists(kb.bm25_path)  # the local files are gone
+    again = KnowledgeBase.open(kb.path, notify=lambda m: None)  # the move is in config.toml
+    assert again.config["index"]["backend"] == "milvus" and again.config["milvus"]["uri"] == milvus_uri
+    for (q, m), want in before.items():
+        got = ranked(again, q, m)
+        assert got == want if m == "dense" else got[0] == want[0]
+    assert any(h.kind == "unit" for h in again.search("Who designed the tower at Fenwick Point?", k=5, log=False).hits)
+    name = collection_name(again._identity()["kb_created"])
+    assert name in connect(milvus_uri).list_collections()
+    again.close()
+    assert kb.reindex(backend="embedded")["backend"] == "embedded" and Counting.calls == 0
+    assert name not in connect(milvus_uri).list_collections()  # moved back: the collection is dropped
+    for (q, m), want in before.items():
+        assert ranked(kb, q, m) == want
+    assert kb.check()["ok"]
+
+
+def test_check_finds_a_damaged_collection_and_reindex_repairs_it(tmp_path, milvus_uri):
+    kb = make(tmp_path / "kb", milvus_uri)
+    kb.ingest([CORPUS])
+    assert kb.check()["ok"]
+    client, name = connect(milvus_uri), collection_name(kb._identity()["kb_created"])
+    client.delete(name, ids=[3, 4])
+    rep = kb.check()
+    assert not rep["ok"] and "lacks 2 active chunks" in rep["problems"][0] and "reindex" in rep["problems"][0]
+    kb.reindex()
+    assert kb.check()["ok"]
+    client.drop_collection(name)  # lost on the server: rebuilt from the records on next use, with a notice
+    notes = []
+    k2 = KnowledgeBase.open(kb.path, notify=notes.append)
+    assert ranked(k2, "Who built Fenwick Point Light?", "hybrid")[0] == "fenwick-point-light.md"
+    assert any("missing from Milvus" in n for n in notes) and k2.check()["ok"]
+
+
+def test_a_collection_of_something_else_is_refused_never_dropped(tmp_path, milvus_uri):
+    client = connect(milvus_uri)
+    other = MilvusCollection(client, "someone_elses", 4, make(tmp_path / "x").config, {"owner": "them"})
+    other.create()
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None,
+                              config={**milvus_cfg(milvus_uri), "milvus": {"uri": milvus_uri, "collection": "someone_elses"}})
+    kb.ingest([{"id": "d", "text": "text"}])
+    with pytest.raises(WbragError, match="belongs to something else"):
+        kb.search("text", log=False)
+    assert "someone_elses" in client.list_collections()
+
+
+def test_killed_ingest_resumes_to_the_uninterrupted_kb(tmp_path, milvus_uri):
+    kb = str(tmp_path / "kb")
+    make(kb, milvus_uri).close()
+    a = _jsonl(tmp_path / "a.jsonl", "a", 2500)
+    b = _jsonl(tmp_path / "b.jsonl", "b", 600, offset=5000)
+    db = os.path.join(kb, "kb.sqlite")
+    pa, pb = _ingest(kb, a), _ingest(kb, b)
+    deadline = time.time() + 120
+    while time.time() < deadline and _count(db, "a") < 200 and pa.poll() is None:
+        time.sleep(0.01)
+    assert pa.poll() is None, "the ingest ended before the kill"
+    pa.send_signal(signal.SIGKILL)
+    pa.wait()
+    assert pb.wait(timeout=120) == 0, pb.stderr.read()
+    stored = _count(db, "a")
+    k = KnowledgeBase.open(kb, notify=lambda m: None)
+    assert k.check()["ok"]
+    rep = k.ingest([a])
+    assert rep.unchanged == stored and rep.added == 2500 - stored
+    k.close()
+    twin = str(tmp_path / "twin")
+    make(twin).ingest([b, a])  # the embedded default, uninterrupted
+    docs, ranks = _state(kb)
+    twin_docs, twin_ranks = _state(twin)
+    assert docs == twin_docs
+    for key, (scores, _) in ranks.items():
+        if key[1] == "dense":
+            assert (scores, ranks[key][1]) == twin_ranks[key]
+
+
+def _wbrag(*args):
+    return subprocess.run([sys.executable, "-m", "writeback_rag.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_init_on_milvus_query_and_move_back(tmp_path, milvus_uri):
+    kb = str(tmp_path / "kb")
+    r = _wbrag("init", "--kb", kb, "--embedder", "hash", "--backend", "milvus", "--milvus-uri", milvus_uri)
+    assert r.returncode == 0, r.stderr
+    assert _wbrag("ingest", "--kb", kb, CORPUS, "--quiet").returncode == 0
+    r = _wbrag("query", "--kb", kb, "Who built Fenwick Point Light?", "--json", "-k", "3")
+    assert r.returncode == 0 and json.loads(r.stdout)["hits"][0]["doc_id"] == "fenwick-point-light.md"
+    assert _wbrag("check", "--kb", kb).returncode == 0
+    r = _wbrag("reindex", "--kb", kb, "--backend", "embedded", "--quiet")
+    assert r.returncode == 0 and "backend embedded" in r.stdout
+    bad = str(tmp_path / "bad")
+    assert _wbrag("init", "--kb", bad, "--embedder", "hash", "--backend", "milvus", "--milvus-uri",
+                  "http://127.0.0.1:9").returncode == 0
+    r = _wbrag("query", "--kb", bad, "anything", "--mode", "bm25")
+    assert r.returncode != 0 and "cannot reach Milvus at http://127.0.0.1:9" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,402 @@
+"""The derived indexes of a KB on Milvus: one collection holds each live chunk's vector and its BM25 terms,
+shared by every process (and machine) that opens the KB.
+
+What runs where: the records (documents, chunks and their vectors, the change log, query log, feedback,
+units and their provenance, runs) stay in the KB's SQLite file, which gives them multi-row transactions;
+Milvus holds only what a search needs: id, kind, document id, source, BM25 terms and the vector. The
+collection follows the change log like the local indexes do: the sequence it reflects is kept in the
+records (meta `milvus_seq`), and any process that finds it behind replays the tail under a file lock
+(deletes, then upserts of the chunks live at the head, both idempotent, so a replay cut short by a crash
+is simply done again). A collection missing, reset by `reindex` or from another KB is rebuilt from the
+records, never re-embedded.
+
+BM25 runs inside Milvus (its BM25 function over a sparse field) on our own tokens, joined by spaces and
+split by Milvus's whitespace tokenizer, so both backends score the same terms; k1 and b are set on the
+index. Searches use the configured consistency level (default Strong: a chunk deleted or added by any
+process is seen by the next search, milvus#50194); the chunk kinds that the unit cap reads are kept in
+memory and replayed from the log like any local index."""
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+
+import numpy as np
+
+from . import changes, store
+from .errors import WbragError
+from .filters import KINDS
+from .indexes import Indexes
+from .text import bm25_tokens, index_text
+
+BATCH = 2000  # rows per insert / upsert
+TOP_LIMIT = 16384  # Milvus's largest top-k
+MAX_TERMS = 60000  # bytes of joined terms per chunk (Milvus VARCHAR holds 65,535)
+INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")
+CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
+_SIMPLE_GLOB = re.compile(r"^[A-Za-z0-9 ./:@+*-]*$")  # globs that Milvus `like` says the same way
+
+
+def connect(uri, token=None, timeout=30.0):
+    """A MilvusClient for `uri` (http://host:19530, a Zilliz endpoint), or WbragError saying what to do."""
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise WbragError("the milvus backend needs pymilvus: pip install 'writeback-rag[milvus]'") from None
+    if not uri:
+        raise WbragError("the milvus backend needs milvus.uri (e.g. http://127.0.0.1:19530): "
+                         "wbrag config milvus.uri=URI")
+    token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
+    try:
+        client = MilvusClient(uri=uri, token=token, timeout=timeout)
+        client.list_collections()
+    except Exception as e:  # pymilvus raises its own errors and grpc ones
+        raise WbragError(f"cannot reach Milvus at {uri} ({str(e).splitlines()[0][:200]}); "
+                         "start it or fix milvus.uri") from None
+    return client
+
+
+def collection_name(created):
+    """The default collection of a KB: named after its creation time, so two KBs never share one."""
+    return "wbrag_" + re.sub(r"[^0-9]", "_", f"{float(created):.6f}")
+
+
+class MilvusCollection:
+    """Dense and sparse search over one collection; `seq` is the change it reflects (read from the records)."""
+
+    def __init__(self, client, name, dim, config, identity):
+        self.client, self.name, self.dim = client, name, dim
+        self.config, self.identity = config, identity
+        self.seq = -1
+
+    @property
+    def consistency(self):
+        return self.config["milvus"]["consistency"]
+
+    @property
+    def description(self):
+        return "writeback-rag " + json.dumps(self.identity, sort_keys=True)
+
+    @property
+    def count(self):
+        if not self.client.has_collection(self.name):
+            return 0
+        r = self.client.query(self.name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        return int(r[0]["count(*)"])
+
+    def state(self):
+        """'missing', 'ours' or 'foreign' (another KB's or someone else's collection: never dropped)."""
+        if not self.client.has_collection(self.name):
+            return "missing"
+        desc = self.client.describe_collection(self.name).get("description", "")
+        return "ours" if desc == self.description else "foreign"
+
+    def create(self):
+        from pymilvus import DataType, Function, FunctionType
+
+        c = self.client
+        schema = c.create_schema(auto_id=False, description=self.description)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("kind", DataType.VARCHAR, max_length=16)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=2048)
+        schema.add_field("source", DataType.VARCHAR, max_length=4096)
+        schema.add_field("terms", DataType.VARCHAR, max_length=65535, enable_analyzer=True,
+                         analyzer_params={"tokenizer": "whitespace"})
+        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(self.dim))
+        schema.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["terms"],
+                                     output_field_names=["sparse"]))
+        params = c.prepare_index_params()
+        m = self.config["milvus"]
+        params.add_index("vector", index_type=m["index_type"], metric_type="IP",
+                         params={"M": int(self.config["dense"]["hnsw_m"]), "efConstruction": 200}
+                         if m["index_type"] == "HNSW" else {})
+        b = self.config["bm25"]
+        params.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25",
+                         params={"bm25_k1": float(b["k1"]), "bm25_b": float(b["b"])})
+        params.add_index("kind", index_type="INVERTED")
+        c.create_collection(self.name, schema=schema, index_params=params, consistency_level="Strong")
+
+    def drop(self):
+        if self.state() == "ours":
+            self.client.drop_collection(self.name)
+
+    def upsert(self, rows):
+        """(chunk id, kind, doc id, source, text, title, vector bytes) rows."""
+        for start in range(0, len(rows), BATCH):
+            part = rows[start:start + BATCH]
+            self.client.upsert(self.name, [
+                {"id": int(r[0]), "kind": r[1], "doc_id": r[2][:2048], "source": (r[3] or "")[:4096],
+                 "terms": _terms(index_text(r[5], r[4])), "vector": np.frombuffer(r[6], dtype=np.float32).tolist()}
+                for r in part])
+
+    def delete(self, ids):
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), BATCH):
+            self.client.delete(self.name, ids=ids[start:start + BATCH])
+
+    def search(self, data, field, metric, n, expr):
+        n = min(int(n), TOP_LIMIT)
+        if n <= 0 or expr is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        params = {"metric_type": metric}
+        if field == "vector" and self.config["milvus"]["index_type"] == "HNSW":
+            params["params"] = {"ef": max(128, n)}
+        res = self.client.search(self.name, data=[data], anns_field=field, limit=n, filter=expr,
+                                 search_params=params, output_fields=[], consistency_level=self.consistency)[0]
+        return (np.array([h["id"] for h in res], dtype=np.int64),
+                np.array([h["distance"] for h in res], dtype=np.float32))
+
+    def vectors(self, ids):
+        """{chunk id: vector} for those of `ids` the collection holds."""
+        out = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 1000):
+            for r in self.client.query(self.name, ids=ids[start:start + 1000], output_fields=["id", "vector"],
+                                       consistency_level="Strong"):
+                out[int(r["id"])] = np.asarray(r["vector"], dtype=np.float32)
+        return out
+
+    def ids(self):
+        """Every chunk id in the collection (for `check`)."""
+        import logging
+
+        logging.getLogger("pymilvus").setLevel(logging.ERROR)  # its iterator warns about milvus-lite's timestamps
+        out = []
+        it = self.client.query_iterator(self.name, batch_size=10000, filter="id >= 0", output_fields=["id"],
+                                        consistency_level="Strong")
+        try:
+            while True:
+                page = it.next()
+                if not page:
+                    break
+                out += [int(r["id"]) for r in page]
+        finally:
+            it.close()
+        return np.unique(np.array(out, dtype=np.int64))
+
+
+class MilvusIndexes(Indexes):
+    """Indexes whose dense and sparse halves are one Milvus collection; the chunk kinds stay in memory."""
+
+    META = "milvus_seq"
+
+    def __init__(self, dense_path, bm25_path, config, identity, dim, notify, readonly=False, lock_path=None,
+                 client=None):
+        super().__init__(dense_path, bm25_path, config, identity, dim, notify, readonly)
+        self.lock_path = lock_path or os.path.join(os.path.dirname(dense_path), "milvus.lock")
+        self._client = client
+        self.remote = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = connect(self.config["milvus"]["uri"])
+        return self._client
+
+    def _collection(self, conn):
+        if self.remote is None:
+            ident = self._identity()
+            name = self.config["milvus"]["collection"] or collection_name(ident["kb_created"])
+            self.remote = MilvusCollection(self.client, name, self._dim(), self.config, ident)
+        return self.remote
+
+    # -- catching up
+
+    def catch_up(self, conn, dense=True, bm25=True):
+        with self.lock:
+            head = super().catch_up(conn, dense=False, bm25=False)  # the chunk kinds, in memory
+            if dense or bm25:
+                remote = self._collection(conn)
+                if remote.seq != head or self.dense is None:
+                    remote.seq = _stored_seq(conn)
+                    if remote.seq != head or self.dense is None:
+                        self._sync(conn, remote, head)
+                self.dense = self.bm25 = remote
+            return head
+
+    def _sync(self, conn, remote, head):
+        """Replay the tail (or rebuild) under the KB's Milvus lock: one process at a time writes."""
+        with _file_lock(self.lock_path, self.readonly):
+            seq = _stored_seq(conn)
+            state = remote.state()
+            if state == "foreign":
+                raise WbragError(f"Milvus collection {remote.name!r} belongs to something else; set another "
+                                 "milvus.collection (wbrag config milvus.collection=NAME)")
+            why = None
+            if state == "missing":
+                why = "missing" if seq < 0 else "missing from Milvus"
+            elif seq < 0 or seq > changes.head(conn):
+                why = "from another history"
+            else:
+                n, touched, reset = changes.pending(conn, seq, changes.head(conn))
+                if reset:
+                    why = "reset"
+            if why is None:
+                remote.seq = self._replay_remote(conn, remote, seq)
+            else:
+                if why not in ("missing", "reset"):
+                    self._notify(f"Milvus collection {remote.name} {why}; rebuilding from the store")
+                remote.seq = self._rebuild_remote(conn, remote)
+            if not self.readonly:
+                with store.transaction(conn):
+                    store.set_meta(conn, self.META, remote.seq)
+
+    _ROWS = ("SELECT c.id, d.kind, d.id, d.source, c.text, d.title, c.embedding FROM chunks c "
+             "JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")
+
+    def _replay_remote(self, conn, remote, seq):
+        conn.execute("BEGIN")
+        try:
+            head = changes.head(conn)
+            tail = changes.since(conn, seq, head)
+            added = sorted({int(c) for entry in tail for c in entry[1]})
+            removed = sorted({int(c) for entry in tail for c in entry[2]})
+            rows = changes.active_rows(conn, self._ROWS + " AND c.id IN", added)
+        finally:
+            conn.execute("COMMIT")
+        remote.delete(removed)  # then the chunks live at the head (a chunk removed and restored comes back)
+        remote.upsert(rows)
+        return head
+
+    def _rebuild_remote(self, conn, remote):
+        remote.drop()
+        remote.create()
+        conn.execute("BEGIN")
+        try:
+            head = changes.head(conn)
+            cur = conn.execute(self._ROWS + " ORDER BY c.id")
+            while True:
+                rows = cur.fetchmany(BATCH)
+                if not rows:
+                    break
+                remote.upsert(rows)
+        finally:
+            conn.execute("COMMIT")
+        return head
+
+    def reset(self):
+        with self.lock:
+            super().reset()
+            if self.remote is not None:
+                self.remote.seq = -1
+
+    def save_if_due(self, conn):
+        """Nothing to save: Milvus persists the collection, the records persist the sequence."""
+
+    def drop(self, conn):
+        """Remove this KB's collection (after the KB moved to another backend) and forget its sequence."""
+        with self.lock:
+            self._collection(conn).drop()
+            with store.transaction(conn):
+                store.set_meta(conn, self.META, -1)
+
+    # -- searching
+
+    def search_sparse(self, conn, query, n, where):
+        terms = _terms(query)
+        if not terms:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        return self.remote.search(terms, "sparse", "BM25", n, self.expression(conn, where))
+
+    def search_dense(self, conn, qvec, n, where):
+        return self.remote.search(np.asarray(qvec, dtype=np.float32).tolist(), "vector", "IP", n,
+                                  self.expression(conn, where))
+
+    def expression(self, conn, where):
+        """A Filter in Milvus's filter language: kinds and simple globs pushed down as they are; a document
+        predicate Milvus cannot say the same way (metadata, ? or [] globs) as the ids the records allow; None
+        when no chunk can match."""
+        parts = []
+        if not where.kinds >= set(KINDS):
+            parts.append("kind in [" + ", ".join(json.dumps(k) for k in sorted(where.kinds)) + "]")
+        rest = []
+        for field, globs in (("doc_id", where.doc_globs), ("source", where.source_globs)):
+            for g in globs:
+                if _SIMPLE_GLOB.match(g):
+                    parts.append(f"{field} like {json.dumps(g.replace('*', '%'))}" if "*" in g
+                                 else f"{field} == {json.dumps(g)}")
+                else:
+                    rest.append(g)
+        if where.meta or rest:
+            cond, args = where.where_sql()
+            ids = [r[0] for r in conn.execute(
+                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND " + cond,
+                args)]
+            if not ids:
+                return None  # nothing can match (and Milvus refuses `id in []`)
+            parts.append("id in [" + ",".join(str(int(i)) for i in ids) + "]")
+        return " and ".join(f"({p})" for p in parts)
+
+    # -- checking
+
+    def verify(self, conn, sample=200, seed=0):
+        problems, notes = [], []
+        with self.lock:
+            self.catch_up(conn)
+            conn.execute("BEGIN")
+            try:
+                gen = changes.head(conn)
+                active = np.array([r[0] for r in conn.execute(
+                    "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
+                    "ORDER BY c.id")], dtype=np.int64)
+            finally:
+                conn.execute("COMMIT")
+            remote = self.remote
+            repair = "repair with: reindex (CLI: wbrag reindex)"
+            held = remote.ids()
+            counts = {"generation": gen, "active_chunks": int(len(active)), "indexed_chunks": int(len(held)),
+                      "milvus_seq": int(remote.seq)}
+            if remote.seq == gen:
+                missing, extra = np.setdiff1d(active, held), np.setdiff1d(held, active)
+                if len(missing) or len(extra):
+                    problems.append(f"Milvus collection {remote.name} at change {remote.seq} lacks {len(missing)} "
+                                    f"active chunks and holds {len(extra)} others (e.g. "
+                                    f"{(missing.tolist() + extra.tolist())[:5]}); " + repair)
+                rng = np.random.default_rng(seed)
+                some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
+                got = remote.vectors(some.tolist())
+                bad = 0
+                for cid, vec in got.items():
+                    blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+                    if not np.allclose(vec, np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+                        bad += 1
+                if bad:
+                    problems.append(f"Milvus collection {remote.name}: {bad} of {len(got)} sampled vectors differ "
+                                    "from the stored embeddings; " + repair)
+            else:
+                notes.append(f"Milvus collection at change {remote.seq}, the KB at {gen}: replayed on next search")
+            kinds = self.kinds
+            if int((kinds.codes > 0).sum()) != len(active):
+                problems.append(f"chunk kinds cover {int((kinds.codes > 0).sum())} chunks, not {len(active)}; "
+                                + repair)
+        return problems, notes, counts
+
+
+def _terms(text):
+    """Our BM25 tokens, joined for Milvus's whitespace tokenizer (within its VARCHAR limit)."""
+    out = " ".join(bm25_tokens(text))
+    if len(out.encode("utf-8")) > MAX_TERMS:
+        out = out.encode("utf-8")[:MAX_TERMS].decode("utf-8", "ignore").rsplit(" ", 1)[0]
+    return out
+
+
+def _stored_seq(conn):
+    v = store.get_meta(conn, MilvusIndexes.META)
+    return int(v) if v not in (None, "") else -1
+
+
+@contextlib.contextmanager
+def _file_lock(path, readonly):
+    """One process at a time replays into the collection (an exclusive lock on a file in the KB folder)."""
+    if readonly:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
