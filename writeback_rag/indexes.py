@@ -243,6 +243,9 @@ class Indexes:
                     if getattr(index, "saved_seq", None) != index.seq:
                         self._save(index, path, self._dense_expect() if name == "dense" else self._identity())
 
+    def close(self):
+        """Let go of what the indexes hold outside this process (nothing, for local ones)."""
+
     def drop(self, conn):
         """Remove the saved files (after the KB moved its indexes to another backend)."""
         with self.lock:

@@ -235,6 +235,7 @@ class KnowledgeBase:
             except (sqlite3.Error, OSError):
                 pass  # read-only or damaged: the files are only caches of the store
         self._closed = True
+        self._indexes.close()
         self._conns.close()
 
     def __enter__(self) -> "KnowledgeBase":

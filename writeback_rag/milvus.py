@@ -49,7 +49,9 @@ def connect(uri, token=None, timeout=30.0):
                          "wbrag config milvus.uri=URI")
     token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
     try:
-        client = MilvusClient(uri=uri, token=token, timeout=timeout)
+        # no keep-alive pings on an idle channel: a server answers too many with GOAWAY, failing the next call
+        client = MilvusClient(uri=uri, token=token, timeout=timeout, grpc_options={
+            "grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000})
         client.list_collections()
     except Exception as e:  # pymilvus raises its own errors and grpc ones
         raise WbragError(f"cannot reach Milvus at {uri} ({str(e).splitlines()[0][:200]}); "
@@ -281,6 +283,11 @@ class MilvusIndexes(Indexes):
             super().reset()
             if self.remote is not None:
                 self.remote.seq = -1
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = self.remote = None
 
     def save_if_due(self, conn):
         """Nothing to save: Milvus persists the collection, the records persist the sequence."""
