@@ -300,14 +300,21 @@ def copy_kb(base_path, kb_path, embedder="minilm", config=None, progress=_quiet)
     if s["units_active"] or s["units_inactive"] or s["queries"] or s["feedback"]:
         kb.close()
         raise InputError(f"{base_path}: the base KB is not fresh (it has units, queries or feedback)")
+    moves = {}
     for section, values in (config or {}).items():
         if section == "embedder":
             continue
         if section in ("chunking", "dense") and any(kb.config[section].get(k) != v for k, v in values.items()):
             kb.close()
             raise InputError(f"{base_path}: built with other [{section}] settings; build a new base KB")
-        kb.config = cfgmod.validate({section: values}, base=kb.config)
+        if section in ("index", "milvus"):  # where the indexes live: moved there, from the stored vectors
+            moves[section] = values
+            continue
+        kb.config.update(cfgmod.validate({section: values}, base=kb.config))  # in place: the indexes share it
     cfgmod.dump(kb.config, os.path.join(kb.path, CONFIG_NAME))
+    if moves:
+        kb.config["milvus"].update({k: v for k, v in moves.get("milvus", {}).items() if k != "uri"})
+        kb.reindex(backend=moves.get("index", {}).get("backend"), milvus_uri=moves.get("milvus", {}).get("uri"))
     info = {}
     ipath = os.path.join(base_path, "eval-ingest.json")
     if os.path.exists(ipath):
