@@ -203,3 +203,46 @@ def test_cli_init_on_milvus_query_and_move_back(tmp_path, milvus_uri):
     r = _wbrag("query", "--kb", bad, "anything", "--mode", "bm25")
     assert r.returncode != 0 and "cannot reach Milvus at http://127.0.0.1:9" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_server_that_goes_away_gives_one_line_and_loses_nothing(tmp_path):
+    """Its own server, stopped mid-session: the search fails with a WbragError naming the collection and what
+    to do; the records are intact, and with the server back the KB catches up and answers."""
+    import socket
+
+    from milvus_lite.server import Server
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    db = str(tmp_path / "own.db")
+    uri = f"http://127.0.0.1:{port}"
+
+    def start():
+        server = Server(db, address=f"127.0.0.1:{port}")
+        assert server.start()
+        for _ in range(150):
+            try:
+                connect(uri, timeout=2).close()
+                return server
+            except WbragError:
+                time.sleep(0.2)
+        raise AssertionError("milvus-lite did not start")
+
+    server = start()
+    kb = make(tmp_path / "kb", uri)
+    kb.ingest([CORPUS])
+    assert ranked(kb, "Who built Fenwick Point Light?", "hybrid")[0] == "fenwick-point-light.md"
+    server.stop()
+    kb.ingest([{"id": "late", "text": "A kraken was sighted off Tulloch Ness."}])  # the records take it
+    with pytest.raises(WbragError, match="Milvus.*(failed|cannot reach)"):
+        kb.search("kraken Tulloch Ness", k=3, mode="bm25", log=False)
+    kb.close()
+    server = start()
+    try:
+        k2 = KnowledgeBase.open(kb.path, notify=lambda m: None)
+        assert ranked(k2, "kraken sighted Tulloch Ness", "bm25")[0] == "late" and k2.check()["ok"]
+        k2.close()
+    finally:
+        server.stop()

@@ -527,6 +527,7 @@ class KnowledgeBase:
             "feedback": db["feedback"].count,
             "runs": db["runs"].count,
             "dense_index": self.config["dense"]["index"],
+            "index_backend": self.config["index"]["backend"],
         }
 
     # ---- write-back (see feedback.py / writeback.py) ------------------------------------

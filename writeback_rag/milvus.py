@@ -59,6 +59,26 @@ def connect(uri, token=None, timeout=30.0):
     return client
 
 
+def _engine_errors(method):
+    """A failure inside Milvus (server gone, timeout, a refused request) as one WbragError line that names
+    the server and the operation; the records are untouched, and the next catch-up replays what is missing."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except WbragError:
+            raise
+        except Exception as e:
+            if type(e).__module__.split(".")[0] not in ("pymilvus", "grpc"):
+                raise
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise WbragError(f"Milvus collection {self.name!r}: {method.__name__} failed ({first}); "
+                             "check the server (milvus.uri), then retry") from None
+    return wrapper
+
+
 def collection_name(created):
     """The default collection of a KB: named after its creation time, so two KBs never share one."""
     return "wbrag_" + re.sub(r"[^0-9]", "_", f"{float(created):.6f}")
@@ -81,12 +101,14 @@ class MilvusCollection:
         return "writeback-rag " + json.dumps(self.identity, sort_keys=True)
 
     @property
+    @_engine_errors
     def count(self):
         if not self.client.has_collection(self.name):
             return 0
         r = self.client.query(self.name, filter="", output_fields=["count(*)"], consistency_level="Strong")
         return int(r[0]["count(*)"])
 
+    @_engine_errors
     def state(self):
         """'missing', 'ours' or 'foreign' (another KB's or someone else's collection: never dropped)."""
         if not self.client.has_collection(self.name):
@@ -94,6 +116,7 @@ class MilvusCollection:
         desc = self.client.describe_collection(self.name).get("description", "")
         return "ours" if desc == self.description else "foreign"
 
+    @_engine_errors
     def create(self):
         from pymilvus import DataType, Function, FunctionType
 
@@ -120,10 +143,12 @@ class MilvusCollection:
         params.add_index("kind", index_type="INVERTED")
         c.create_collection(self.name, schema=schema, index_params=params, consistency_level="Strong")
 
+    @_engine_errors
     def drop(self):
         if self.state() == "ours":
             self.client.drop_collection(self.name)
 
+    @_engine_errors
     def upsert(self, rows):
         """(chunk id, kind, doc id, source, text, title, vector bytes) rows."""
         for start in range(0, len(rows), BATCH):
@@ -133,11 +158,13 @@ class MilvusCollection:
                  "terms": _terms(index_text(r[5], r[4])), "vector": np.frombuffer(r[6], dtype=np.float32).tolist()}
                 for r in part])
 
+    @_engine_errors
     def delete(self, ids):
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), BATCH):
             self.client.delete(self.name, ids=ids[start:start + BATCH])
 
+    @_engine_errors
     def search(self, data, field, metric, n, expr):
         n = min(int(n), TOP_LIMIT)
         if n <= 0 or expr is None:
@@ -150,6 +177,7 @@ class MilvusCollection:
         return (np.array([h["id"] for h in res], dtype=np.int64),
                 np.array([h["distance"] for h in res], dtype=np.float32))
 
+    @_engine_errors
     def vectors(self, ids):
         """{chunk id: vector} for those of `ids` the collection holds."""
         out = {}
@@ -160,6 +188,7 @@ class MilvusCollection:
                 out[int(r["id"])] = np.asarray(r["vector"], dtype=np.float32)
         return out
 
+    @_engine_errors
     def ids(self):
         """Every chunk id in the collection (for `check`)."""
         import logging
@@ -217,6 +246,14 @@ class MilvusIndexes(Indexes):
                         self._sync(conn, remote, head)
                 self.dense = self.bm25 = remote
             return head
+
+    def refresh(self, conn):
+        """After a commit: replay it into the collection now. A write is never failed by Milvus: the records
+        have it, and the next search replays what is missing (with the error, if the server is still away)."""
+        try:
+            super().refresh(conn)
+        except WbragError as e:
+            self._notify(f"{e}; the write is stored and reaches Milvus on the next search")
 
     def _sync(self, conn, remote, head):
         """Replay the tail (or rebuild) under the KB's Milvus lock: one process at a time writes."""
