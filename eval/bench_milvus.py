@@ -90,7 +90,7 @@ def main():
                 ingest_s[name] += T() - t0
             log(f"ingested {min(s + 10_000, len(texts))} / {len(texts)}: "
                 + ", ".join(f"{n} {v:.0f}s" for n, v in ingest_s.items()))
-        qs = queries(a.rounds * 8 + 120)
+        qs = queries(a.rounds * 16 + 120)  # 8 per backend and round
         steady = {(n, m): [] for n in kbs for m in MODES}
         first = {(n, m): [] for n in kbs for m in ("write", "bm25", "hybrid", "write+bm25")}
         at = 0
