@@ -38,8 +38,8 @@ kb = KnowledgeBase.open({path!r}, notify=lambda m: None)
 for mode in ("bm25", "dense", "hybrid"):
     for q in qs:
         kb.search(q, k=10, mode=mode, log=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
+print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024)
+"""  # VmHWM: ru_maxrss would carry the parent's peak across fork + exec
 
 
 def pct(xs, q):

@@ -141,6 +141,27 @@ def test_check_finds_a_damaged_collection_and_reindex_repairs_it(tmp_path, milvu
     assert any("missing from Milvus" in n for n in notes) and k2.check()["ok"]
 
 
+def test_a_replay_done_twice_adds_nothing(tmp_path, milvus_uri):
+    """As after a kill between the collection's writes and the sequence's: the whole log replayed again."""
+    from writeback_rag import store
+
+    kb = make(tmp_path / "kb", milvus_uri)
+    kb.ingest([CORPUS])
+    kb.delete(["fenwick-point-light.md"])
+    assert kb.check()["ok"]
+    name = collection_name(kb._identity()["kb_created"])
+    connect(milvus_uri).insert(name, [{"id": 1, "kind": "source", "doc_id": "x", "source": "", "terms": "w",
+                                       "vector": [1.0] + [0.0] * 255}])  # a row twice: check must see it
+    assert "twice" in " ".join(kb.check()["problems"])
+    kb.reindex()
+    with store.transaction(kb.conn):
+        store.set_meta(kb.conn, "milvus_seq", 0)
+    k2 = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    rep = k2.check()
+    assert rep["ok"] and rep["counts"]["indexed_chunks"] == rep["counts"]["active_chunks"]
+    assert "fenwick-point-light.md" not in ranked(k2, "Who built Fenwick Point Light?", "hybrid", k=10)
+
+
 def test_a_collection_of_something_else_is_refused_never_dropped(tmp_path, milvus_uri):
     client = connect(milvus_uri)
     other = MilvusCollection(client, "someone_elses", 4, make(tmp_path / "x").config, {"owner": "them"})
