@@ -153,9 +153,11 @@ def test_a_replay_done_twice_adds_nothing(tmp_path, milvus_uri):
     connect(milvus_uri).insert(name, [{"id": 1, "kind": "source", "doc_id": "x", "source": "", "terms": "w",
                                        "vector": [1.0] + [0.0] * 255}])  # a row twice: check must see it
     assert "twice" in " ".join(kb.check()["problems"])
-    kb.reindex()
+    at = kb.reindex()["generation"]
+    kb.ingest([{"id": f"n{i}", "text": f"note {i} on gulls"} for i in range(30)])
+    kb.delete(["n3"])
     with store.transaction(kb.conn):
-        store.set_meta(kb.conn, "milvus_seq", 0)
+        store.set_meta(kb.conn, "milvus_seq", at)  # the tail after the reindex is replayed a second time
     k2 = KnowledgeBase.open(kb.path, notify=lambda m: None)
     rep = k2.check()
     assert rep["ok"] and rep["counts"]["indexed_chunks"] == rep["counts"]["active_chunks"]
