@@ -18,6 +18,8 @@ DOCS = [{"id": "calder", "title": "Calder Foundry", "text": "The Calder foundry 
         {"id": "skerrow", "title": "Skerrow", "text": "The Skerrow light was first lit in 1851.", "source": "notes/s.md"}]
 
 
+BACKENDS = ["embedded", "milvus"]  # tests that build a KB run on both (conftest.pytest_generate_tests)
+
 def test_public_names_are_exported():
     for name in ("KnowledgeBase", "Hit", "SearchResult", "IngestReport", "WbragError", "InputError"):
         assert hasattr(writeback_rag, name), name

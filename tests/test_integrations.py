@@ -8,6 +8,8 @@ import pytest
 
 from writeback_rag.text import contains_answer
 
+BACKENDS = ["embedded", "milvus"]  # tests that build a KB run on both (conftest.pytest_generate_tests)
+
 LOOP = [("Who designed the tower at Fenwick Point?", "Fenwick Point tower designer", ["Aldous Penhallow"]),
         ("When was the fog siren at Corran Head installed?", "Corran Head fog siren installation year", ["1902"])]
 Q = "Which engineer designed the tower at Fenwick Point?"

@@ -1,7 +1,7 @@
 """The milvus backend against the real engine (milvus-lite's C++ Milvus on loopback, started by conftest), beside
 the embedded default: the same results, other processes' writes, filters pushed down, moving a KB both ways
-without re-embedding, `check` finding damage, kill -9 of an ingest, and the CLI. test_writeback.py runs its
-whole suite (units, the cap, staleness, rollback, kill -9 of write-back) on both backends."""
+without re-embedding, `check` finding damage, kill -9 of an ingest, and the CLI. test_writeback.py,
+test_behaviour.py, test_api.py and test_integrations.py run their KB tests on both backends (BACKENDS)."""
 
 import json
 import os
