@@ -387,15 +387,7 @@ class MilvusIndexes(Indexes):
     def verify(self, conn, sample=200, seed=0):
         problems, notes = [], []
         with self.lock:
-            self.catch_up(conn)
-            conn.execute("BEGIN")
-            try:
-                gen = changes.head(conn)
-                active = np.array([r[0] for r in conn.execute(
-                    "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
-                    "ORDER BY c.id")], dtype=np.int64)
-            finally:
-                conn.execute("COMMIT")
+            gen, active = self._active_at_head(conn)
             remote = self.remote
             repair = "repair with: reindex (CLI: wbrag reindex)"
             held = remote.ids()
