@@ -463,3 +463,21 @@ def test_resumed_night_equals_an_uninterrupted_one(tmp_path, corpus_kb, kill_aft
     (units, gates), (units_twin, gates_twin) = _night(kb.path), _night(twin)
     assert sorted(units - units_twin) == sorted(units_twin - units) == []
     assert gates == gates_twin
+
+
+def test_the_document_gate_counts_documents_not_chunk_hits(kb):
+    """A document whose two chunks both carry the answer is one kept document: one gate row, one entry in
+    the feedback, one in the report."""
+    filler = " ".join(f"The keepers logged calm weather on day {i} of the season." for i in range(40))
+    kb.ingest([{"id": "long", "title": "Calder Foundry", "text": "The Calder foundry stood in Marrowick. " + filler
+                + " Marrowick, the foundry's town, lies on the river."},
+               {"id": "other", "text": "The gale of 1894 wrecked eleven ships."}])
+    assert kb.stats()["chunks"] >= 3
+    rep = labelled(kb, "Where did the Calder foundry stand, in Marrowick?", ["Marrowick"], k=5)
+    hits = kb.search("Where did the Calder foundry stand, in Marrowick?", k=5, log=False).hits
+    assert sum(h.doc_id == "long" for h in hits) >= 2  # two chunk hits of one document
+    qid = rep["query_ids"][0]
+    rows = kb.conn.execute("SELECT doc_id FROM gate_decisions WHERE query_id=? AND gate='document' AND passed=1",
+                           (qid,)).fetchall()
+    assert [r[0] for r in rows] == ["long"] and rep["docs_kept"] == 1
+    assert json.loads(kb.conn.execute("SELECT docs FROM feedback WHERE query_id=?", (qid,)).fetchone()[0]) == ["long"]

@@ -188,6 +188,16 @@ def _read_beir(folder, split):
     return out
 
 
+def _per_document(docs):
+    """(doc id, score, passed) per chunk hit -> one per document, in rank order: its best score, and passed
+    when any of its chunks passed (the gate keeps documents, so it counts documents, not chunk hits)."""
+    merged = {}
+    for d, s, p in docs:
+        s0, p0 = merged.get(d, (s, p))
+        merged[d] = (max(s0, s), p0 or p)
+    return [(d, s, p) for d, (s, p) in merged.items()]
+
+
 def judge(kb, ex, hits, llm=None):
     """The paper's gates. With an LLM: s_nr=M(G(q)), s_rag=M(G(q,top-K)), s_doc=M(G(q,d)).
     Without: retrieval-level, s_rag=1 when a top-K hit holds a gold answer or is labelled relevant."""
@@ -213,6 +223,7 @@ def judge(kb, ex, hits, llm=None):
                 s_doc = float(_holds(h, ex))
             passed = s_doc - s_nr > w["doc_margin"]
             docs.append((h.doc_id, s_doc, passed))
+        docs = _per_document(docs)
         if not any(p for _, _, p in docs):  # the paper's fallback: the top 2 by rank
             keep = {h.doc_id for h in sources[: int(w["fallback_docs"])]}
             docs = [(d, s, d in keep) for d, s, _ in docs]
