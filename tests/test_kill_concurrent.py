@@ -61,10 +61,11 @@ def _ranked(hits):
     return scores, sorted((h.doc_id, s) for h, s in zip(hits, scores) if s > scores[-1])
 
 
-@pytest.mark.parametrize("kill_at", [1, 700, 1800])
-def test_killed_ingest_among_concurrent_writers_resumes_to_the_uninterrupted_kb(tmp_path, kill_at):
+@pytest.mark.parametrize("kill_at,backend", [(1, "embedded"), (700, "embedded"), (1800, "embedded"),
+                                             (700, "milvus")], indirect=["backend"])
+def test_killed_ingest_among_concurrent_writers_resumes_to_the_uninterrupted_kb(tmp_path, kill_at, kb_config):
     kb = str(tmp_path / "kb")
-    KnowledgeBase.create(kb, embedder="hash", notify=lambda m: None).close()
+    KnowledgeBase.create(kb, embedder="hash", notify=lambda m: None, config=kb_config).close()
     a = _jsonl(tmp_path / "a.jsonl", "a", 2500)
     b = _jsonl(tmp_path / "b.jsonl", "b", 1200, offset=5000)
     db = os.path.join(kb, "kb.sqlite")
@@ -85,7 +86,7 @@ def test_killed_ingest_among_concurrent_writers_resumes_to_the_uninterrupted_kb(
     k.close()
 
     twin = str(tmp_path / "twin")
-    KnowledgeBase.create(twin, embedder="hash", notify=lambda m: None).ingest([b, a])
+    KnowledgeBase.create(twin, embedder="hash", notify=lambda m: None, config=kb_config).ingest([b, a])
     assert _state(kb) == _state(twin)
 
 

@@ -1,11 +1,10 @@
 """The milvus backend against the real engine (milvus-lite's C++ Milvus on loopback, started by conftest), beside
 the embedded default: the same results, other processes' writes, filters pushed down, moving a KB both ways
-without re-embedding, `check` finding damage, kill -9 of an ingest, and the CLI. test_writeback.py,
+without re-embedding, `check` finding damage, and the CLI (kill -9 of an ingest among other writers: test_kill_concurrent.py). test_writeback.py,
 test_behaviour.py, test_api.py and test_integrations.py run their KB tests on both backends (BACKENDS)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ import time
 import pytest
 
 from conftest import CORPUS
-from test_kill_concurrent import _count, _ingest, _jsonl, _state
 from writeback_rag import KnowledgeBase
 from writeback_rag.backends import HashEmbedder
 from writeback_rag.errors import WbragError
@@ -174,36 +172,6 @@ def test_a_collection_of_something_else_is_refused_never_dropped(tmp_path, milvu
     with pytest.raises(WbragError, match="belongs to something else"):
         kb.search("text", log=False)
     assert "someone_elses" in client.list_collections()
-
-
-def test_killed_ingest_resumes_to_the_uninterrupted_kb(tmp_path, milvus_uri):
-    kb = str(tmp_path / "kb")
-    make(kb, milvus_uri).close()
-    a = _jsonl(tmp_path / "a.jsonl", "a", 2500)
-    b = _jsonl(tmp_path / "b.jsonl", "b", 600, offset=5000)
-    db = os.path.join(kb, "kb.sqlite")
-    pa, pb = _ingest(kb, a), _ingest(kb, b)
-    deadline = time.time() + 120
-    while time.time() < deadline and _count(db, "a") < 200 and pa.poll() is None:
-        time.sleep(0.01)
-    assert pa.poll() is None, "the ingest ended before the kill"
-    pa.send_signal(signal.SIGKILL)
-    pa.wait()
-    assert pb.wait(timeout=120) == 0, pb.stderr.read()
-    stored = _count(db, "a")
-    k = KnowledgeBase.open(kb, notify=lambda m: None)
-    assert k.check()["ok"]
-    rep = k.ingest([a])
-    assert rep.unchanged == stored and rep.added == 2500 - stored
-    k.close()
-    twin = str(tmp_path / "twin")
-    make(twin).ingest([b, a])  # the embedded default, uninterrupted
-    docs, ranks = _state(kb)
-    twin_docs, twin_ranks = _state(twin)
-    assert docs == twin_docs
-    for key, (scores, _) in ranks.items():
-        if key[1] == "dense":
-            assert (scores, ranks[key][1]) == twin_ranks[key]
 
 
 def _wbrag(*args):

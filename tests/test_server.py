@@ -1,7 +1,6 @@
 """`wbrag serve`: a real uvicorn on loopback, the whole API over HTTP, Dify's contract, the token, limits;
 and `wbrag mcp` through the MCP SDK's own client over stdio."""
 
-import asyncio
 import json
 import os
 import socket
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CORPUS, QUESTIONS
+from conftest import QUESTIONS
 from writeback_rag import KnowledgeBase
 from writeback_rag.errors import InputError
 
