@@ -11,7 +11,6 @@ are the defaults with include_query = true (what eval/run_eval.py chose on SciFa
 import argparse
 import json
 import os
-import socket
 import tempfile
 import time
 
@@ -20,24 +19,9 @@ from writeback_rag import eval as ev
 
 
 def local_milvus(folder):
-    from milvus_lite.server import Server
+    from writeback_rag.milvus import serve_local
 
-    from writeback_rag.milvus import connect
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = Server(os.path.join(folder, "milvus.db"), address=f"127.0.0.1:{port}")
-    assert server.start(), "milvus-lite did not start"
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            connect(uri, timeout=2).close()
-            return server, uri
-        except Exception:
-            time.sleep(0.2)
-    raise SystemExit("milvus-lite did not answer")
+    return serve_local(os.path.join(folder, "milvus.db"))
 
 
 def main():

@@ -59,30 +59,9 @@ def milvus_uri(tmp_path_factory):
     if os.environ.get("WBRAG_TEST_MILVUS_URI"):
         yield os.environ["WBRAG_TEST_MILVUS_URI"]
         return
-    import socket
-    import time
+    from writeback_rag.milvus import serve_local
 
-    from milvus_lite.server import Server
-
-    from writeback_rag.milvus import connect
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = Server(str(tmp_path_factory.mktemp("milvus") / "milvus.db"), address=f"127.0.0.1:{port}")
-    assert server.start(), "milvus-lite did not start"
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            connect(uri, timeout=2).close()
-            break
-        except Exception:
-            if time.time() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.2)
+    server, uri = serve_local(tmp_path_factory.mktemp("milvus") / "milvus.db")
     yield uri
     server.stop()
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -199,29 +198,10 @@ def test_cli_init_on_milvus_query_and_move_back(tmp_path, milvus_uri):
 def test_a_server_that_goes_away_gives_one_line_and_loses_nothing(tmp_path):
     """Its own server, stopped mid-session: the search fails with a WbragError naming the collection and what
     to do; the records are intact, and with the server back the KB catches up and answers."""
-    import socket
+    from writeback_rag.milvus import serve_local
 
-    from milvus_lite.server import Server
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    db = str(tmp_path / "own.db")
-    uri = f"http://127.0.0.1:{port}"
-
-    def start():
-        server = Server(db, address=f"127.0.0.1:{port}")
-        assert server.start()
-        for _ in range(150):
-            try:
-                connect(uri, timeout=2).close()
-                return server
-            except WbragError:
-                time.sleep(0.2)
-        raise AssertionError("milvus-lite did not start")
-
-    server = start()
+    server, uri = serve_local(tmp_path / "own.db")
+    port = int(uri.rsplit(":", 1)[1])
     kb = make(tmp_path / "kb", uri)
     kb.ingest([CORPUS])
     assert ranked(kb, "Who built Fenwick Point Light?", "hybrid")[0] == "fenwick-point-light.md"
@@ -230,7 +210,7 @@ def test_a_server_that_goes_away_gives_one_line_and_loses_nothing(tmp_path):
     with pytest.raises(WbragError, match="Milvus.*(failed|cannot reach)"):
         kb.search("kraken Tulloch Ness", k=3, mode="bm25", log=False)
     kb.close()
-    server = start()
+    server, _ = serve_local(tmp_path / "own.db", port=port)  # the same address: the KB's setting
     try:
         k2 = KnowledgeBase.open(kb.path, notify=lambda m: None)
         assert ranked(k2, "kraken sighted Tulloch Ness", "bm25")[0] == "late" and k2.check()["ok"]

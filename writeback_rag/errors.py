@@ -76,3 +76,25 @@ def storage_error(e, path):
                             cli="restore kb.sqlite from a backup (sqlite3 kb.sqlite .recover can save what is left)",
                             api="restore kb.sqlite from a backup (sqlite3 kb.sqlite .recover can save what is left)")
     return StorageError(f"{path}: storage error ({e})")
+
+
+def translating(convert):
+    """A decorator for methods: an exception that `convert(self, e)` turns into a WbragError is raised as
+    that error alone (one line for the user); WbragErrors and exceptions it returns None for pass as they are."""
+    import functools
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except WbragError:
+                raise
+            except Exception as e:
+                err = convert(self, e)
+                if err is None:
+                    raise
+                raise err from None
+        return wrapper
+    return decorate
+

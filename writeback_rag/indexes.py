@@ -62,7 +62,7 @@ class Indexes:
                 behind = [n for n in names if getattr(self, n).seq != head]
                 if behind:
                     self._replay(conn, behind, head)
-            if self.bm25 is not None:  # k1 and b apply at query time: a changed setting needs no rebuild
+            if bm25 and self.bm25 is not None:  # k1 and b apply at query time: a changed setting needs no rebuild
                 self.bm25.k1, self.bm25.b = float(self.config["bm25"]["k1"]), float(self.config["bm25"]["b"])
             return head
 
@@ -260,15 +260,13 @@ class Indexes:
 
     # -- searching (what kb.search asks of any backend)
 
-    def search_sparse(self, conn, query, n, where):
-        """Top-n (chunk ids, BM25 scores) within the Filter `where`."""
+    def candidates(self, conn, query, qvec, n, where, sparse=True, dense=True):
+        """Top-n (chunk ids, scores) per retriever within the Filter `where`, evaluated once for both:
+        (BM25 ids, scores) or None, (dense ids, cosines) or None."""
         with self.lock:  # a replay in another thread never runs under a search
-            return self.bm25.search(query, n, self.mask(conn, where))
-
-    def search_dense(self, conn, qvec, n, where):
-        """Top-n (chunk ids, cosines) within the Filter `where`."""
-        with self.lock:
-            return self.dense.search(qvec, n, self.mask(conn, where))
+            mask = self.mask(conn, where)
+            return (self.bm25.search(query, n, mask) if sparse else None,
+                    self.dense.search(qvec, n, mask) if dense else None)
 
     # -- checking
 

@@ -1,7 +1,6 @@
 """KnowledgeBase: the public API that the CLI and other apps use."""
 
 import copy
-import functools
 import json
 import os
 import sqlite3
@@ -15,7 +14,7 @@ from . import config as cfgmod
 from . import store
 from .backends import embedder_model_id, get_embedder
 from .filters import Filter
-from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, WbragError, storage_error
+from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, storage_error, translating
 from .changes import head
 from .corpus import Corpus
 from .indexes import backend as index_backend
@@ -65,17 +64,9 @@ class SearchResult:
                 "latency_ms": round(self.latency_ms, 2), "hits": [h.to_dict() for h in self.hits]}
 
 
-def _storage_guard(method):
-    """sqlite3 and OS failures below a public method become one StorageError saying what to do."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except WbragError:
-            raise
-        except (sqlite3.DatabaseError, OSError) as e:
-            raise storage_error(e, self.path) from None
-    return wrapper
+_storage_guard = translating(lambda kb, e: storage_error(e, kb.path)
+                             if isinstance(e, (sqlite3.DatabaseError, OSError)) else None)
+_storage_guard.__doc__ = "sqlite3 and OS failures below a public method become one StorageError saying what to do."
 
 
 class KnowledgeBase:
@@ -421,14 +412,10 @@ class KnowledgeBase:
 
     def _candidates(self, query, qv, mode, where, n):
         """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
-        bm, dn = {}, {}
-        if mode in ("bm25", "hybrid"):
-            ids, scores = self._indexes.search_sparse(self.conn, query, n, where)
-            bm = dict(zip(ids.tolist(), scores.tolist()))
-        if mode in ("dense", "hybrid"):
-            ids, scores = self._indexes.search_dense(self.conn, qv, n, where)
-            dn = dict(zip(ids.tolist(), scores.tolist()))
-        return bm, dn
+        bm, dn = self._indexes.candidates(self.conn, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
+                                          dense=mode in ("dense", "hybrid"))
+        return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
+                {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
 
     def _top(self, fused, k, cap, units):
         """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units

@@ -21,11 +21,12 @@ import fcntl
 import json
 import os
 import re
+import time
 
 import numpy as np
 
 from . import changes, store
-from .errors import WbragError
+from .errors import WbragError, translating
 from .filters import KINDS
 from .indexes import Indexes
 from .text import bm25_tokens, index_text
@@ -59,24 +60,43 @@ def connect(uri, token=None, timeout=30.0):
     return client
 
 
-def _engine_errors(method):
-    """A failure inside Milvus (server gone, timeout, a refused request) as one WbragError line that names
-    the server and the operation; the records are untouched, and the next catch-up replays what is missing."""
-    import functools
+def serve_local(db_path, port=None, wait=60.0):
+    """milvus-lite's C++ Milvus (pin 2.5.1: 3.x is a pure-Python rewrite) serving `db_path` on loopback, for
+    tests, benchmarks and a laptop; returns (server, uri) once it answers. Stop it with server.stop()."""
+    import socket
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    from milvus_lite.server import Server
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    server = Server(str(db_path), address=f"127.0.0.1:{port}")
+    if not server.start():
+        raise WbragError(f"milvus-lite did not start on 127.0.0.1:{port} for {db_path}")
+    uri, deadline = f"http://127.0.0.1:{port}", time.time() + wait
+    while True:
         try:
-            return method(self, *args, **kwargs)
+            connect(uri, timeout=2).close()
+            return server, uri
         except WbragError:
-            raise
-        except Exception as e:
-            if type(e).__module__.split(".")[0] not in ("pymilvus", "grpc"):
+            if time.time() > deadline:
+                server.stop()
                 raise
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise WbragError(f"Milvus collection {self.name!r}: {method.__name__} failed ({first}); "
-                             "check the server (milvus.uri), then retry") from None
-    return wrapper
+            time.sleep(0.2)
+
+
+def _engine_error(collection, e):
+    """A failure inside Milvus (server gone, timeout, a refused request) as one line that names the server's
+    collection; the records are untouched, and the next catch-up replays what is missing."""
+    if type(e).__module__.split(".")[0] not in ("pymilvus", "grpc"):
+        return None
+    first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return WbragError(f"Milvus collection {collection.name!r}: the request failed ({first}); "
+                      "check the server (milvus.uri), then retry")
+
+
+_engine_errors = translating(_engine_error)
 
 
 def collection_name(created):
@@ -235,7 +255,7 @@ class MilvusIndexes(Indexes):
             self._client = connect(self.config["milvus"]["uri"])
         return self._client
 
-    def _collection(self, conn):
+    def _collection(self):
         if self.remote is None:
             ident = self._identity()
             name = self.config["milvus"]["collection"] or collection_name(ident["kb_created"])
@@ -248,7 +268,7 @@ class MilvusIndexes(Indexes):
         with self.lock:
             head = super().catch_up(conn, dense=False, bm25=False)  # the chunk kinds, in memory
             if dense or bm25:
-                remote = self._collection(conn)
+                remote = self._collection()
                 if remote.seq != head or self.dense is None:
                     remote.seq = _stored_seq(conn)
                     if remote.seq != head or self.dense is None:
@@ -341,21 +361,19 @@ class MilvusIndexes(Indexes):
     def drop(self, conn):
         """Remove this KB's collection (after the KB moved to another backend) and forget its sequence."""
         with self.lock:
-            self._collection(conn).drop()
+            self._collection().drop()
             with store.transaction(conn):
                 store.set_meta(conn, self.META, -1)
 
     # -- searching
 
-    def search_sparse(self, conn, query, n, where):
-        terms = _terms(query)
-        if not terms:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        return self.remote.search(terms, "sparse", "BM25", n, self.expression(conn, where))
-
-    def search_dense(self, conn, qvec, n, where):
-        return self.remote.search(np.asarray(qvec, dtype=np.float32).tolist(), "vector", "IP", n,
-                                  self.expression(conn, where))
+    def candidates(self, conn, query, qvec, n, where, sparse=True, dense=True):
+        expr = self.expression(conn, where)
+        terms = _terms(query) if sparse else ""
+        nothing = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        return ((self.remote.search(terms, "sparse", "BM25", n, expr) if terms else nothing) if sparse else None,
+                self.remote.search(np.asarray(qvec, dtype=np.float32).tolist(), "vector", "IP", n, expr)
+                if dense else None)
 
     def expression(self, conn, where):
         """A Filter in Milvus's filter language: kinds and simple globs pushed down as they are; a document
