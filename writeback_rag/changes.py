@@ -31,14 +31,13 @@ class Change:
 
     def add(self, conn, chunks):
         """Chunks that became searchable: (chunk id, indexed text, document kind) each. Registers their
-        terms and returns their BM25 lengths."""
+        terms (each index counts lengths itself, from the text)."""
         counts = [Counter(bm25_tokens(text)) for _, text, _ in chunks]
         ids = term_ids(conn, self.terms, {t for c in counts for t in c}, create=True)
         df = Counter(t for c, (_, _, kind) in zip(counts, chunks) if kind == "source" for t in c)
         if df:
             conn.executemany("UPDATE terms SET df=df+? WHERE id=?", [(n, ids[t]) for t, n in df.items()])
         self.added.extend(int(c[0]) for c in chunks)
-        return [sum(c.values()) for c in counts]
 
     def remove(self, conn, chunk_ids):
         """Chunks that leave the indexes (call it before their rows or status change). Only chunks of
@@ -79,19 +78,14 @@ def term_ids(conn, cache, terms, create=False):
 
 
 def recount_terms(conn):
-    """Document frequencies from the chunks themselves (reindex); returns {chunk id: BM25 length}."""
-    df, lengths = Counter(), {}
-    for cid, text, title, kind in conn.execute(
-            "SELECT c.id, c.text, d.title, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
-            "WHERE d.status='active'"):
-        c = Counter(bm25_tokens(index_text(title, text)))
-        lengths[cid] = sum(c.values())
-        if kind == "source":
-            df.update(c.keys())
+    """Document frequencies from the chunks themselves (reindex)."""
+    df = Counter()
+    for text, title in conn.execute("SELECT c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
+                                    "WHERE d.status='active' AND d.kind='source'"):
+        df.update(set(bm25_tokens(index_text(title, text))))
     ids = term_ids(conn, {}, set(df), create=True)
     conn.execute("UPDATE terms SET df=0")
     conn.executemany("UPDATE terms SET df=? WHERE id=?", [(n, ids[t]) for t, n in df.items()])
-    return lengths
 
 
 def record(conn, change):

@@ -279,9 +279,7 @@ def feedback(query_id: str, kb: Optional[str] = KB,
         if not correct:  # say what it did to the units the answer used
             used = set(doc or [h["doc_id"] for h in k.query_record(query_id)["hits"]])
             limit = int(k.config["writeback"]["retire_after_wrong"])
-            for u in k.units():
-                if u["id"] not in used:
-                    continue
+            for u in k.units(ids=used):
                 if u["status"] == "retired":
                     typer.echo(f"unit {u['id']} retired ({u['against']} wrong answers); "
                                f"restore it with: wbrag units restore {u['id']}")
@@ -387,7 +385,7 @@ def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
     from .writeback import list_units
 
     with _open(kb) as k:
-        rows = [u for u in list_units(k) if u["id"] == unit_id]
+        rows = list_units(k, ids=[unit_id])
     if not rows:
         raise InputError(f"unknown unit {unit_id!r}; list them with: wbrag units list")
     u = rows[0]

@@ -274,9 +274,7 @@ class Corpus:
                                    (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
                 added.append((cur.lastrowid, texts[i], kind))
                 i += 1
-            lengths = change.add(conn, added)
-            conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?",
-                             [(n, a[0]) for n, a in zip(lengths, added)])
+            change.add(conn, added)
             if exists:
                 report.updated += 1
             else:
@@ -344,8 +342,7 @@ class Corpus:
                     store.set_meta(conn, "model_id", emb.model_id)
                     store.set_meta(conn, "dim", emb.dim)
             with store.transaction(conn):
-                lengths = recount_terms(conn)
-                conn.executemany("UPDATE chunks SET bm25_len=? WHERE id=?", [(n, c) for c, n in lengths.items()])
+                recount_terms(conn)
                 change = Change()
                 change.rebuild_all()
                 gen = record(conn, change)

@@ -49,14 +49,16 @@ class Indexes:
         self.dense, self.bm25, self.kinds = None, None, None
         self.readonly = readonly  # a read-only KB: indexes live in memory only
         self.lock = threading.RLock()  # replays and searches of one index never overlap
+        self._records = None  # (document predicates, log head) -> the chunk ids they allow
 
     # -- catching up
 
-    def catch_up(self, conn, dense=True, bm25=True):
-        """Bring the asked-for indexes (and the chunk kinds) to the newest committed change; returns it."""
+    def catch_up(self, conn, dense=True, bm25=True, kinds=True):
+        """Bring the asked-for indexes (and the chunk kinds, which searches need) to the newest committed
+        change; returns it."""
         with self.lock:
             head = changes.head(conn)
-            names = ["kinds"] + ["dense"] * dense + ["bm25"] * bm25
+            names = ["kinds"] * kinds + ["dense"] * dense + ["bm25"] * bm25
             if any(getattr(self, n) is None or getattr(self, n).seq != head for n in names):
                 self._open(conn, names, head)
                 behind = [n for n in names if getattr(self, n).seq != head]
@@ -115,7 +117,8 @@ class Indexes:
         try:
             tail = changes.since(conn, start, head)
             added = sorted({int(c) for entry in tail for c in entry[1]})
-            cols = "c.id, d.kind, c.text, d.title" + (", c.embedding" if "dense" in names else "")
+            cols = "c.id, d.kind, " + ("c.text, d.title" if "bm25" in names else "NULL, NULL") \
+                + (", c.embedding" if "dense" in names else "")  # only what the indexes behind need
             rows = {r[0]: r for r in changes.active_rows(
                 conn, f"SELECT {cols} FROM chunks c JOIN documents d ON d.id=c.doc_id "
                       "WHERE d.status='active' AND c.id IN", added)}
@@ -238,7 +241,7 @@ class Indexes:
             index = getattr(self, name)
             if reset or touched >= max(SAVE_AFTER, _size(index) // 20 if index is not None else 0):
                 with self.lock:
-                    self.catch_up(conn, dense=name == "dense", bm25=name == "bm25")
+                    self.catch_up(conn, dense=name == "dense", bm25=name == "bm25", kinds=False)
                     index = getattr(self, name)
                     if getattr(index, "saved_seq", None) != index.seq:
                         self._save(index, path, self._dense_expect() if name == "dense" else self._identity())
@@ -389,6 +392,19 @@ class Indexes:
 
     # -- filters
 
+    def record_ids(self, conn, where):
+        """Live chunk ids whose documents pass `where`'s document predicates. One query per search: the
+        answer is kept for the log's head, so a search's parts (sources, units) and its deeper passes share it."""
+        key = (where.doc_globs, where.source_globs, where.meta, changes.head(conn))
+        memo = self._records
+        if memo is None or memo[0] != key:
+            cond, args = where.where_sql()
+            ids = np.array([r[0] for r in conn.execute(
+                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND " + cond,
+                args)], dtype=np.int64)
+            memo = self._records = (key, ids)
+        return memo[1]
+
     def mask(self, conn, where):
         """A Filter as a boolean mask over chunk ids for the local engines, or None when it lets every live
         chunk through. Kinds come from this process's own table; document predicates from the store."""
@@ -396,10 +412,7 @@ class Indexes:
             return None
         m = self.kinds.mask(where.kinds)
         if where.on_records:
-            cond, args = where.where_sql()
-            ids = np.array([r[0] for r in conn.execute(
-                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND " + cond,
-                args)], dtype=np.int64)
+            ids = self.record_ids(conn, where)
             chosen = np.zeros(len(m), dtype=bool)
             chosen[ids[ids < len(m)]] = True
             m = m & chosen

@@ -562,11 +562,11 @@ class KnowledgeBase:
         return rollback(self, run_id)
 
     @_storage_guard
-    def units(self, include_inactive: bool = True) -> list[dict]:
-        """Knowledge units with their provenance, oldest first."""
+    def units(self, include_inactive: bool = True, ids: Iterable[str] | None = None) -> list[dict]:
+        """Knowledge units with their provenance, oldest first; `ids`: only those units."""
         from .writeback import list_units
 
-        return list_units(self, include_inactive=include_inactive)
+        return list_units(self, include_inactive=include_inactive, ids=ids)
 
     @_storage_guard
     def runs(self) -> list[dict]:

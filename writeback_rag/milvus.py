@@ -264,9 +264,9 @@ class MilvusIndexes(Indexes):
 
     # -- catching up
 
-    def catch_up(self, conn, dense=True, bm25=True):
+    def catch_up(self, conn, dense=True, bm25=True, kinds=True):
         with self.lock:
-            head = super().catch_up(conn, dense=False, bm25=False)  # the chunk kinds, in memory
+            head = super().catch_up(conn, dense=False, bm25=False, kinds=kinds)  # the chunk kinds, in memory
             if dense or bm25:
                 remote = self._collection()
                 if remote.seq != head or self.dense is None:
@@ -391,10 +391,7 @@ class MilvusIndexes(Indexes):
                 else:
                     rest.append(g)
         if where.meta or rest:
-            cond, args = where.where_sql()
-            ids = [r[0] for r in conn.execute(
-                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND " + cond,
-                args)]
+            ids = self.record_ids(conn, where).tolist()
             if not ids:
                 return None  # nothing can match (and Milvus refuses `id in []`)
             parts.append("id in [" + ",".join(str(int(i)) for i in ids) + "]")

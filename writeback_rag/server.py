@@ -203,9 +203,8 @@ def create_app(kb: KnowledgeBase, token: str | None = None, cors_origins: tuple[
 
     @app.get("/units/{unit_id}", dependencies=auth)
     def unit(unit_id: str) -> dict:
-        for u in kb.units():
-            if u["id"] == unit_id:
-                return u
+        for u in kb.units(ids=[unit_id]):
+            return u
         raise HTTPException(404, detail=f"no knowledge unit {unit_id}")
 
     @app.post("/units/{unit_id}/retire", dependencies=auth)

@@ -30,7 +30,7 @@ MIGRATIONS = [
         seq INTEGER NOT NULL,
         text TEXT NOT NULL,
         n_tokens INTEGER NOT NULL,
-        bm25_len INTEGER NOT NULL,
+        bm25_len INTEGER NOT NULL,  -- no longer written or read: each index counts lengths from the text
         embedding BLOB NOT NULL,                  -- float32, normalized
         model TEXT NOT NULL
     );

@@ -421,9 +421,16 @@ def _gate(conn, run_id, qid, gate, passed, reason, dry_run):
                          (run_id, qid, gate, int(passed), reason))
 
 
-def list_units(kb, include_inactive=True):
+def list_units(kb, include_inactive=True, ids=None):
+    """Units with their provenance, oldest first; `ids`: only those (a lookup, not a scan of every unit)."""
+    where, args = [] if include_inactive else ["d.status='active'"], []
+    if ids is not None:
+        ids = list(ids)
+        where.append(f"d.id IN ({','.join('?' * len(ids))})")
+        args += ids
     rows = kb.conn.execute("SELECT d.id, d.title, d.text, d.status, u.* FROM units u JOIN documents d ON d.id=u.id "
-                           + ("" if include_inactive else "WHERE d.status='active' ") + "ORDER BY u.created").fetchall()
+                           + (f"WHERE {' AND '.join(where)} " if where else "") + "ORDER BY u.created",
+                           args).fetchall()
     out = []
     for r in rows:
         r = dict(r)
