@@ -77,6 +77,7 @@ def test_search_feedback_writeback_job_units_and_reports(served):
     assert c.post(f"/units/{uid}/retire").json() == {"unit_id": uid, "was": "active", "status": "retired"}
     assert c.post(f"/units/{uid}/restore").json()["was"] == "retired"
     assert c.get("/runs").json()[0]["status"] == "done"
+    assert c.get("/tunings").json() == kb.tunings()
     assert c.get("/log", params={"last": 2}).json()[0]["id"]
     assert c.get("/stats").json()["units_active"] > 0 and c.get("/check").json()["ok"]
     r = c.post("/ingest", json={"records": [{"id": "new-note", "text": "The Skerrow bell rang at noon."}]})

@@ -338,14 +338,38 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
     typer.echo(f"writeback run={rep['run_id'] or 'dry-run'} distiller={rep['distiller']} examples={rep.get('examples', 0)} "
                f"passed={rep.get('passed_utility', 0)} docs={rep.get('docs_kept', 0)} written={rep.get('written', 0)} "
                f"merged={rep.get('merged', 0)} rejected={rep.get('rejected', 0)} seconds={time.time() - t0:.1f}")
+    t = rep["tuning"]
+    line = f"learning: {t['status']}"
+    if t.get("metrics"):
+        now, new = t["metrics"]["current"], t["metrics"]["candidate"]
+        line += (f" (held-out nDCG@10 hybrid {now['hybrid']:.3f} -> {new['hybrid']:.3f}, dense {now['dense']:.3f} -> "
+                 f"{new['dense']:.3f}; {t['examples']} questions fitted, {t['holdout']} held out)")
+    typer.echo(line + (f": {t['reason']}" if t["status"] != "adopted" else ""))
 
 
 @wb_app.command("rollback")
 def writeback_rollback(run_id: str, kb: Optional[str] = KB):
-    """Remove a run's units from the database and both indexes."""
+    """Remove a run's units from the database and every index, and stop using what it learned."""
     with _open(kb) as k:
         n = k.rollback(run_id)
-    typer.echo(f"rolled back run {run_id}: removed {n} units")
+    typer.echo(f"rolled back run {run_id}: removed {n} units; its tuning (if any) is no longer used")
+
+
+@app.command()
+def tunings(kb: Optional[str] = KB, as_json: bool = JSON):
+    """What write-back learned for retrieval (query adapter, fusion weights), with the canary's verdicts."""
+    with _open(kb) as k:
+        rows = k.tunings()
+    if as_json:
+        return _dump(rows)
+    if not rows:
+        typer.echo("nothing learned yet: write-back fits retrieval once there is enough feedback")
+    for r in rows:
+        m = r["metrics"]
+        typer.echo(f"{r['id']}  {r['status']:<11} adapter={'yes' if r['adapter'] else 'no'} "
+                   f"bm25_weight={r['bm25_weight']:.1f} rrf_k={r['rrf_k']} fitted={r['examples']} held_out={r['holdout']} "
+                   f"hybrid {m['current']['hybrid']:.3f}->{m['candidate']['hybrid']:.3f} "
+                   f"dense {m['current']['dense']:.3f}->{m['candidate']['dense']:.3f}  {r['reason']}")
 
 
 @app.command()
@@ -362,7 +386,7 @@ def runs(kb: Optional[str] = KB, as_json: bool = JSON):
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
         typer.echo(f"{r['id']}  {ts}  {r['status']:<11} seen={c.get('examples', 0)} passed={c.get('passed_utility', 0)} "
                    f"docs={c.get('docs_kept', 0)} written={c.get('written', 0)} merged={c.get('merged', 0)} "
-                   f"rejected={c.get('rejected', 0)}")
+                   f"rejected={c.get('rejected', 0)}" + (f" tuning={c['tuning']}" if "tuning" in c else ""))
 
 
 @units_app.command("list")

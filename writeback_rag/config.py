@@ -156,8 +156,26 @@ KEYS = [
         "(at least 2k are always taken).", min=1, max=1_000_000),
     Key("retrieval", "max_units", int, 1, "Top-k slots knowledge units may take; -1: no cap. Chosen on train "
         "data: eval/results/choose-unit-use.md.", min=-1, max=10_000),
+    Key("retrieval", "learned", bool, True, "Use what write-back learned and adopted (wbrag tunings): the query "
+        "adapter in dense and hybrid searches, the fusion weights in hybrid RRF."),
     Key("retrieval", "unit_fusion", str, "joint", "joint: units ranked in the same candidate lists as "
         "documents; separate: in lists of their own, merged by fused score.", choices=("joint", "separate")),
+    Key("learning", "enabled", bool, True, "Write-back fits retrieval to the feedback (query adapter, fusion "
+        "weights) and adopts it only when the held-out feedback says it is not worse."),
+    Key("learning", "adapter", bool, True, "Fit a linear query adapter on the embeddings (else fusion weights only)."),
+    Key("learning", "holdout", float, 0.2, "Share of the questions (fixed by their text) held out to judge a fit.",
+        min=0.01, max=0.9),
+    Key("learning", "min_examples", int, 20, "Questions with relevant documents needed to fit.", min=1,
+        max=10_000_000),
+    Key("learning", "min_holdout", int, 5, "Held-out questions needed to judge a fit.", min=1, max=10_000_000),
+    Key("learning", "candidates", int, 100, "Candidates per retriever and question when fitting and judging.",
+        min=10, max=10_000),
+    Key("learning", "negatives", int, 20, "Dense candidates per question the adapter learns to rank below its "
+        "relevant chunks.", min=1, max=1000),
+    Key("learning", "epochs", int, 5, "Adapter training passes over the questions.", min=1, max=1000),
+    Key("learning", "lr", float, 0.001, "Adapter learning rate (Adam).", min=1e-6, max=1.0),
+    Key("learning", "reg", float, 0.01, "L2 pull of the adapter towards the identity.", min=0.0, max=100.0),
+    Key("learning", "temperature", float, 0.05, "Softmax temperature of the adapter's loss.", min=0.001, max=10.0),
     Key("ingest", "id_field", str, "id", "JSON/CSV field holding a record's id (when absent: _id, docid, "
         "doc_id are tried)."),
     Key("ingest", "title_field", str, "title", "JSON/CSV field holding a record's title (when absent: name, "

@@ -191,8 +191,9 @@ def unit_sources(kb):
     return {u["id"]: list(u["source_doc_ids"]) for u in list_units(kb, include_inactive=False)}
 
 
-def evaluate(kb, examples, mode, k=100, units=None, reader=None, reader_k=5, progress=_quiet):
+def evaluate(kb, examples, mode, k=100, units=None, reader=None, reader_k=5, progress=_quiet, include_units=True):
     """Search every example (log=False) and score it; returns per-query values and their means.
+    include_units=False ranks source documents only (what learned retrieval changes for them).
 
     Metric keys: "credit/<measure>", "strict/<measure>" (ir_measures), "answer_recall@1|5" (when the
     examples have answers), "unit@5" (a unit among the top 5), "reader_em|f1" (with an LLM reader)."""
@@ -205,7 +206,7 @@ def evaluate(kb, examples, mode, k=100, units=None, reader=None, reader_k=5, pro
     t0 = time.time()
     for i, ex in enumerate(examples, 1):
         qid = ex["id"]
-        res = kb.search(ex["query"], k=k, mode=mode, log=False)
+        res = kb.search(ex["query"], k=k, mode=mode, log=False, include_units=include_units)
         hits = res.hits
         latency.append(res.latency_ms)
         qrels[qid] = {str(d): int(s) for d, s in (ex.get("qrels") or {d: 1 for d in ex["relevant"]}).items()}
@@ -374,7 +375,7 @@ def _label(kb, examples, progress, chunk=1000):
 
 
 def _wb_counts(rep):
-    return {k: v for k, v in rep.items() if k != "units"}
+    return {k: v for k, v in rep.items() if k not in ("units", "tuning")}
 
 
 # ---- the protocol -------------------------------------------------------------------------
@@ -424,10 +425,14 @@ def run_protocol(dataset_folder, kb_path, modes=MODES, train_split="train", test
         progress(f"  write-back: written {wb.get('written', 0)}, merged {wb.get('merged', 0)}, "
                  f"rejected {wb.get('rejected', 0)} ({timings['writeback_s']}s)")
         units = unit_sources(kb)
+        sources = {}
         for m in modes:
             progress(f"{data['name']}: after write-back, {m}")
             after[m] = evaluate(kb, test_examples, m, k, units=units, reader=reader, progress=progress)
             timings[f"after_{m}_s"] = round(after[m]["seconds"], 1)
+            # the source documents alone (include_units=False): what the learned retrieval does by itself
+            sources[m] = evaluate(kb, test_examples, m, k, units={}, reader=False, progress=progress,
+                                  include_units=False)
         stats = unit_stats(kb)
         test_texts = {ex["query"].strip().lower() for ex in test_examples}
         result = {
@@ -439,6 +444,8 @@ def run_protocol(dataset_folder, kb_path, modes=MODES, train_split="train", test
             "ingest": ingest, "label": label, "writeback": _wb_counts(wb), "units": stats,
             "before": {m: before[m]["mean"] for m in modes}, "after": {m: after[m]["mean"] for m in modes},
             "deltas": {m: compare(before[m], after[m], n_resamples, seed) for m in modes},
+            "sources": {m: compare(before[m], sources[m], n_resamples, seed) for m in modes},
+            "tuning": wb.get("tuning"),
             "latency_ms": {m: {"before": before[m]["latency_ms"], "after": after[m]["latency_ms"]} for m in modes},
             "timings": timings,
         }
@@ -543,9 +550,9 @@ def _f(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def protocol_table(result, mode):
+def protocol_table(result, mode, key="deltas"):
     """Markdown rows: metric | before | after | delta (points) | 95% CI (points)."""
-    d = result["deltas"][mode]
+    d = result[key][mode]
     lines = ["| metric | static | after write-back | delta (points) | 95% CI (points) |",
              "|---|---:|---:|---:|---|"]
     for m in _metric_order(d):
@@ -626,6 +633,18 @@ def markdown_report(result, command=None, curve=None, curve_png=None, validation
         out += [f"## {m}", "", protocol_table(r, m), "",
                 f"Mean query latency: {r['latency_ms'][m]['before']:.1f} ms static, {r['latency_ms'][m]['after']:.1f} ms "
                 "after write-back.", ""]
+    if r.get("sources"):
+        t = r.get("tuning") or {}
+        out += ["## Source documents only (units excluded)", "",
+                "The same test queries searched with include_units=False after write-back: only the learned retrieval "
+                f"(query adapter and fusion weights, `wbrag tunings`) changes this ranking. Tuning: **{t.get('status')}**"
+                + (f", fitted on {t['examples']} train questions, judged on {t['holdout']} held out (hybrid nDCG@10 "
+                   f"{t['metrics']['current']['hybrid']:.3f} -> {t['metrics']['candidate']['hybrid']:.3f}, dense "
+                   f"{t['metrics']['current']['dense']:.3f} -> {t['metrics']['candidate']['dense']:.3f}); "
+                   f"bm25_weight {t['bm25_weight']}, rrf_k {t['rrf_k']}" if t.get("metrics") else f": {t.get('reason')}")
+                + ". Strict and credit are the same here.", ""]
+        for m in r["modes"]:
+            out += [f"### {m}, source documents only", "", protocol_table(r, m, "sources"), ""]
     u, lab, wb = r["units"], r["label"], r["writeback"]
     out += ["## Write-back and knowledge units", "",
             "| | value |", "|---|---:|",

@@ -285,9 +285,10 @@ def run_labelled(kb, path_or_examples, split="train", k=None, mode=None, show_pr
                              (batch, res.query_id, "document", d, int(p), j["s_nr"], j["s_rag"], s,
                               "carries the answer" if s - j["s_nr"] > kb.config["writeback"]["doc_margin"]
                               else ("top-rank fallback" if p else "no gain alone")))
-            conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts) VALUES (?,?,?,?,?,?,?)",
+            conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts, relevant) "
+                         "VALUES (?,?,?,?,?,?,?,?)",
                          (res.query_id, int(j["useful"]), json.dumps(kept), j["pred"], json.dumps(ex["answers"]),
-                          "label", time.time()))
+                          "label", time.time(), json.dumps(ex["relevant"])))
         report["examples"] += 1
         report["useful"] += int(j["useful"])
         report["docs_kept"] += len(kept)

@@ -20,12 +20,12 @@ from .corpus import Corpus
 from .indexes import backend as index_backend
 from .loaders import IngestReport
 from .text import normalize_id
+from .tuning import FUSIONS, UNTUNED, Active, fuse
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 __all__ = ["KnowledgeBase", "Hit", "SearchResult", "IngestReport", "fuse"]
 
 MODES = ("bm25", "dense", "hybrid")
-FUSIONS = ("rrf", "weighted")
 
 
 @dataclass
@@ -87,6 +87,7 @@ class KnowledgeBase:
         self._indexes = index_backend(cfg["index"]["backend"])(
             self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify, readonly)
         self._llm = None
+        self._tuning = Active()
         self.corpus = Corpus(lambda: self.conn, self._indexes, cfg, lambda: self.embedder, _units_go_stale)
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -382,7 +383,8 @@ class KnowledgeBase:
         self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
-        qv = self.embedder.encode([query])[0] if mode != "bm25" else None
+        tuning = self._tuning.get(self.conn, self.model_id) if r["learned"] and mode != "bm25" else UNTUNED
+        qv = tuning.adapt(self.embedder.encode([query])[0]) if mode != "bm25" else None
         # separate candidate lists for sources and units, as if units had their own index (the paper's
         # layout): units never shift the ranks the sources fuse on
         parts = (where.only("source"), where.only("unit")) if units and unit_fusion == "separate" else (where,)
@@ -392,7 +394,8 @@ class KnowledgeBase:
             fused, bm_all, dn_all, deeper = {}, {}, {}, False
             for part in parts:
                 bm, dn = self._candidates(query, qv, mode, part, depth)
-                fused.update(fuse(bm, dn, mode, fusion, int(r["rrf_k"]), float(r["dense_weight"])))
+                fused.update(fuse(bm, dn, mode, fusion, int(tuning.rrf_k or r["rrf_k"]), float(r["dense_weight"]),
+                                  tuning.bm25_weight))
                 bm_all.update(bm)
                 dn_all.update(dn)
                 deeper = deeper or len(bm) >= depth or len(dn) >= depth
@@ -406,8 +409,8 @@ class KnowledgeBase:
         if log and self.readonly:
             raise StorageError(f"{self.path}: opened read-only, so this query cannot be logged",
                                cli="add --no-log, or make the folder writable", api="search with log=False")
-        qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion},
-                        latency, hits, source) if log else None
+        qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion,
+                                         "tuning": tuning.id}, latency, hits, source) if log else None
         return SearchResult(qid, query, mode, hits, latency)
 
     def _candidates(self, query, qv, mode, where, n):
@@ -513,6 +516,7 @@ class KnowledgeBase:
             "queries": db["queries"].count,
             "feedback": db["feedback"].count,
             "runs": db["runs"].count,
+            "tuning": self._tuning.get(self.conn, self.model_id).id,
             "dense_index": self.config["dense"]["index"],
             "index_backend": self.config["index"]["backend"],
         }
@@ -574,6 +578,14 @@ class KnowledgeBase:
         from .writeback import list_runs
 
         return list_runs(self)
+
+    @_storage_guard
+    def tunings(self) -> list[dict]:
+        """What write-back learned for retrieval (query adapter, fusion weights), oldest first: each fit with its
+        run, status (adopted, inactive, rolled-back), the canary's figures and why it was or was not adopted."""
+        from .tuning import list_tunings
+
+        return list_tunings(self.conn)
 
     @_storage_guard
     def retire(self, unit_id: str) -> str:
@@ -642,26 +654,3 @@ def embedder_name(model_id):
         if getattr(factory, "model_id", None) == model_id:
             return name
     return model_id
-
-
-def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5):
-    """Reciprocal rank fusion (default) or weighted fusion of min-max normalised scores."""
-    if mode == "bm25":
-        return dict(bm)
-    if mode == "dense":
-        return dict(dn)
-    out = {}
-    if fusion == "rrf":
-        for scores in (bm, dn):
-            for rank, cid in enumerate(sorted(scores, key=lambda c: (-scores[c], c)), 1):
-                out[cid] = out.get(cid, 0.0) + 1.0 / (rrf_k + rank)
-        return out
-    if fusion != "weighted":
-        raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
-    for scores, w in ((bm, 1 - dense_weight), (dn, dense_weight)):
-        if not scores:
-            continue
-        lo, hi = min(scores.values()), max(scores.values())
-        for cid, s in scores.items():
-            out[cid] = out.get(cid, 0.0) + w * ((s - lo) / (hi - lo) if hi > lo else 1.0)
-    return out

@@ -219,6 +219,10 @@ def create_app(kb: KnowledgeBase, token: str | None = None, cors_origins: tuple[
     def runs() -> list[dict]:
         return kb.runs()
 
+    @app.get("/tunings", dependencies=auth)
+    def tunings() -> list[dict]:
+        return kb.tunings()
+
     @app.post("/runs/{run_id}/rollback", dependencies=auth)
     def rollback(run_id: str) -> dict:
         return {"run_id": run_id, "units_removed": kb.rollback(run_id)}

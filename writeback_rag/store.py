@@ -146,6 +146,27 @@ MIGRATIONS = [
     DROP INDEX postings_chunk;
     DROP TABLE postings;
     """,
+    # 7: retrieval that learns (tuning.py): each write-back's fitted query adapter and fusion weights with the
+    #    canary's verdict; feedback keeps the documents a labelled set names relevant, retrieved or not.
+    """
+    ALTER TABLE feedback ADD COLUMN relevant TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE tunings (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        created REAL NOT NULL,
+        status TEXT NOT NULL,                     -- 'adopted' | 'inactive' | 'rolled-back'
+        model TEXT,                               -- the embedder the adapter was fitted for
+        dim INTEGER NOT NULL,
+        bm25_weight REAL NOT NULL,
+        rrf_k INTEGER NOT NULL,
+        adapter BLOB,                             -- float32 (dim, dim), or NULL: fusion weights only
+        examples INTEGER NOT NULL,
+        holdout INTEGER NOT NULL,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX tunings_status ON tunings(status, model, created);
+    """,
 ]
 
 

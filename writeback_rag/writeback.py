@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import defaultdict
 
-from . import store
+from . import store, tuning
 from .errors import LLMError, LockBusy
 from .loaders import IngestReport, Record
 from .progress import progress as _progress
@@ -178,7 +178,8 @@ class Lock:
 
 
 def rollback(kb, run_id):
-    """Remove a run's units from the database and both indexes; its feedback stays consumed."""
+    """Remove a run's units from the database and every index, and stop using what it learned (the tuning
+    adopted before it is used again); its feedback stays consumed."""
     conn = kb.conn
     with kb.corpus.lock:
         run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
@@ -191,6 +192,7 @@ def rollback(kb, run_id):
             for u in units:
                 kb.corpus.remove(conn, u, change)
             conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
+            tuning.rollback(conn, run_id)
     return len(units)
 
 
@@ -268,13 +270,17 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
                 conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
                              (time.time(), json.dumps(counts), str(e)[:500], run_id))
         raise
+    # retrieval learns from all the feedback so far (its cost grows with feedback, not with the corpus)
+    learned, row = tuning.fit(kb, run_id)
     if not dry_run:
         with store.transaction(conn):
+            if row is not None:
+                tuning.record(conn, learned, row)
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
-                         (time.time(), top, json.dumps(counts), run_id))
+                         (time.time(), top, json.dumps({**counts, "tuning": learned["status"]}), run_id))
         kb.corpus.indexes.save_if_due(conn)
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
-            "units": written, **{k: counts.get(k, 0) for k in COUNTS}}
+            "units": written, **{k: counts.get(k, 0) for k in COUNTS}, "tuning": learned}
 
 
 def _plan(kb, conn, qid, run_id, counts, dry_run):

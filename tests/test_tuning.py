@@ -1,0 +1,153 @@
+"""Retrieval that learns from feedback (tuning.py): the query adapter and fusion weights fitted by write-back
+help questions nobody asked, are adopted only when the held-out feedback says so, and roll back with their run.
+
+The corpus names each thing by one word and the questions by another (a synonym no retriever knows), so
+the static KB cannot find the documents and only what was learned from other questions can."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from writeback_rag import KnowledgeBase
+from writeback_rag.cli import app
+from writeback_rag.tuning import Tuning, fuse, in_holdout
+
+BACKENDS = ["embedded", "milvus"]  # every test that builds a KB runs on both (conftest.pytest_generate_tests)
+
+N = 30
+ASKED = ("where is the {} kept", "who looks after the {}", "when can visitors see the {}",
+         "how old is the {}", "who made the {}")
+NEW = "what is known about the {}"  # a template no labelled question uses
+
+
+def thing(i):
+    return f"zorbel{i}x"
+
+
+def alias(i):
+    return f"quillan{i}y"
+
+
+DOCS = [{"id": f"d{i}", "title": f"Hall item {i}",
+         "text": f"The {thing(i)} is kept in the north hall. Visitors often ask about the {thing(i)} and its keeper."}
+        for i in range(N)]
+
+
+def labels(relevant=lambda i, q: f"d{i}"):
+    return [{"id": f"q{i}-{t}", "query": tpl.format(alias(i)), "relevant": [relevant(i, tpl.format(alias(i)))]}
+            for i in range(N) for t, tpl in enumerate(ASKED)]
+
+
+def unseen():
+    return [(NEW.format(alias(i)), f"d{i}") for i in range(N)]
+
+
+def mrr(kb, mode, pairs=None):
+    out = []
+    for q, doc in pairs or unseen():
+        hits = kb.search(q, k=10, mode=mode, log=False, include_units=False).hits
+        out.append(next((1 / h.rank for h in hits if h.doc_id == doc), 0.0))
+    return float(np.mean(out))
+
+
+@pytest.fixture
+def hall(tmp_path, kb_config):
+    k = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None, config=kb_config)
+    k.ingest(DOCS)
+    yield k
+    k.close()
+
+
+def test_learning_helps_questions_nobody_asked_and_is_adopted(hall):
+    before = {m: mrr(hall, m) for m in ("bm25", "dense", "hybrid")}
+    hall.label(labels(), k=5)
+    rep = hall.writeback()
+    t = rep["tuning"]
+    assert t["status"] == "adopted", t
+    assert t["examples"] + t["holdout"] == N * len(ASKED)
+    assert t["holdout"] == sum(in_holdout(ex["query"], 0.2) for ex in labels())
+    assert t["metrics"]["candidate"]["dense"] > t["metrics"]["current"]["dense"]
+    after = {m: mrr(hall, m) for m in ("bm25", "dense", "hybrid")}
+    assert before["dense"] < 0.2 and after["dense"] > before["dense"] + 0.15, (before, after)
+    assert after["hybrid"] > before["hybrid"] + 0.15, (before, after)
+    assert after["bm25"] == pytest.approx(before["bm25"], abs=1e-9)  # BM25 has no query vector to adapt
+    [row] = hall.tunings()
+    assert row["status"] == "adopted" and row["adapter"] and row["run_id"] == rep["run_id"]
+    assert hall.runs()[-1]["counts"]["tuning"] == "adopted"
+    assert hall.stats()["tuning"] == row["id"]
+    res = hall.search(NEW.format(alias(3)), k=3)
+    params = json.loads(hall.conn.execute("SELECT params FROM queries WHERE id=?", (res.query_id,)).fetchone()[0])
+    assert params["tuning"] == row["id"]
+    # retrieval.learned = false searches as before any learning
+    hall.config["retrieval"]["learned"] = False
+    assert mrr(hall, "dense") == pytest.approx(before["dense"])
+
+
+def test_a_fit_worse_on_the_held_out_feedback_is_kept_inactive(hall):
+    """The questions learned from point at the wrong documents; the held-out ones at the right ones."""
+    before = [h.chunk_id for q, _ in unseen() for h in hall.search(q, k=5, mode="hybrid", log=False, include_units=False).hits]
+    hall.label(labels(lambda i, q: f"d{i}" if in_holdout(q, 0.2) else f"d{(i + 1) % N}"), k=5)
+    rep = hall.writeback()
+    t = rep["tuning"]
+    assert t["status"] == "inactive" and "worse" in t["reason"], t
+    assert t["metrics"]["candidate"]["dense"] < t["metrics"]["current"]["dense"]
+    assert hall.tunings()[0]["status"] == "inactive" and hall.stats()["tuning"] is None
+    after = [h.chunk_id for q, _ in unseen() for h in hall.search(q, k=5, mode="hybrid", log=False, include_units=False).hits]
+    assert after == before
+
+
+def test_rollback_returns_to_the_tuning_adopted_before(hall):
+    static = mrr(hall, "dense")
+    hall.label(labels()[: N * 3], k=5)
+    first = hall.writeback()
+    assert first["tuning"]["status"] == "adopted"
+    one = mrr(hall, "dense")
+    hall.label(labels()[N * 3:], k=5)
+    second = hall.writeback()
+    assert second["tuning"]["status"] == "adopted"
+    two = mrr(hall, "dense")
+    assert one > static and two != one
+    hall.rollback(second["run_id"])
+    assert [r["status"] for r in hall.tunings()] == ["adopted", "rolled-back"]
+    assert mrr(hall, "dense") == pytest.approx(one)
+    hall.rollback(first["run_id"])
+    assert hall.stats()["tuning"] is None
+    assert mrr(hall, "dense") == pytest.approx(static)
+
+
+def test_learning_waits_for_enough_feedback_and_can_be_turned_off(hall, tmp_path):
+    hall.label(labels()[:10], k=5)
+    rep = hall.writeback()
+    assert rep["tuning"]["status"] == "skipped" and "need 20" in rep["tuning"]["reason"]
+    assert hall.tunings() == [] and hall.runs()[-1]["counts"]["tuning"] == "skipped"
+    hall.config["learning"]["enabled"] = False
+    hall.label(labels(), k=5)
+    assert hall.writeback()["tuning"]["status"] == "off"
+    assert hall.tunings() == []
+
+
+def test_cli_shows_what_was_learned(hall):
+    path = hall.path
+    hall.label(labels(), k=5)
+    hall.close()
+    r = CliRunner().invoke(app, ["writeback", "--kb", path, "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "learning: adopted (held-out nDCG@10 hybrid" in r.output
+    r = CliRunner().invoke(app, ["tunings", "--kb", path])
+    assert r.exit_code == 0 and "adopted" in r.output and "adapter=yes" in r.output, r.output
+    r = CliRunner().invoke(app, ["runs", "--kb", path])
+    assert "tuning=adopted" in r.output, r.output
+
+
+def test_fusion_weights_and_adapter_arithmetic():
+    bm, dn = {1: 9.0, 2: 5.0}, {2: 0.9, 3: 0.8}
+    plain = fuse(bm, dn, "hybrid", "rrf", 60)
+    assert plain[2] == pytest.approx(1 / 62 + 1 / 61) and plain[1] == pytest.approx(1 / 61)
+    leaning = fuse(bm, dn, "hybrid", "rrf", 10, bm25_weight=0.8)
+    assert leaning[1] == pytest.approx(1.6 / 11) and leaning[3] == pytest.approx(0.4 / 12)
+    t = Tuning("x", np.eye(2, dtype=np.float32))
+    v = t.adapt(np.array([3.0, 4.0], dtype=np.float32))
+    assert np.allclose(v, [0.6, 0.8]) and Tuning().adapt(v) is v
+    assert in_holdout("Where is  the quillan1y kept", 0.5) == in_holdout("where is the quillan1y KEPT", 0.5)

@@ -1,0 +1,308 @@
+"""Retrieval that learns from feedback, for questions nobody asked before: a linear query adapter on the
+embeddings (corpus vectors stay as they are) and the hybrid fusion weights, fitted on the logged feedback
+by the nightly write-back and adopted only when a fixed held-out slice of that feedback says the candidate
+is not worse than what the KB uses now (the canary). Each fit is a versioned row of `tunings`, shown with
+its run and rolled back with it."""
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import store
+from .errors import InputError
+from .filters import Filter
+
+FUSIONS = ("rrf", "weighted")
+BM25_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+RRF_KS = (5, 10, 20, 60)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What a search uses from learning: None id is the untuned KB (identity adapter, config's rrf_k)."""
+    id: str | None = None
+    adapter: np.ndarray | None = None   # (dim, dim): q' = normalize(q + q @ adapter)
+    bm25_weight: float = 0.5            # RRF weight of the BM25 list; the dense list gets 1 - bm25_weight
+    rrf_k: int | None = None            # None: retrieval.rrf_k
+
+    def adapt(self, qv):
+        """The query vector(s) moved by the adapter, normalized again (a cosine index expects unit length)."""
+        if self.adapter is None:
+            return qv
+        q = np.asarray(qv, dtype=np.float32)
+        out = q + q @ self.adapter
+        norm = np.linalg.norm(out, axis=-1, keepdims=True)
+        return (out / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+
+
+UNTUNED = Tuning()
+
+
+def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5, bm25_weight=0.5):
+    """Reciprocal rank fusion (default; each list weighted, 0.5/0.5 is plain RRF) or weighted fusion of
+    min-max normalised scores."""
+    if mode == "bm25":
+        return dict(bm)
+    if mode == "dense":
+        return dict(dn)
+    out = {}
+    if fusion == "rrf":
+        for scores, w in ((bm, 2 * bm25_weight), (dn, 2 * (1 - bm25_weight))):
+            for rank, cid in enumerate(sorted(scores, key=lambda c: (-scores[c], c)), 1):
+                out[cid] = out.get(cid, 0.0) + w / (rrf_k + rank)
+        return out
+    if fusion != "weighted":
+        raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
+    for scores, w in ((bm, 1 - dense_weight), (dn, dense_weight)):
+        if not scores:
+            continue
+        lo, hi = min(scores.values()), max(scores.values())
+        for cid, s in scores.items():
+            out[cid] = out.get(cid, 0.0) + w * ((s - lo) / (hi - lo) if hi > lo else 1.0)
+    return out
+
+
+# ---- the adopted tuning ---------------------------------------------------------------------
+
+
+class Active:
+    """The KB's adopted tuning, reloaded only when another one was adopted or rolled back (one indexed
+    lookup per search)."""
+
+    def __init__(self):
+        self.tuning, self.key = UNTUNED, None
+
+    def get(self, conn, model_id):
+        row = conn.execute("SELECT id FROM tunings WHERE status='adopted' AND model=? ORDER BY created DESC, id DESC "
+                           "LIMIT 1", (model_id,)).fetchone()
+        key = row[0] if row else None
+        if key != self.key:
+            self.tuning, self.key = (load(conn, key) if key else UNTUNED), key
+        return self.tuning
+
+
+def load(conn, tuning_id):
+    r = conn.execute("SELECT * FROM tunings WHERE id=?", (tuning_id,)).fetchone()
+    if r is None:
+        raise InputError(f"unknown tuning {tuning_id!r}")
+    adapter = None
+    if r["adapter"] is not None:
+        adapter = np.frombuffer(r["adapter"], dtype=np.float32).reshape(r["dim"], r["dim"]).copy()
+    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]))
+
+
+def list_tunings(conn):
+    """Every fit, oldest first, with its run, status ('adopted', 'inactive', 'rolled-back'), reason and
+    the canary's figures."""
+    return [dict(r, metrics=json.loads(r["metrics"]), adapter=r["adapter"] is not None)
+            for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, adapter, examples, "
+                                  "holdout, metrics, reason FROM tunings ORDER BY created, id")]
+
+
+def rollback(conn, run_id):
+    """A rolled-back run's tuning stops being used; the one adopted before it is used again."""
+    return conn.execute("UPDATE tunings SET status='rolled-back' WHERE run_id=?", (run_id,)).rowcount
+
+
+# ---- what feedback teaches ------------------------------------------------------------------
+
+
+def examples(conn):
+    """(query text, [relevant live source doc ids]) per distinct question with positive evidence: the
+    documents a user named as carrying a right answer, or that a labelled set names relevant."""
+    rel = {}
+    for text, correct, docs, relevant in conn.execute(
+            "SELECT q.text, f.correct, f.docs, f.relevant FROM feedback f JOIN queries q ON q.id=f.query_id "
+            "ORDER BY f.id"):
+        key = " ".join(text.split()).lower()
+        named = (json.loads(docs) if correct else []) + json.loads(relevant or "[]")
+        if named:
+            rel.setdefault(key, (text, {}))[1].update(dict.fromkeys(named))
+    live = {}
+    out = []
+    for text, docs in rel.values():
+        keep = []
+        for d in docs:
+            if d not in live:
+                row = conn.execute("SELECT kind, status FROM documents WHERE id=?", (d,)).fetchone()
+                live[d] = row is not None and row["kind"] == "source" and row["status"] == "active"
+            if live[d]:
+                keep.append(d)
+        if keep:
+            out.append((text, keep))
+    return out
+
+
+def in_holdout(text, frac):
+    """A fixed slice: whether a question is held out depends on its text only, so it stays held out."""
+    h = int.from_bytes(hashlib.sha1(" ".join(text.split()).lower().encode()).digest()[:4], "big")
+    return h % 10_000 < frac * 10_000
+
+
+def _ndcg10(ranked_docs, relevant):
+    gains = [1.0 / np.log2(i + 2) for i, d in enumerate(ranked_docs[:10]) if d in relevant]
+    ideal = sum(1.0 / np.log2(i + 2) for i in range(min(len(relevant), 10)))
+    return float(sum(gains) / ideal) if ideal else 0.0
+
+
+class _Pool:
+    """Candidate lists and chunk vectors of the feedback questions (cost grows with feedback, not corpus)."""
+
+    def __init__(self, kb, exs, depth):
+        self.kb, self.conn, self.depth = kb, kb.conn, depth
+        self.indexes = kb.corpus.indexes
+        self.indexes.catch_up(self.conn)
+        self.where = Filter.parse(None, include_units=False)  # sources only: what a tuning ranks
+        self.texts = [t for t, _ in exs]
+        self.relevant = [set(d) for _, d in exs]
+        self.q = np.asarray(kb.embedder.encode(self.texts), dtype=np.float32)
+        self.doc_of, self.vec = {}, {}
+        self.bm = [self._search(t, None, sparse=True)[0] for t in self.texts]
+        self.pos = []
+        for docs in self.relevant:
+            ids = []
+            for d in docs:
+                ids += [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE doc_id=?", (d,))]
+            self.pos.append(ids)
+
+    def _search(self, text, qv, sparse=False):
+        bm, dn = self.indexes.candidates(self.conn, text, qv, self.depth, self.where, sparse=sparse,
+                                         dense=qv is not None)
+        return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
+                {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
+
+    def dense(self, tuning, rows):
+        qs = tuning.adapt(self.q[rows])
+        return [self._search(self.texts[i], q)[1] for i, q in zip(rows, qs)]
+
+    def docs(self, ranked):
+        missing = [c for c in ranked if c not in self.doc_of]
+        for s in range(0, len(missing), 500):
+            part = missing[s:s + 500]
+            self.doc_of.update(self.conn.execute(
+                f"SELECT id, doc_id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+        out, seen = [], set()
+        for c in ranked:
+            d = self.doc_of.get(c)
+            if d is not None and d not in seen:
+                seen.add(d)
+                out.append(d)
+        return out
+
+    def vectors(self, ids):
+        missing = [c for c in ids if c not in self.vec]
+        for s in range(0, len(missing), 500):
+            part = missing[s:s + 500]
+            for cid, blob in self.conn.execute(
+                    f"SELECT id, embedding FROM chunks WHERE id IN ({','.join('?' * len(part))})", part):
+                self.vec[cid] = np.frombuffer(blob, dtype=np.float32)
+        return np.stack([self.vec[c] for c in ids])
+
+    def score(self, rows, dense_lists, bm25_weight, rrf_k):
+        """Mean nDCG@10 over `rows` of dense alone and of hybrid RRF with these weights."""
+        d, h = [], []
+        for i, dn in zip(rows, dense_lists):
+            d.append(_ndcg10(self.docs(sorted(dn, key=lambda c: (-dn[c], c))), self.relevant[i]))
+            f = fuse(self.bm[i], dn, "hybrid", "rrf", rrf_k, bm25_weight=bm25_weight)
+            h.append(_ndcg10(self.docs(sorted(f, key=lambda c: (-f[c], c))), self.relevant[i]))
+        return {"dense": float(np.mean(d)), "hybrid": float(np.mean(h))}
+
+
+def _train_adapter(pool, rows, cfg, dim, seed=0):
+    """A residual linear map of the query vectors (starts at the identity): multi-positive softmax over each
+    question's own dense candidates plus the batch's, with an L2 pull towards the identity."""
+    import torch
+
+    negatives = int(cfg["negatives"])
+    static = pool.dense(UNTUNED, rows)
+    cands = []
+    for i, dn in zip(rows, static):
+        pos = pool.pos[i]
+        neg = [c for c in sorted(dn, key=lambda c: (-dn[c], c)) if c not in set(pos)][:negatives]
+        cands.append((pos, neg))
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.zeros(dim, dim, requires_grad=True)
+    opt = torch.optim.Adam([W], lr=float(cfg["lr"]))
+    temp, reg, batch = float(cfg["temperature"]), float(cfg["reg"]), 64
+    Q = torch.from_numpy(pool.q[rows])
+    for _ in range(int(cfg["epochs"])):
+        perm = torch.randperm(len(rows), generator=gen).numpy()
+        for s in range(0, len(perm), batch):
+            b = perm[s:s + batch]
+            ids = list(dict.fromkeys(c for j in b for part in cands[j] for c in part))
+            col = {c: n for n, c in enumerate(ids)}
+            V = torch.from_numpy(pool.vectors(ids))
+            posmask = torch.zeros(len(b), len(ids), dtype=torch.bool)
+            for r, j in enumerate(b):
+                posmask[r, [col[c] for c in cands[j][0]]] = True
+            q = Q[b]
+            q2 = q + q @ W
+            q2 = q2 / q2.norm(dim=1, keepdim=True)
+            S = q2 @ V.T / temp
+            loss = -(torch.logsumexp(S.masked_fill(~posmask, -1e9), 1) - torch.logsumexp(S, 1)).mean() \
+                + reg * (W ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return W.detach().numpy().astype(np.float32)
+
+
+def _fit_fusion(pool, rows, dense_lists):
+    best = None
+    for w in BM25_WEIGHTS:
+        for k in RRF_KS:
+            s = pool.score(rows, dense_lists, w, k)["hybrid"]
+            if best is None or s > best[0] + 1e-12:
+                best = (s, w, k)
+    return best[1], best[2]
+
+
+def fit(kb, run_id):
+    """Fit a candidate tuning on the feedback outside the held-out slice, measure it against the adopted one
+    on the slice, and adopt it only when it is not worse (dense and hybrid nDCG@10).
+    Returns (report, row for `record`), row None when nothing was fitted."""
+    cfg = kb.config["learning"]
+    conn = kb.conn
+    if not cfg["enabled"]:
+        return {"status": "off", "reason": "learning.enabled is false"}, None
+    exs = examples(conn)
+    held = [e for e in exs if in_holdout(e[0], float(cfg["holdout"]))]
+    train = [e for e in exs if not in_holdout(e[0], float(cfg["holdout"]))]
+    need_fit, need_held = int(cfg["min_examples"]), int(cfg["min_holdout"])
+    if len(train) < need_fit or len(held) < need_held:
+        return {"status": "skipped", "examples": len(train), "holdout": len(held),
+                "reason": f"{len(train)} questions to learn from (need {need_fit}) and {len(held)} held out "
+                          f"(need {need_held}): learning waits for more feedback"}, None
+    t0 = time.time()
+    model = kb.model_id
+    current = Active().get(conn, model)
+    pool = _Pool(kb, train + held, int(cfg["candidates"]))
+    fit_rows, held_rows = list(range(len(train))), list(range(len(train), len(train) + len(held)))
+    adapter = _train_adapter(pool, fit_rows, cfg, pool.q.shape[1]) if cfg["adapter"] else None
+    candidate = Tuning(None, adapter)
+    w, k = _fit_fusion(pool, fit_rows, pool.dense(candidate, fit_rows))
+    candidate = Tuning(None, adapter, w, k)
+    cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
+    now = pool.score(held_rows, pool.dense(current, held_rows), current.bm25_weight, cur_k)
+    new = pool.score(held_rows, pool.dense(candidate, held_rows), w, k)
+    adopt = new["dense"] >= now["dense"] and new["hybrid"] >= now["hybrid"]
+    reason = ("not worse on the held-out feedback" if adopt else
+              "worse on the held-out feedback than the tuning in use: kept inactive")
+    metrics = {"current": now, "candidate": new, "current_id": current.id, "seconds": round(time.time() - t0, 2)}
+    report = {"status": "adopted" if adopt else "inactive", "id": f"tuning:{run_id}", "examples": len(train),
+              "holdout": len(held), "bm25_weight": w, "rrf_k": k, "adapter": adapter is not None,
+              "metrics": metrics, "reason": reason}
+    return report, (run_id, model, int(pool.q.shape[1]), adapter)
+
+
+def record(conn, report, row):
+    """Store a fit (inside the transaction that ends its run, so a killed run leaves none behind)."""
+    run_id, model, dim, adapter = row
+    conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, adapter, "
+                 "examples, holdout, metrics, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                 (report["id"], run_id, time.time(), report["status"], model, dim, report["bm25_weight"],
+                  report["rrf_k"], None if adapter is None else adapter.tobytes(), report["examples"],
+                  report["holdout"], json.dumps(report["metrics"]), report["reason"]))
