@@ -129,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--curve-modes", default="bm25,dense,hybrid")
     ap.add_argument("--no-curve", action="store_true")
     ap.add_argument("--no-validation", action="store_true", help="skip the include_query choice (keep the default True)")
+    ap.add_argument("--include-query", choices=("true", "false"), default=None,
+                    help="use this writeback.include_query instead of choosing it on validation")
     ap.add_argument("--val-frac", type=float, default=0.2)
     ap.add_argument("--val-modes", default="bm25,dense,hybrid", help="modes measured on validation (the choice uses hybrid)")
     ap.add_argument("--seed", type=int, default=0)
@@ -151,7 +153,10 @@ def main(argv=None):
             base = os.path.join(args.work, f"{name}-{args.embedder.replace('/', '_')}-base")
             t_dataset = time.time()
             include_query, validation, val_json = True, None, None
-            if not args.no_validation:
+            if args.include_query is not None:
+                include_query = args.include_query == "true"
+                validation = f"Not chosen in this run: --include-query {args.include_query} was given."
+            elif not args.no_validation:
                 include_query, validation, val_json = choose_include_query(folder, work, base, args)
             log(f"{name}: main protocol, include_query={include_query}")
             res = ev.run_protocol(folder, fresh(os.path.join(work, "main")), modes=args.modes,

@@ -72,6 +72,7 @@ def test_migration_from_stored_postings_keeps_term_statistics(corpus_kb):
         c.executemany("INSERT INTO postings VALUES (?,?,?)",
                       [(ids[t], cid, n) for t, n in Counter(bm25_tokens(index_text(title, text))).items()])
     c.execute("ALTER TABLE terms DROP COLUMN df")
+    c.executescript("DROP TABLE tunings; ALTER TABLE feedback DROP COLUMN relevant;")  # before migration 7 too
     c.execute("PRAGMA user_version=5")
     c.commit()
     c.close()

@@ -481,3 +481,25 @@ def test_the_document_gate_counts_documents_not_chunk_hits(kb):
                            (qid,)).fetchall()
     assert [r[0] for r in rows] == ["long"] and rep["docs_kept"] == 1
     assert json.loads(kb.conn.execute("SELECT docs FROM feedback WHERE query_id=?", (qid,)).fetchone()[0]) == ["long"]
+
+
+def test_credit_goes_only_to_the_documents_whose_sentences_a_unit_carries(small):
+    small.config["writeback"]["max_evidence"] = 1
+    rep = labelled(small, "In which town did the Calder foundry stand", ["Marrowick"], relevant=["heron", "calder"])
+    assert rep["docs_kept"] == 2  # both documents pass the document gate
+    small.writeback()
+    [u] = small.units()
+    assert u["text"] == "The Calder foundry stood in the town of Marrowick."
+    assert u["source_doc_ids"] == ["calder"]  # heron's sentences are not in the unit: no credit
+    assert small.document(u["id"])["meta"]["sentences"] == {"calder": [0]}
+    assert {r[0] for r in small.conn.execute("SELECT doc_id FROM chunks WHERE id IN (SELECT value FROM "
+                                             "json_each((SELECT source_chunk_ids FROM units)))")} == {"calder"}
+
+
+def test_carried_sentences_of_a_rewritten_unit():
+    from writeback_rag.writeback import carried_sentences
+
+    docs = [{"id": d["id"], "text": d["text"]} for d in DOCS]
+    rewrite = "Keepers at Inchmurra logged record winds in the great gale. It wrecked eleven ships in 1894."
+    assert carried_sentences(rewrite, docs) == {"gale": [0, 1]}
+    assert carried_sentences("Herons are birds.", docs) == {}

@@ -366,7 +366,7 @@ def tunings(kb: Optional[str] = KB, as_json: bool = JSON):
         typer.echo("nothing learned yet: write-back fits retrieval once there is enough feedback")
     for r in rows:
         m = r["metrics"]
-        typer.echo(f"{r['id']}  {r['status']:<11} adapter={'yes' if r['adapter'] else 'no'} "
+        typer.echo(f"{r['id']}  {r['status']:<11} adapter={'yes' if r['adapter'] else 'no'}{' (dense only)' if r['adapter'] and not r['hybrid_adapter'] else ''} "
                    f"bm25_weight={r['bm25_weight']:.1f} rrf_k={r['rrf_k']} fitted={r['examples']} held_out={r['holdout']} "
                    f"hybrid {m['current']['hybrid']:.3f}->{m['candidate']['hybrid']:.3f} "
                    f"dense {m['current']['dense']:.3f}->{m['candidate']['dense']:.3f}  {r['reason']}")

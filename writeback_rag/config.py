@@ -165,9 +165,9 @@ KEYS = [
     Key("learning", "adapter", bool, True, "Fit a linear query adapter on the embeddings (else fusion weights only)."),
     Key("learning", "holdout", float, 0.2, "Share of the questions (fixed by their text) held out to judge a fit.",
         min=0.01, max=0.9),
-    Key("learning", "min_examples", int, 20, "Questions with relevant documents needed to fit.", min=1,
+    Key("learning", "min_examples", int, 50, "Questions with relevant documents needed to fit.", min=1,
         max=10_000_000),
-    Key("learning", "min_holdout", int, 5, "Held-out questions needed to judge a fit.", min=1, max=10_000_000),
+    Key("learning", "min_holdout", int, 20, "Held-out questions needed to judge a fit.", min=1, max=10_000_000),
     Key("learning", "candidates", int, 100, "Candidates per retriever and question when fitting and judging.",
         min=10, max=10_000),
     Key("learning", "negatives", int, 20, "Dense candidates per question the adapter learns to rank below its "

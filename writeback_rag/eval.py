@@ -486,12 +486,19 @@ def learning_curve(dataset_folder, kb_path, nights=5, modes=("hybrid",), train_s
                 wb = kb.writeback(distiller=distiller)
                 seen += len(part)
                 row.update(train_seen=seen, useful=lab["useful"], written=wb.get("written", 0),
-                           merged=wb.get("merged", 0), rejected=wb.get("rejected", 0))
+                           merged=wb.get("merged", 0), rejected=wb.get("rejected", 0),
+                           tuning=wb["tuning"]["status"])
             units = unit_sources(kb)
             row["units"] = len(units)
             row["metrics"], row["deltas"] = {}, {}
             for m in modes:
                 ev = evaluate(kb, test, m, k, units=units, progress=progress)
+                # and the source documents alone (units excluded): what the learned retrieval does by itself
+                src = evaluate(kb, test, m, k, units={}, reader=False, progress=progress, include_units=False)
+                for x in CURVE_SOURCE_METRICS:
+                    if x in src["per_query"]:
+                        ev["per_query"][f"sources/{x}"] = src["per_query"][x]
+                        ev["mean"][f"sources/{x}"] = src["mean"][x]
                 row["metrics"][m] = ev["mean"]
                 if night == 0:
                     first[m] = ev
@@ -535,7 +542,12 @@ def _metric_order(keys):
     return [m for m in order if m in keys] + sorted(k for k in keys if k not in order)
 
 
+CURVE_SOURCE_METRICS = ("answer_recall@5", "credit/nDCG@10")
+
+
 def _label_of(m):
+    if m.startswith("sources/"):
+        return _label_of(m.split("/", 1)[1]).replace(" (credit)", "") + " (sources only)"
     if m.startswith(("credit/", "strict/")):
         v, name = m.split("/", 1)
         return f"{name} ({v})"
@@ -567,8 +579,8 @@ def protocol_table(result, mode, key="deltas"):
 def curve_table(curve, metrics=None):
     modes = curve["modes"]
     metrics = metrics or _curve_metrics(curve)
-    head = "| night | train queries seen | units | " + " | ".join(f"{m} {_label_of(x)}" for m in modes for x in metrics) + " |"
-    lines = [head, "|" + "---:|" * (3 + len(modes) * len(metrics))]
+    head = "| night | train queries seen | units | tuning | " + " | ".join(f"{m} {_label_of(x)}" for m in modes for x in metrics) + " |"
+    lines = [head, "|" + "---:|" * 3 + "---|" + "---:|" * (len(modes) * len(metrics))]
     for r in curve["rows"]:
         cells = []
         for m in modes:
@@ -576,13 +588,14 @@ def curve_table(curve, metrics=None):
                 v = r["metrics"][m].get(x)
                 c = r["deltas"].get(m, {}).get(x)
                 cells.append(_f(v) + (f" ({_pts(c['delta'])} [{_pts(c['lo'])}, {_pts(c['hi'])}])" if c else ""))
-        lines.append(f"| {r['night']} | {r['train_seen']} | {r['units']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['night']} | {r['train_seen']} | {r['units']} | {r.get('tuning', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _curve_metrics(curve):
     keys = curve["rows"][0]["metrics"][curve["modes"][0]].keys()
-    return [m for m in ("answer_recall@5", "credit/nDCG@10", "strict/nDCG@10") if m in keys]
+    return [m for m in ("answer_recall@5", "credit/nDCG@10", "strict/nDCG@10", "sources/answer_recall@5",
+                        "sources/credit/nDCG@10") if m in keys]
 
 
 def plot_learning_curve(curve, path, metrics=None):

@@ -384,7 +384,7 @@ class KnowledgeBase:
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
         tuning = self._tuning.get(self.conn, self.model_id) if r["learned"] and mode != "bm25" else UNTUNED
-        qv = tuning.adapt(self.embedder.encode([query])[0]) if mode != "bm25" else None
+        qv = tuning.query_vector(self.embedder.encode([query])[0], mode) if mode != "bm25" else None
         # separate candidate lists for sources and units, as if units had their own index (the paper's
         # layout): units never shift the ranks the sources fuse on
         parts = (where.only("source"), where.only("unit")) if units and unit_fusion == "separate" else (where,)

@@ -159,6 +159,7 @@ MIGRATIONS = [
         dim INTEGER NOT NULL,
         bm25_weight REAL NOT NULL,
         rrf_k INTEGER NOT NULL,
+        hybrid_adapter INTEGER NOT NULL,          -- 1: hybrid searches use the adapter too
         adapter BLOB,                             -- float32 (dim, dim), or NULL: fusion weights only
         examples INTEGER NOT NULL,
         holdout INTEGER NOT NULL,

@@ -27,6 +27,11 @@ class Tuning:
     adapter: np.ndarray | None = None   # (dim, dim): q' = normalize(q + q @ adapter)
     bm25_weight: float = 0.5            # RRF weight of the BM25 list; the dense list gets 1 - bm25_weight
     rrf_k: int | None = None            # None: retrieval.rrf_k
+    hybrid_adapter: bool = True         # whether hybrid searches use the adapter too (chosen on the fit set)
+
+    def query_vector(self, qv, mode):
+        """The vector a search in `mode` uses."""
+        return qv if mode == "hybrid" and not self.hybrid_adapter else self.adapt(qv)
 
     def adapt(self, qv):
         """The query vector(s) moved by the adapter, normalized again (a cosine index expects unit length)."""
@@ -91,14 +96,15 @@ def load(conn, tuning_id):
     adapter = None
     if r["adapter"] is not None:
         adapter = np.frombuffer(r["adapter"], dtype=np.float32).reshape(r["dim"], r["dim"]).copy()
-    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]))
+    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]), bool(r["hybrid_adapter"]))
 
 
 def list_tunings(conn):
     """Every fit, oldest first, with its run, status ('adopted', 'inactive', 'rolled-back'), reason and
     the canary's figures."""
     return [dict(r, metrics=json.loads(r["metrics"]), adapter=r["adapter"] is not None)
-            for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, adapter, examples, "
+            for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, hybrid_adapter, "
+                                  "adapter, examples, "
                                   "holdout, metrics, reason FROM tunings ORDER BY created, id")]
 
 
@@ -174,8 +180,8 @@ class _Pool:
         return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
                 {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
 
-    def dense(self, tuning, rows):
-        qs = tuning.adapt(self.q[rows])
+    def dense(self, tuning, rows, mode="dense"):
+        qs = tuning.query_vector(self.q[rows], mode)
         return [self._search(self.texts[i], q)[1] for i, q in zip(rows, qs)]
 
     def docs(self, ranked):
@@ -193,36 +199,55 @@ class _Pool:
         return out
 
     def vectors(self, ids):
-        missing = [c for c in ids if c not in self.vec]
+        self.fetch(ids)
+        return np.stack([self.vec[c] for c in ids if c in self.vec])
+
+    def fetch(self, ids):
+        """Stored vectors of these chunks into self.vec (a chunk deleted meanwhile stays absent)."""
+        missing = [c for c in dict.fromkeys(ids) if c not in self.vec]
         for s in range(0, len(missing), 500):
             part = missing[s:s + 500]
             for cid, blob in self.conn.execute(
                     f"SELECT id, embedding FROM chunks WHERE id IN ({','.join('?' * len(part))})", part):
                 self.vec[cid] = np.frombuffer(blob, dtype=np.float32)
-        return np.stack([self.vec[c] for c in ids])
 
-    def score(self, rows, dense_lists, bm25_weight, rrf_k):
-        """Mean nDCG@10 over `rows` of dense alone and of hybrid RRF with these weights."""
-        d, h = [], []
+    def dense_score(self, rows, dense_lists):
+        """Mean nDCG@10 over `rows` of dense retrieval alone."""
+        return float(np.mean([_ndcg10(self.docs(sorted(dn, key=lambda c: (-dn[c], c))), self.relevant[i])
+                              for i, dn in zip(rows, dense_lists)]))
+
+    def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k):
+        """Mean nDCG@10 over `rows` of hybrid RRF with these weights."""
+        out = []
         for i, dn in zip(rows, dense_lists):
-            d.append(_ndcg10(self.docs(sorted(dn, key=lambda c: (-dn[c], c))), self.relevant[i]))
             f = fuse(self.bm[i], dn, "hybrid", "rrf", rrf_k, bm25_weight=bm25_weight)
-            h.append(_ndcg10(self.docs(sorted(f, key=lambda c: (-f[c], c))), self.relevant[i]))
-        return {"dense": float(np.mean(d)), "hybrid": float(np.mean(h))}
+            out.append(_ndcg10(self.docs(sorted(f, key=lambda c: (-f[c], c))), self.relevant[i]))
+        return float(np.mean(out))
+
+    def score(self, tuning, rows, rrf_k):
+        """{dense, hybrid} mean nDCG@10 of a tuning over `rows`."""
+        dense = self.dense(tuning, rows)
+        hybrid = dense if tuning.hybrid_adapter or tuning.adapter is None else self.dense(tuning, rows, "hybrid")
+        return {"dense": self.dense_score(rows, dense),
+                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k)}
 
 
-def _train_adapter(pool, rows, cfg, dim, seed=0):
+def _train_adapter(pool, rows, static, cfg, dim, seed=0):
     """A residual linear map of the query vectors (starts at the identity): multi-positive softmax over each
     question's own dense candidates plus the batch's, with an L2 pull towards the identity."""
     import torch
 
     negatives = int(cfg["negatives"])
-    static = pool.dense(UNTUNED, rows)
     cands = []
     for i, dn in zip(rows, static):
         pos = pool.pos[i]
         neg = [c for c in sorted(dn, key=lambda c: (-dn[c], c)) if c not in set(pos)][:negatives]
         cands.append((pos, neg))
+    # chunks another process deleted since they were listed are left out
+    pool.fetch([c for part in cands for ids in part for c in ids])
+    cands = [([c for c in pos if c in pool.vec], [c for c in neg if c in pool.vec]) for pos, neg in cands]
+    rows = [r for r, (pos, _) in zip(rows, cands) if pos]
+    cands = [c for c in cands if c[0]]
     gen = torch.Generator().manual_seed(seed)
     W = torch.zeros(dim, dim, requires_grad=True)
     opt = torch.optim.Adam([W], lr=float(cfg["lr"]))
@@ -250,14 +275,17 @@ def _train_adapter(pool, rows, cfg, dim, seed=0):
     return W.detach().numpy().astype(np.float32)
 
 
-def _fit_fusion(pool, rows, dense_lists):
+def _fit_fusion(pool, rows, lists):
+    """(use the adapter, bm25 weight, rrf_k) with the best hybrid nDCG@10 on the fit set; `lists`: dense
+    candidate lists per choice of adapter ({True: adapted, False: static})."""
     best = None
-    for w in BM25_WEIGHTS:
-        for k in RRF_KS:
-            s = pool.score(rows, dense_lists, w, k)["hybrid"]
-            if best is None or s > best[0] + 1e-12:
-                best = (s, w, k)
-    return best[1], best[2]
+    for use, dense_lists in lists.items():
+        for w in BM25_WEIGHTS:
+            for k in RRF_KS:
+                s = pool.hybrid_score(rows, dense_lists, w, k)
+                if best is None or s > best[0] + 1e-12:
+                    best = (s, use, w, k)
+    return best[1:]
 
 
 def fit(kb, run_id):
@@ -281,19 +309,33 @@ def fit(kb, run_id):
     current = Active().get(conn, model)
     pool = _Pool(kb, train + held, int(cfg["candidates"]))
     fit_rows, held_rows = list(range(len(train))), list(range(len(train), len(train) + len(held)))
-    adapter = _train_adapter(pool, fit_rows, cfg, pool.q.shape[1]) if cfg["adapter"] else None
-    candidate = Tuning(None, adapter)
-    w, k = _fit_fusion(pool, fit_rows, pool.dense(candidate, fit_rows))
-    candidate = Tuning(None, adapter, w, k)
-    cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
-    now = pool.score(held_rows, pool.dense(current, held_rows), current.bm25_weight, cur_k)
-    new = pool.score(held_rows, pool.dense(candidate, held_rows), w, k)
+    static = pool.dense(UNTUNED, fit_rows)
+    adapter = _train_adapter(pool, fit_rows, static, cfg, pool.q.shape[1]) if cfg["adapter"] else None
+    lists = {False: static}
+    if adapter is not None:
+        lists[True] = pool.dense(Tuning(None, adapter), fit_rows)
+    use, w, k = _fit_fusion(pool, fit_rows, lists)
+    candidate = Tuning(None, adapter, w, k, use)
+    now = pool.score(current, held_rows, current.rrf_k or int(kb.config["retrieval"]["rrf_k"]))
+    new = pool.score(candidate, held_rows, k)
     adopt = new["dense"] >= now["dense"] and new["hybrid"] >= now["hybrid"]
-    reason = ("not worse on the held-out feedback" if adopt else
-              "worse on the held-out feedback than the tuning in use: kept inactive")
+    reason = "not worse on the held-out feedback"
+    if not adopt and adapter is not None and new["dense"] >= now["dense"] and not (
+            current.adapter is not None and current.hybrid_adapter):
+        # the adapter helps dense search but the new hybrid settings do not: adopt it for dense only, and
+        # keep hybrid searches exactly as they are now (the current weights, no adapter)
+        candidate = Tuning(None, adapter, current.bm25_weight, current.rrf_k or int(kb.config["retrieval"]["rrf_k"]),
+                           False)
+        use, w, k = False, candidate.bm25_weight, candidate.rrf_k
+        new = pool.score(candidate, held_rows, k)
+        adopt = new["dense"] >= now["dense"] and new["hybrid"] >= now["hybrid"]
+        reason = "adopted for dense search; hybrid settings kept as they were (the fitted ones were worse there)"
+    if not adopt:
+        reason = "worse on the held-out feedback than the tuning in use: kept inactive"
     metrics = {"current": now, "candidate": new, "current_id": current.id, "seconds": round(time.time() - t0, 2)}
     report = {"status": "adopted" if adopt else "inactive", "id": f"tuning:{run_id}", "examples": len(train),
               "holdout": len(held), "bm25_weight": w, "rrf_k": k, "adapter": adapter is not None,
+              "hybrid_adapter": use,
               "metrics": metrics, "reason": reason}
     return report, (run_id, model, int(pool.q.shape[1]), adapter)
 
@@ -301,8 +343,9 @@ def fit(kb, run_id):
 def record(conn, report, row):
     """Store a fit (inside the transaction that ends its run, so a killed run leaves none behind)."""
     run_id, model, dim, adapter = row
-    conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, adapter, "
-                 "examples, holdout, metrics, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, "
+                 "hybrid_adapter, adapter, examples, holdout, metrics, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                  (report["id"], run_id, time.time(), report["status"], model, dim, report["bm25_weight"],
-                  report["rrf_k"], None if adapter is None else adapter.tobytes(), report["examples"],
+                  report["rrf_k"], int(report["hybrid_adapter"]), None if adapter is None else adapter.tobytes(),
+                  report["examples"],
                   report["holdout"], json.dumps(report["metrics"]), report["reason"]))

@@ -352,7 +352,12 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
         counts["rejected"] += 1
         _gate(conn, run_id, qid, "faithfulness", False, f"unsupported sentence (word support {support:.2f})", dry_run)
         return None
-    src_ids = sorted(d["id"] for d in plan["docs"])
+    carried = carried_sentences(text, plan["docs"])
+    if not carried:
+        counts["rejected"] += 1
+        _gate(conn, run_id, qid, "faithfulness", False, "the unit carries no sentence of a kept document", dry_run)
+        return None
+    src_ids = sorted(carried)  # credit goes only to the documents whose sentences the unit carries
     unit_id = "unit:" + content_hash(title, text, *src_ids)[:16]
     def same(p):  # the same unit, or a near-duplicate from the same sources, written earlier in this run:
         # merged whether or not its batch has been committed yet, so batch size never changes the result
@@ -397,7 +402,7 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
     if dry_run:
         return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
     rec = Record(id=unit_id, title=title, text=text, source=f"writeback:{run_id}",
-                 meta={"query": plan["query"], "run": run_id})
+                 meta={"query": plan["query"], "run": run_id, "sentences": {d: carried[d] for d in src_ids}})
     chunks = chunk_text(text, kb.config["chunking"]["size"], kb.config["chunking"]["overlap"]) or [text]
     src_chunks = [r[0] for d in src_ids for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (d,))]
     # unit row, chunks, term statistics and provenance commit together
@@ -405,6 +410,27 @@ def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
                   json.dumps(src_chunks), distiller, model, run_id, time.time())
     pending.append((rec, content_hash(title, text), chunks, False, provenance))
     return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
+
+
+def carried_sentences(text, docs, overlap=0.6):
+    """{doc id: [indexes of its sentences the unit carries]}: a sentence is carried when the unit holds it
+    word for word (extractive), or when a unit sentence holds at least `overlap` of its words and nothing
+    else matches better (an LLM's rewrite). Documents the unit does not draw on get no credit."""
+    unit_text = " " + " ".join(bm25_tokens(text)) + " "
+    unit_sents = [set(bm25_tokens(s)) for s in sentences(text)] or [set(bm25_tokens(text))]
+    out, loose = {}, {}
+    for d in docs:
+        for si, s in enumerate(sentences(d["text"])):
+            toks = bm25_tokens(s)
+            if not toks:
+                continue
+            if " " + " ".join(toks) + " " in unit_text:
+                out.setdefault(d["id"], []).append(si)
+                continue
+            share = max(len(set(toks) & u) / len(set(toks)) for u in unit_sents)
+            if share >= overlap:
+                loose.setdefault(d["id"], []).append(si)
+    return out or loose
 
 
 def _similar(a, b, threshold=0.9):
