@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import store
 from .errors import InputError
 from .filters import Filter
 
