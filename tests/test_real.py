@@ -95,6 +95,23 @@ def llama_server():
     proc.wait(timeout=30)
 
 
+def test_minilm_learned_retrieval_helps_questions_nobody_asked(tmp_path):
+    """The tuning on the real model and FAISS: adopted by the canary, and the unseen questions of
+    tests/test_tuning.py rank their documents higher in hybrid search (the learned fusion weights), while
+    dense search, which MiniLM already gets nearly right there, does not get worse."""
+    from test_tuning import DOCS, labels, mrr
+
+    kb = KnowledgeBase.create(tmp_path / "kb", notify=lambda m: None)
+    kb.ingest(DOCS)
+    before = {m: mrr(kb, m) for m in ("dense", "hybrid")}
+    kb.label(labels(), k=5)
+    t = kb.writeback()["tuning"]
+    assert t["status"] == "adopted" and t["adapter"], t
+    after = {m: mrr(kb, m) for m in ("dense", "hybrid")}
+    assert after["hybrid"] > before["hybrid"] + 0.1 and after["dense"] >= before["dense"], (before, after)
+    kb.close()
+
+
 def test_real_llm_over_http_answer_and_writeback(tmp_path, llama_server):
     llama_server, proc = llama_server
     kb_path = str(tmp_path / "kb")

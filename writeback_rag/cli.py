@@ -375,10 +375,8 @@ def tunings(kb: Optional[str] = KB, as_json: bool = JSON):
 @app.command()
 def runs(kb: Optional[str] = KB, as_json: bool = JSON):
     """List write-back runs with their counts."""
-    from .writeback import list_runs
-
     with _open(kb) as k:
-        rows = list_runs(k)
+        rows = k.runs()
     if as_json:
         return _dump(rows)
     for r in rows:
@@ -392,10 +390,8 @@ def runs(kb: Optional[str] = KB, as_json: bool = JSON):
 @units_app.command("list")
 def units_list(kb: Optional[str] = KB, as_json: bool = JSON):
     """All knowledge units with status and sources."""
-    from .writeback import list_units
-
     with _open(kb) as k:
-        rows = list_units(k)
+        rows = k.units()
     if as_json:
         return _dump(rows)
     for u in rows:
@@ -406,10 +402,8 @@ def units_list(kb: Optional[str] = KB, as_json: bool = JSON):
 @units_app.command("show")
 def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
     """One unit with its full provenance."""
-    from .writeback import list_units
-
     with _open(kb) as k:
-        rows = list_units(k, ids=[unit_id])
+        rows = k.units(ids=[unit_id])
     if not rows:
         raise InputError(f"unknown unit {unit_id!r}; list them with: wbrag units list")
     u = rows[0]

@@ -50,7 +50,9 @@ def main(argv=None):
             f"hybrid nDCG@10 {t['metrics']['current']['hybrid']:.3f} -> {t['metrics']['candidate']['hybrid']:.3f})"
             if t.get("metrics") else f": {t['reason']}"))
         after_ranks, after = measure(kb, test, mode=args.mode)
-        src_after_ranks, src_after = measure(kb, test, mode=args.mode, include_units=False)
+        learned = t["status"] == "adopted"  # else the source documents rank as before: nothing to show
+        if learned:
+            src_after_ranks, src_after = measure(kb, test, mode=args.mode, include_units=False)
     except WbragError as e:
         print(f"wbrag: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -58,14 +60,15 @@ def main(argv=None):
     print(f"{'metric':<18}{'before':>8}{'after':>8}{'gain':>8}")
     for key in before:
         print(f"{key:<18}{before[key]:>8.3f}{after[key]:>8.3f}{after[key] - before[key]:>+8.3f}")
-    learned = t["status"] == "adopted"
     if learned:
         print("\nthe same, source documents only (units excluded: what the learned retrieval did alone)")
         print(f"{'metric':<18}{'before':>8}{'after':>8}{'gain':>8}")
         for key in src_before:
             print(f"{key:<18}{src_before[key]:>8.3f}{src_after[key]:>8.3f}{src_after[key] - src_before[key]:>+8.3f}")
-    for label, br, ar, units in (("with units", before_ranks, after_ranks, True),
-                                 ("source documents only", src_before_ranks, src_after_ranks, False))[:1 + learned]:
+    shown = [("with units", before_ranks, after_ranks, True)]
+    if learned:
+        shown.append(("source documents only", src_before_ranks, src_after_ranks, False))
+    for label, br, ar, units in shown:
         moved = [(ex, b, a) for ex, b, a in zip(test, br, ar) if (a or 99) < (b or 99)]
         if moved:
             ex, b, a = max(moved, key=lambda t: (t[1] or 11) - t[2])

@@ -271,6 +271,12 @@ class Indexes:
             return (self.bm25.search(query, n, mask) if sparse else None,
                     self.dense.search(qvec, n, mask) if dense else None)
 
+    def scores(self, conn, query, qvec, n, where, sparse=True, dense=True):
+        """candidates() as ({chunk id: BM25 score}, {chunk id: cosine}); a retriever not asked for gives {}."""
+        bm, dn = self.candidates(conn, query, qvec, n, where, sparse=sparse, dense=dense)
+        return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
+                {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
+
     # -- checking
 
     def verify(self, conn, sample=200, seed=0):

@@ -383,7 +383,7 @@ class KnowledgeBase:
         self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
-        tuning = self._tuning.get(self.conn, self.model_id) if r["learned"] and mode != "bm25" else UNTUNED
+        tuning = self._tuning.get(self.conn) if r["learned"] and mode != "bm25" else UNTUNED
         qv = tuning.query_vector(self.embedder.encode([query])[0], mode) if mode != "bm25" else None
         # separate candidate lists for sources and units, as if units had their own index (the paper's
         # layout): units never shift the ranks the sources fuse on
@@ -415,10 +415,8 @@ class KnowledgeBase:
 
     def _candidates(self, query, qv, mode, where, n):
         """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
-        bm, dn = self._indexes.candidates(self.conn, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
-                                          dense=mode in ("dense", "hybrid"))
-        return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
-                {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
+        return self._indexes.scores(self.conn, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
+                                    dense=mode in ("dense", "hybrid"))
 
     def _top(self, fused, k, cap, units):
         """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units
@@ -516,7 +514,7 @@ class KnowledgeBase:
             "queries": db["queries"].count,
             "feedback": db["feedback"].count,
             "runs": db["runs"].count,
-            "tuning": self._tuning.get(self.conn, self.model_id).id,
+            "tuning": self._tuning.get(self.conn).id,
             "dense_index": self.config["dense"]["index"],
             "index_backend": self.config["index"]["backend"],
         }

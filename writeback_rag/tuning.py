@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .changes import active_rows
 from .errors import InputError
 from .filters import Filter
 
@@ -79,9 +80,9 @@ class Active:
     def __init__(self):
         self.tuning, self.key = UNTUNED, None
 
-    def get(self, conn, model_id):
-        row = conn.execute("SELECT id FROM tunings WHERE status='adopted' AND model=? ORDER BY created DESC, id DESC "
-                           "LIMIT 1", (model_id,)).fetchone()
+    def get(self, conn):
+        row = conn.execute("SELECT id FROM tunings WHERE status='adopted' AND model=(SELECT value FROM meta WHERE "
+                           "key='model_id') ORDER BY created DESC, id DESC LIMIT 1").fetchone()
         key = row[0] if row else None
         if key != self.key:
             self.tuning, self.key = (load(conn, key) if key else UNTUNED), key
@@ -101,10 +102,10 @@ def load(conn, tuning_id):
 def list_tunings(conn):
     """Every fit, oldest first, with its run, status ('adopted', 'inactive', 'rolled-back'), reason and
     the canary's figures."""
-    return [dict(r, metrics=json.loads(r["metrics"]), adapter=r["adapter"] is not None)
+    return [dict(r, metrics=json.loads(r["metrics"]), adapter=bool(r["adapter"]), hybrid_adapter=bool(r["hybrid_adapter"]))
             for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, hybrid_adapter, "
-                                  "adapter, examples, "
-                                  "holdout, metrics, reason FROM tunings ORDER BY created, id")]
+                                  "adapter IS NOT NULL AS adapter, examples, holdout, metrics, reason FROM tunings "
+                                  "ORDER BY created, id")]
 
 
 def rollback(conn, run_id):
@@ -115,6 +116,11 @@ def rollback(conn, run_id):
 # ---- what feedback teaches ------------------------------------------------------------------
 
 
+def _question(text):
+    """A question's identity: its words, case and spacing aside."""
+    return " ".join(text.split()).lower()
+
+
 def examples(conn):
     """(query text, [relevant live source doc ids]) per distinct question with positive evidence: the
     documents a user named as carrying a right answer, or that a labelled set names relevant."""
@@ -122,7 +128,7 @@ def examples(conn):
     for text, correct, docs, relevant in conn.execute(
             "SELECT q.text, f.correct, f.docs, f.relevant FROM feedback f JOIN queries q ON q.id=f.query_id "
             "ORDER BY f.id"):
-        key = " ".join(text.split()).lower()
+        key = _question(text)
         named = (json.loads(docs) if correct else []) + json.loads(relevant or "[]")
         if named:
             rel.setdefault(key, (text, {}))[1].update(dict.fromkeys(named))
@@ -143,7 +149,7 @@ def examples(conn):
 
 def in_holdout(text, frac):
     """A fixed slice: whether a question is held out depends on its text only, so it stays held out."""
-    h = int.from_bytes(hashlib.sha1(" ".join(text.split()).lower().encode()).digest()[:4], "big")
+    h = int.from_bytes(hashlib.sha1(_question(text).encode()).digest()[:4], "big")
     return h % 10_000 < frac * 10_000
 
 
@@ -157,7 +163,7 @@ class _Pool:
     """Candidate lists and chunk vectors of the feedback questions (cost grows with feedback, not corpus)."""
 
     def __init__(self, kb, exs, depth):
-        self.kb, self.conn, self.depth = kb, kb.conn, depth
+        self.conn, self.depth = kb.conn, depth
         self.indexes = kb.corpus.indexes
         self.indexes.catch_up(self.conn)
         self.where = Filter.parse(None, include_units=False)  # sources only: what a tuning ranks
@@ -174,41 +180,29 @@ class _Pool:
             self.pos.append(ids)
 
     def _search(self, text, qv, sparse=False):
-        bm, dn = self.indexes.candidates(self.conn, text, qv, self.depth, self.where, sparse=sparse,
-                                         dense=qv is not None)
-        return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
-                {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
+        return self.indexes.scores(self.conn, text, qv, self.depth, self.where, sparse=sparse, dense=qv is not None)
 
     def dense(self, tuning, rows, mode="dense"):
         qs = tuning.query_vector(self.q[rows], mode)
         return [self._search(self.texts[i], q)[1] for i, q in zip(rows, qs)]
 
-    def docs(self, ranked):
-        missing = [c for c in ranked if c not in self.doc_of]
-        for s in range(0, len(missing), 500):
-            part = missing[s:s + 500]
-            self.doc_of.update(self.conn.execute(
-                f"SELECT id, doc_id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
-        out, seen = [], set()
-        for c in ranked:
-            d = self.doc_of.get(c)
-            if d is not None and d not in seen:
-                seen.add(d)
-                out.append(d)
-        return out
+    _SQL = "SELECT c.id, {} FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND c.id IN"
+
+    def fetch(self, ids):
+        """Stored vectors of these chunks, for training (a chunk deleted meanwhile stays absent)."""
+        for cid, blob in active_rows(self.conn, self._SQL.format("c.embedding"),
+                                     [c for c in dict.fromkeys(ids) if c not in self.vec]):
+            self.vec[cid] = np.frombuffer(blob, dtype=np.float32)
 
     def vectors(self, ids):
         self.fetch(ids)
         return np.stack([self.vec[c] for c in ids if c in self.vec])
 
-    def fetch(self, ids):
-        """Stored vectors of these chunks into self.vec (a chunk deleted meanwhile stays absent)."""
-        missing = [c for c in dict.fromkeys(ids) if c not in self.vec]
-        for s in range(0, len(missing), 500):
-            part = missing[s:s + 500]
-            for cid, blob in self.conn.execute(
-                    f"SELECT id, embedding FROM chunks WHERE id IN ({','.join('?' * len(part))})", part):
-                self.vec[cid] = np.frombuffer(blob, dtype=np.float32)
+    def docs(self, ranked):
+        """Document ids in the order of their best chunk (ranked lists are scored often: ids only, cached)."""
+        self.doc_of.update(active_rows(self.conn, self._SQL.format("c.doc_id"),
+                                       [c for c in dict.fromkeys(ranked) if c not in self.doc_of]))
+        return list(dict.fromkeys(self.doc_of[c] for c in ranked if c in self.doc_of))
 
     def dense_score(self, rows, dense_lists):
         """Mean nDCG@10 over `rows` of dense retrieval alone."""
@@ -231,7 +225,7 @@ class _Pool:
                 "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k)}
 
 
-def _train_adapter(pool, rows, static, cfg, dim, seed=0):
+def _train_adapter(pool, rows, static, cfg, seed=0):
     """A residual linear map of the query vectors (starts at the identity): multi-positive softmax over each
     question's own dense candidates plus the batch's, with an L2 pull towards the identity."""
     import torch
@@ -248,6 +242,7 @@ def _train_adapter(pool, rows, static, cfg, dim, seed=0):
     rows = [r for r, (pos, _) in zip(rows, cands) if pos]
     cands = [c for c in cands if c[0]]
     gen = torch.Generator().manual_seed(seed)
+    dim = pool.q.shape[1]
     W = torch.zeros(dim, dim, requires_grad=True)
     opt = torch.optim.Adam([W], lr=float(cfg["lr"]))
     temp, reg, batch = float(cfg["temperature"]), float(cfg["reg"]), 64
@@ -305,29 +300,27 @@ def fit(kb, run_id):
                           f"(need {need_held}): learning waits for more feedback"}, None
     t0 = time.time()
     model = kb.model_id
-    current = Active().get(conn, model)
+    current = Active().get(conn)
     pool = _Pool(kb, train + held, int(cfg["candidates"]))
     fit_rows, held_rows = list(range(len(train))), list(range(len(train), len(train) + len(held)))
     static = pool.dense(UNTUNED, fit_rows)
-    adapter = _train_adapter(pool, fit_rows, static, cfg, pool.q.shape[1]) if cfg["adapter"] else None
+    adapter = _train_adapter(pool, fit_rows, static, cfg) if cfg["adapter"] else None
     lists = {False: static}
     if adapter is not None:
         lists[True] = pool.dense(Tuning(None, adapter), fit_rows)
     use, w, k = _fit_fusion(pool, fit_rows, lists)
     candidate = Tuning(None, adapter, w, k, use)
-    now = pool.score(current, held_rows, current.rrf_k or int(kb.config["retrieval"]["rrf_k"]))
+    cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
+    now = pool.score(current, held_rows, cur_k)
     new = pool.score(candidate, held_rows, k)
     adopt = new["dense"] >= now["dense"] and new["hybrid"] >= now["hybrid"]
     reason = "not worse on the held-out feedback"
     if not adopt and adapter is not None and new["dense"] >= now["dense"] and not (
             current.adapter is not None and current.hybrid_adapter):
-        # the adapter helps dense search but the new hybrid settings do not: adopt it for dense only, and
-        # keep hybrid searches exactly as they are now (the current weights, no adapter)
-        candidate = Tuning(None, adapter, current.bm25_weight, current.rrf_k or int(kb.config["retrieval"]["rrf_k"]),
-                           False)
-        use, w, k = False, candidate.bm25_weight, candidate.rrf_k
-        new = pool.score(candidate, held_rows, k)
-        adopt = new["dense"] >= now["dense"] and new["hybrid"] >= now["hybrid"]
+        # the adapter helps dense search but the new hybrid settings do not: adopt it for dense only, with
+        # hybrid searches exactly as they are now (the current weights, no adapter), so hybrid scores as now
+        use, w, k = False, current.bm25_weight, cur_k
+        new, adopt = {"dense": new["dense"], "hybrid": now["hybrid"]}, True
         reason = "adopted for dense search; hybrid settings kept as they were (the fitted ones were worse there)"
     if not adopt:
         reason = "worse on the held-out feedback than the tuning in use: kept inactive"
