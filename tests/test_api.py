@@ -48,7 +48,7 @@ def test_writeback_result_has_the_same_keys_when_there_is_nothing_to_do(kb):
     assert empty["written"] == 0 and empty["examples"] == 0 and empty["units"] == []
     kb.label([{"query": "In which town was the Calder foundry?", "answers": ["Marrowick"]}])
     full = kb.writeback()
-    assert set(full) == set(empty) and full["written"] == 1
+    assert set(full) == set(empty) and full["written"] + full["covered"] == 1
 
 
 def test_feedback_docs_may_be_one_id(kb):

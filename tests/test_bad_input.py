@@ -76,7 +76,8 @@ def test_delete_document_with_a_huge_id(kb_path):
 
 
 def test_ids_with_wildcards_match_only_themselves_when_marking_units_stale(tmp_path):
-    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None)
+    kb = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None,
+                              config={"writeback": {"earn_slot": False}})  # a unit for each question
     kb.ingest([{"id": "a%", "text": "The Fenwick Point Light was designed by Aldous Penhallow in 1841."},
                {"id": "ab", "text": "Corran Head got its fog siren in 1902."}])
     kb.label([{"id": "1", "query": "Who designed the Fenwick Point Light?", "answers": ["Aldous Penhallow"]},

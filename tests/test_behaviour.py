@@ -106,17 +106,19 @@ def test_kind_filter_keeps_only_that_kind(unit_kb, mode):
     assert sources and {h.kind for h in sources} == {"source"}
 
 
-def test_near_duplicate_unit_is_merged_not_written_again(kb):
+def test_a_paraphrase_extends_the_passage_unit_instead_of_adding_one(kb):
     kb.ingest([CORPUS])
+    kb.config["writeback"]["earn_slot"] = False  # a unit even where the passage already ranks first
     first, second = "Who designed Fenwick Point Light?", "Fenwick Point Light was designed by whom?"
     for q in (first, second):
         kb.label([{"id": q, "query": q, "answers": ["Aldous Penhallow"]}])
         out = kb.writeback()
         if q == first:
-            assert out["written"] == 1
-    assert out.get("written", 0) == 0 and out["merged"] == 1
+            assert out["written"] == 1 and out["merged"] == 0
+    assert out["written"] == 1 and out["merged"] == 1 and len(out["units"][0]["supersedes"]) == 1
     units = [u for u in list_units(kb) if u["status"] == "active"]
     assert len(units) == 1 and len(units[0]["query_ids"]) == 2
+    assert first in units[0]["title"] and second in units[0]["title"]
 
 
 def _unit_hit(kb):
@@ -131,6 +133,7 @@ def _unit_hit(kb):
 @pytest.fixture
 def fenwick_unit_kb(kb):
     kb.ingest([CORPUS])
+    kb.config["writeback"]["earn_slot"] = False  # a unit even where the passage already ranks first
     kb.label([{"id": "1", "query": "Who designed Fenwick Point Light?", "answers": ["Aldous Penhallow"]}])
     assert kb.writeback()["written"] == 1
     return kb

@@ -72,7 +72,9 @@ def test_migration_from_stored_postings_keeps_term_statistics(corpus_kb):
         c.executemany("INSERT INTO postings VALUES (?,?,?)",
                       [(ids[t], cid, n) for t, n in Counter(bm25_tokens(index_text(title, text))).items()])
     c.execute("ALTER TABLE terms DROP COLUMN df")
-    c.executescript("DROP TABLE tunings; ALTER TABLE feedback DROP COLUMN relevant;")  # before migration 7 too
+    c.executescript("DROP TABLE tunings; ALTER TABLE feedback DROP COLUMN relevant;"  # before migrations 7 and 8 too
+                    "DROP INDEX units_anchor; DROP INDEX units_ended_by;"
+                    "ALTER TABLE units DROP COLUMN anchor; ALTER TABLE units DROP COLUMN ended_by;")
     c.execute("PRAGMA user_version=5")
     c.commit()
     c.close()

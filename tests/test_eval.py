@@ -180,7 +180,9 @@ def test_subsample_and_validation_split_are_fixed_and_disjoint():
 
 
 def test_run_protocol_end_to_end(beir, tmp_path):
-    res = run_protocol(beir, str(tmp_path / "kb"), modes=("bm25", "hybrid"), embedder="hash", keep_per_query=True)
+    # every train question gets a unit (in this tiny corpus the sources already rank each one's evidence first)
+    res = run_protocol(beir, str(tmp_path / "kb"), modes=("bm25", "hybrid"), embedder="hash", keep_per_query=True,
+                       config={"writeback": {"earn_slot": False}})
     assert res["n_train"] == 3 and res["n_test"] == 2 and res["units"]["count"] == 3
     assert res["label"]["useful"] == 3 and res["writeback"]["written"] == 3
     b, a = res["before"]["bm25"], res["after"]["bm25"]
@@ -226,7 +228,8 @@ def test_base_kb_copy_gives_the_same_numbers(beir, tmp_path):
 
 
 def test_learning_curve_and_plot(beir, tmp_path):
-    curve = learning_curve(beir, str(tmp_path / "kb"), nights=2, modes=("bm25",), embedder="hash")
+    curve = learning_curve(beir, str(tmp_path / "kb"), nights=2, modes=("bm25",), embedder="hash",
+                           config={"writeback": {"earn_slot": False}})
     rows = curve["rows"]
     assert [r["night"] for r in rows] == [0, 1, 2] and [r["train_seen"] for r in rows] == [0, 2, 3]
     assert rows[0]["units"] == 0 and rows[-1]["units"] == 3
@@ -258,10 +261,13 @@ def test_cli_command(beir, tmp_path):
     runner = CliRunner()
     out_md = str(tmp_path / "r.md")
     r = runner.invoke(app, ["eval", beir, "--kb", str(tmp_path / "kb"), "--modes", "bm25", "--embedder", "hash",
-                            "--json", "--out", out_md])
+                            "--json", "--out", out_md, "--set", "writeback.earn_slot=false"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert res["modes"] == ["bm25"] and res["after"]["bm25"]["answer_recall@1"] == 1.0
+    assert res["writeback_config"]["earn_slot"] is False
+    r = runner.invoke(app, ["eval", beir, "--kb", str(tmp_path / "kb5"), "--set", "writeback.earn=1"])
+    assert r.exit_code != 0 and "writeback.earn_slot" in r.output
     assert "## bm25" in open(out_md).read()
     r = runner.invoke(app, ["eval", beir, "--kb", str(tmp_path / "kb3"), "--modes", "bm25,sparse", "--embedder", "hash"])
     assert r.exit_code == 2 and "unknown mode 'sparse'" in r.output

@@ -97,6 +97,7 @@ class Counting(HashEmbedder):
 def test_moving_a_kb_to_milvus_and_back_re_embeds_nothing(tmp_path, milvus_uri):
     kb = make(tmp_path / "kb")
     kb.ingest([CORPUS])
+    kb.config["writeback"]["earn_slot"] = False  # a unit even where the passage already ranks first
     kb.label([{"id": "x", "query": "Who designed the tower at Fenwick Point?", "answers": ["Aldous Penhallow"]}], k=3)
     assert kb.writeback()["written"] == 1
     before = {(q, m): ranked(kb, q, m) for q in QUERIES for m in ("dense", "bm25", "hybrid")}

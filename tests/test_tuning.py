@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from writeback_rag import KnowledgeBase
 from writeback_rag.cli import app
-from writeback_rag.tuning import Tuning, fuse, in_holdout
+from writeback_rag.tuning import UNTUNED, Tuning, decide, fuse, in_holdout
 
 BACKENDS = ["embedded", "milvus"]  # every test that builds a KB runs on both (conftest.pytest_generate_tests)
 
@@ -89,13 +89,21 @@ def test_a_fit_worse_on_the_held_out_feedback_is_kept_inactive(hall):
     """The questions learned from point at the wrong documents; the held-out ones at the right ones."""
     before = [h.chunk_id for q, _ in unseen() for h in hall.search(q, k=5, mode="hybrid", log=False, include_units=False).hits]
     hall.label(labels(lambda i, q: f"d{i}" if in_holdout(q, 0.2) else f"d{(i + 1) % N}"), k=5)
+    dense_before = [h.chunk_id for q, _ in unseen() for h in hall.search(q, k=5, mode="dense", log=False, include_units=False).hits]
     rep = hall.writeback()
     t = rep["tuning"]
-    assert t["status"] == "inactive" and "worse" in t["reason"], t
-    assert t["metrics"]["candidate"]["dense"] < t["metrics"]["current"]["dense"]
-    assert hall.tunings()[0]["status"] == "inactive" and hall.stats()["tuning"] is None
+    # the adapter learned the wrong documents: it is not used. The fusion weights (chosen without it) may be
+    # adopted for hybrid search alone, only when the held-out feedback says they are better there
+    assert [h.chunk_id for q, _ in unseen() for h in hall.search(q, k=5, mode="dense", log=False, include_units=False).hits] == dense_before
     after = [h.chunk_id for q, _ in unseen() for h in hall.search(q, k=5, mode="hybrid", log=False, include_units=False).hits]
-    assert after == before
+    if t["status"] == "inactive":
+        assert "worse" in t["reason"] and hall.stats()["tuning"] is None and after == before
+        assert t["metrics"]["candidate"]["dense"] < t["metrics"]["current"]["dense"]
+        assert hall.tunings()[0]["status"] == "inactive"
+    else:
+        assert "hybrid search" in t["reason"] and not t["adapter"] and not t["hybrid_adapter"]
+        assert t["metrics"]["candidate"]["dense"] == t["metrics"]["current"]["dense"]
+        assert t["metrics"]["candidate"]["hybrid"] > t["metrics"]["current"]["hybrid"]
 
 
 def test_rollback_returns_to_the_tuning_adopted_before(hall):
@@ -152,3 +160,19 @@ def test_fusion_weights_and_adapter_arithmetic():
     v = t.adapt(np.array([3.0, 4.0], dtype=np.float32))
     assert np.allclose(v, [0.6, 0.8]) and Tuning().adapt(v) is v
     assert in_holdout("Where is  the quillan1y kept", 0.5) == in_holdout("where is the quillan1y KEPT", 0.5)
+
+
+def test_the_canary_adopts_a_fit_whole_or_in_part_only_where_the_held_out_feedback_says_so():
+    now = {"dense": 0.5, "hybrid": 0.6}
+    with_adapter = Tuning("t", np.zeros((2, 2), np.float32), 0.5, 60, True)  # hybrid uses it too
+    assert decide(now, {"dense": 0.5, "hybrid": 0.6}, True, True, UNTUNED)[0] == "all"  # ties: not worse
+    assert decide(now, {"dense": 0.7, "hybrid": 0.59}, True, True, UNTUNED)[0] == "dense"
+    # dense-only needs an adapter, and hybrid that uses no adapter now (else hybrid would change)
+    assert decide(now, {"dense": 0.7, "hybrid": 0.59}, False, False, UNTUNED)[0] is None
+    assert decide(now, {"dense": 0.7, "hybrid": 0.59}, True, True, with_adapter)[0] is None
+    assert decide(now, {"dense": 0.4, "hybrid": 0.65}, True, False, UNTUNED)[0] == "hybrid"
+    # hybrid-only needs a fusion that does not use the new adapter, and a strict gain
+    assert decide(now, {"dense": 0.4, "hybrid": 0.65}, True, True, UNTUNED)[0] is None
+    assert decide(now, {"dense": 0.4, "hybrid": 0.6}, True, False, UNTUNED)[0] is None
+    verdict, reason = decide(now, {"dense": 0.4, "hybrid": 0.5}, True, False, UNTUNED)
+    assert verdict is None and "kept inactive" in reason

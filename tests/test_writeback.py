@@ -33,7 +33,10 @@ DOCS = [
 
 @pytest.fixture
 def small(kb):
+    """Three documents, where the right one is usually ranked first already: these tests write a unit for
+    every question (earn_slot off); the slot check has its own tests."""
     kb.ingest(DOCS)
+    kb.config["writeback"]["earn_slot"] = False
     return kb
 
 
@@ -87,14 +90,14 @@ def test_llm_judge_uses_paper_gates(small, scripted):
 
 def test_extractive_distiller_budget_dedup_and_answer(small):
     docs = [small.document("heron"), small.document("calder"), small.document("calder")]
-    title, text, _ = extractive(small, "Where was the lens of Grey Heron made?", ["Marrowick"], docs)
+    title, text, _ = extractive(small, [{"query": "Where was the lens of Grey Heron made?", "answers": ["Marrowick"]}], docs)
     assert title == "Where was the lens of Grey Heron made?"
     assert "Marrowick" in text and text.count("stood in the town of Marrowick") == 1
     small.config["writeback"]["budget_tokens"] = 12
-    _, short, _ = extractive(small, "Where was the lens of Grey Heron made?", ["Marrowick"], docs)
+    _, short, _ = extractive(small, [{"query": "Where was the lens of Grey Heron made?", "answers": ["Marrowick"]}], docs)
     assert short == "The Calder foundry stood in the town of Marrowick."
     small.config["writeback"]["include_query"] = False
-    assert extractive(small, "q", [], docs)[0] == "Grey Heron Light"
+    assert extractive(small, [{"query": "q"}], docs)[0] == "Grey Heron Light"
 
 
 def test_faithfulness_guard():
@@ -311,9 +314,9 @@ import sys, time
 from writeback_rag import KnowledgeBase
 from writeback_rag.writeback import DISTILLERS, register_distiller, extractive
 @register_distiller("extractive")
-def slow(kb, q, a, d):
+def slow(kb, asks, d):
     time.sleep(0.15)
-    return extractive(kb, q, a, d)
+    return extractive(kb, asks, d)
 kb = KnowledgeBase.open(sys.argv[1])
 kb.config["writeback"]["batch"] = 2  # commit often, so the kill lands between commits
 print(kb.writeback())
@@ -336,10 +339,13 @@ def test_kill_minus_9_mid_run_then_resume(tmp_path, corpus_kb):
     proc.wait()
     k = KnowledgeBase.open(kb.path, notify=lambda m: None)
     partial = len(list_units(k))
-    assert 5 <= partial < 37
     assert [r["status"] for r in list_runs(k)] == ["running"]
     out = k.writeback()
-    assert out["written"] + out.get("merged", 0) >= 37 and out["written"] == len(list_units(k)) - partial
+    units = list_units(k)
+    # the resumed run undoes what the killed one wrote and writes the whole night again; it owns every unit
+    assert 5 <= partial < len(units) and out["written"] == len(units)
+    assert {u["run_id"] for u in units} == {out["run_id"]} and all(u["status"] == "active" for u in units)
+    assert len({u["anchor"] for u in units}) == len(units)  # one unit per source passage
     statuses = [r["status"] for r in list_runs(k)]
     assert statuses == ["interrupted", "done"]
     rep = KnowledgeBase.open(kb.path, notify=lambda m: None).check()
@@ -420,29 +426,42 @@ def _night(path):
     """The records a write-back night leaves: units (with provenance) and the gate decisions of its run."""
     k = KnowledgeBase.open(path, notify=lambda m: None)
     done = [r["id"] for r in list_runs(k) if r["status"] == "done"]
-    assert len(done) == 1
     units = list_units(k)
-    assert all(u["run_id"] == done[0] for u in units)  # the resumed run owns the whole night's units
+    assert {u["run_id"] for u in units} <= set(done)  # the resumed run owns the whole night's units
     out = ({(u["id"], u["title"], u["text"], u["status"], tuple(u["source_doc_ids"]), tuple(u["query_ids"]),
-             tuple(u["feedback_ids"])) for u in units},
+             tuple(u["feedback_ids"]), u["ended_by"] and done.index(u["ended_by"])) for u in units},
            sorted(tuple(r) for r in k.conn.execute(
-               "SELECT query_id, gate, doc_id, passed, reason FROM gate_decisions WHERE run_id=?", (done[0],))))
+               "SELECT query_id, gate, doc_id, passed, reason FROM gate_decisions WHERE run_id=?", (done[-1],))))
     assert k.check()["ok"]
     k.close()
     return out
 
 
-@pytest.mark.parametrize("kill_after_units", [0, 3, 20])
-def test_resumed_night_equals_an_uninterrupted_one(tmp_path, corpus_kb, kill_after_units):
-    """kill -9 at several points of a write-back run; the resumed run ends with exactly the units, provenance
-    and gate decisions of a run that was never interrupted (run on a copy of the same KB)."""
+@pytest.mark.parametrize("kill_after_units,nights", [(0, 1), (3, 1), (8, 1), (2, 2), (8, 2)])
+def test_resumed_night_equals_an_uninterrupted_one(tmp_path, corpus_kb, backend, kill_after_units, nights):
+    """kill -9 at several points of a write-back run (the first night, or a second one that supersedes and
+    retires units of the first); the resumed run ends with exactly the units, statuses, provenance and gate
+    decisions of a run that was never interrupted (run on a copy of the same KB)."""
     import shutil
 
     kb = corpus_kb
-    kb.label(QUESTIONS, split="train")
+    train = read_labels(QUESTIONS, split="train")
+    if nights == 2:  # every question gets a unit, so the second night extends (supersedes) the first's
+        kb.close()
+        KnowledgeBase.configure(kb.path, ["writeback.earn_slot=false"])
+        kb = KnowledgeBase.open(kb.path, notify=lambda m: None)
+        kb.label(train[::2])
+        kb.writeback()
+        kb.label(train[1::2])
+    else:
+        kb.label(train)
+    before = len(kb.units())
     kb.close()
     twin = str(tmp_path / "twin")
     shutil.copytree(kb.path, twin)
+    if backend == "milvus":  # a copied folder keeps its collection name: the twin gets its own
+        KnowledgeBase.configure(twin, ["milvus.collection=twin_" + os.urandom(4).hex()])
+        KnowledgeBase.open(twin, notify=lambda m: None).reindex()
     KnowledgeBase.open(twin, notify=lambda m: None).writeback()
     script = write(tmp_path / "slow.py", SLOW_RUN)
     proc = subprocess.Popen([sys.executable, script, kb.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -453,7 +472,7 @@ def test_resumed_night_equals_an_uninterrupted_one(tmp_path, corpus_kb, kill_aft
         units = c.execute("SELECT COUNT(*) FROM units").fetchone()[0]
         started = c.execute("SELECT COUNT(*) FROM runs WHERE status='running'").fetchone()[0]
         c.close()
-        if (started and units >= kill_after_units) or proc.poll() is not None:
+        if (started and units >= before + kill_after_units) or proc.poll() is not None:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before the kill"
@@ -503,3 +522,67 @@ def test_carried_sentences_of_a_rewritten_unit():
     rewrite = "Keepers at Inchmurra logged record winds in the great gale. It wrecked eleven ships in 1894."
     assert carried_sentences(rewrite, docs) == {"gale": [0, 1]}
     assert carried_sentences("Herons are birds.", docs) == {}
+
+
+# ---- compact units: one per source passage, extended by its questions, retired when it no longer helps --
+
+
+def test_questions_on_one_passage_extend_one_unit_and_rollback_restores_the_old_version(small):
+    q1 = labelled(small, "In which town was the Calder foundry?", ["Marrowick"])["query_ids"][0]
+    run1 = small.writeback()["run_id"]
+    [v1] = list_units(small)
+    q2 = labelled(small, "When did the Calder foundry close?", ["1931"])["query_ids"][0]
+    out = small.writeback()
+    assert out["written"] == 1 and out["merged"] == 1 and out["units"][0]["supersedes"] == [v1["id"]]
+    units = {u["id"]: u for u in list_units(small)}
+    v2 = units[out["units"][0]["unit_id"]]
+    assert v2["anchor"] == v1["anchor"] == "calder" and v2["source_doc_ids"] == ["calder"]
+    assert v2["query_ids"] == [q1, q2] and v2["status"] == "active" and v2["run_id"] == out["run_id"]
+    # its match text is both questions; its text carries the sentence each answer is in
+    assert "In which town" in v2["title"] and "When did" in v2["title"]
+    assert "Marrowick" in v2["text"] and "1931" in v2["text"]
+    assert units[v1["id"]]["status"] == "superseded" and units[v1["id"]]["ended_by"] == out["run_id"]
+    hits = small.search("Calder foundry Marrowick 1931", k=5, mode="bm25", log=False).hits
+    assert [h.doc_id for h in hits if h.kind == "unit"] == [v2["id"]]
+    with pytest.raises(InputError, match="current unit of the same source passage"):
+        small.restore(v1["id"])
+    assert small.rollback(out["run_id"]) == 1
+    [back] = list_units(small)
+    assert back["id"] == v1["id"] and back["status"] == "active" and back["ended_by"] is None
+    assert back["run_id"] == run1 and small.check()["ok"]
+    hits = small.search("Calder foundry Marrowick 1931", k=5, mode="bm25", log=False).hits
+    assert [h.doc_id for h in hits if h.kind == "unit"] == [v1["id"]]
+
+
+DECOY = {"id": "decoy", "title": "Local questions", "text": "When did the foundry close? Nobody here remembers."}
+
+
+def test_a_unit_is_written_only_where_the_sources_do_not_rank_the_evidence_first_and_retired_after(small):
+    small.config["writeback"]["earn_slot"] = True
+    small.ingest([DECOY])
+    # the sources already rank the Calder document first for this one: no unit, and the gate says why
+    first = labelled(small, "In which town was the Calder foundry?", ["Marrowick"])["query_ids"][0]
+    # here the decoy ranks first and the Calder document (which holds 1931) below it: a unit earns its slot
+    top = small.search("When did the foundry close?", k=3, include_units=False, log=False).hits
+    assert top[0].doc_id == "decoy" and "calder" in [h.doc_id for h in top]
+    second = labelled(small, "When did the foundry close?", ["1931"])["query_ids"][0]
+    out = small.writeback()
+    assert out["covered"] == 1 and out["written"] == 1
+    [u] = list_units(small)
+    assert u["anchor"] == "calder" and u["query_ids"] == [second] and "1931" in u["text"]
+    reason = small.conn.execute("SELECT reason FROM gate_decisions WHERE gate='slot' AND query_id=?",
+                                (first,)).fetchone()[0]
+    assert "calder first" in reason
+    hits = small.search("When did the foundry close?", k=2, mode="bm25", log=False).hits
+    assert u["id"] in [h.doc_id for h in hits]
+    # nothing new, the ranking unchanged: the unit still earns its slot
+    assert small.writeback()["retired"] == 0 and list_units(small)[0]["status"] == "active"
+    # the decoy goes: the Calder document ranks first by itself, so the next night retires the unit
+    small.delete(["decoy"])
+    night = small.writeback()
+    assert night["examples"] == 0 and night["retired"] == 1
+    [u] = list_units(small)
+    assert u["status"] == "retired" and u["ended_by"] == night["run_id"]
+    assert all(h.kind == "source" for h in small.search("When did the foundry close?", k=5, log=False).hits)
+    small.rollback(night["run_id"])
+    assert list_units(small)[0]["status"] == "active" and small.check()["ok"]

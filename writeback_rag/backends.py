@@ -33,7 +33,8 @@ def register_llm(name):
 
 
 def register_distiller(name):
-    """A distiller is fn(kb, query, answers, docs) -> (title, text) or None (see writeback.py)."""
+    """A distiller is fn(kb, asks, docs) -> (title, text, model id or None) (see writeback.py): `asks` are the
+    questions one unit answers, [{"query": str, "answers": [str]}], `docs` the source documents it draws on."""
     def deco(fn):
         DISTILLERS[name] = fn
         return fn

@@ -332,12 +332,14 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
         return _dump(rep)
     if dry_run:
         for u in rep["units"]:
-            if not u.get("merged"):
-                typer.echo(f"would write {u['unit_id']} from {', '.join(u['sources'])}: {u['title']}")
+            if "title" in u:
+                typer.echo(f"would write {u['unit_id']} from {', '.join(u['sources'])}"
+                           + (f" (replacing {', '.join(u['supersedes'])})" if u["supersedes"] else "") + f": {u['title']}")
     # one line per run, for cron logs
     typer.echo(f"writeback run={rep['run_id'] or 'dry-run'} distiller={rep['distiller']} examples={rep.get('examples', 0)} "
-               f"passed={rep.get('passed_utility', 0)} docs={rep.get('docs_kept', 0)} written={rep.get('written', 0)} "
-               f"merged={rep.get('merged', 0)} rejected={rep.get('rejected', 0)} seconds={time.time() - t0:.1f}")
+               f"passed={rep.get('passed_utility', 0)} docs={rep.get('docs_kept', 0)} covered={rep.get('covered', 0)} "
+               f"written={rep.get('written', 0)} merged={rep.get('merged', 0)} retired={rep.get('retired', 0)} "
+               f"rejected={rep.get('rejected', 0)} seconds={time.time() - t0:.1f}")
     t = rep["tuning"]
     line = f"learning: {t['status']}"
     if t.get("metrics"):
@@ -383,8 +385,9 @@ def runs(kb: Optional[str] = KB, as_json: bool = JSON):
         c = r["counts"]
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
         typer.echo(f"{r['id']}  {ts}  {r['status']:<11} seen={c.get('examples', 0)} passed={c.get('passed_utility', 0)} "
-                   f"docs={c.get('docs_kept', 0)} written={c.get('written', 0)} merged={c.get('merged', 0)} "
-                   f"rejected={c.get('rejected', 0)}" + (f" tuning={c['tuning']}" if "tuning" in c else ""))
+                   f"docs={c.get('docs_kept', 0)} covered={c.get('covered', 0)} written={c.get('written', 0)} "
+                   f"merged={c.get('merged', 0)} retired={c.get('retired', 0)} rejected={c.get('rejected', 0)}"
+                   + (f" tuning={c['tuning']}" if "tuning" in c else ""))
 
 
 @units_app.command("list")
@@ -395,7 +398,7 @@ def units_list(kb: Optional[str] = KB, as_json: bool = JSON):
     if as_json:
         return _dump(rows)
     for u in rows:
-        typer.echo(f"{u['id']}  {u['status']:<8} {u['tokens']:>4} tok  from {', '.join(u['source_doc_ids'])}  "
+        typer.echo(f"{u['id']}  {u['status']:<10} {u['tokens']:>4} tok  from {', '.join(u['source_doc_ids'])}  "
                    f"q={u['query_ids']}  {u['title'][:60]}")
 
 
@@ -410,7 +413,7 @@ def units_show(unit_id: str, kb: Optional[str] = KB, as_json: bool = JSON):
     if as_json:
         return _dump(u)
     for key in ("id", "status", "title", "text", "source_doc_ids", "source_chunk_ids", "query_ids", "feedback_ids",
-                "distiller", "model", "run_id", "against"):
+                "distiller", "model", "run_id", "ended_by", "against"):
         typer.echo(f"{key}: {u[key]}")
     typer.echo(f"created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(u['created']))}")
 

@@ -209,7 +209,11 @@ KEYS = [
     Key("writeback", "distiller", str, "extractive", "extractive (no LLM) or llm (needs [llm] backend).",
         choices=_distillers),
     Key("writeback", "budget_tokens", int, 128, "Token budget of one knowledge unit.", min=16, max=10_000),
-    Key("writeback", "include_query", bool, True, "Put the query in the unit's title (its match text)."),
+    Key("writeback", "include_query", bool, True, "Put the unit's questions in its title (its match text)."),
+    Key("writeback", "earn_slot", bool, True, "Write a unit only for questions whose evidence the source documents "
+        "alone do not rank first, and retire units none of whose questions still needs them."),
+    Key("writeback", "unit_questions", int, 8, "Most questions one unit keeps as its match text (title).",
+        min=1, max=1000),
     Key("writeback", "min_support", int, 1, "Feedback events a query needs before it is written back.",
         min=1, max=1000),
     Key("writeback", "retire_after_wrong", int, 1, "Wrong-answer feedback events (correct=False, --wrong) that retire a unit.",
@@ -276,6 +280,18 @@ def load(path):
     return validate(data, where=f"{path}: ")
 
 
+def parse_settings(settings):
+    """'SECTION.NAME=VALUE' strings (typed on a command line) -> {section: {name: typed value}}."""
+    out = {}
+    for setting in settings:
+        if "=" not in setting:
+            raise ConfigError(f"{setting!r}: expected SECTION.NAME=VALUE")
+        name, text = setting.split("=", 1)
+        k = key(name.strip())
+        out.setdefault(k.section, {})[k.name] = k.parse(text)
+    return out
+
+
 def update_file(path, settings):
     """Apply 'SECTION.NAME=VALUE' strings (typed on a command line) to the config file at `path` and return
     the validated result; written only when every value is valid. A file with a bad value can be repaired
@@ -287,14 +303,10 @@ def update_file(path, settings):
         raw = {}
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e}); fix or delete the line") from None
-    for setting in settings:
-        if "=" not in setting:
-            raise ConfigError(f"{setting!r}: expected SECTION.NAME=VALUE")
-        name, text = setting.split("=", 1)
-        k = key(name.strip())
-        if not isinstance(raw.get(k.section, {}), dict):
-            raw[k.section] = {}
-        raw.setdefault(k.section, {})[k.name] = k.parse(text)
+    for section, values in parse_settings(settings).items():
+        if not isinstance(raw.get(section, {}), dict):
+            raw[section] = {}
+        raw.setdefault(section, {}).update(values)
     cfg = validate(raw, where=f"{path}: ")
     if settings:
         dump(cfg, path)

@@ -233,15 +233,18 @@ class Corpus:
         texts = [index_text(p[0].title, c) for p in pending for c in p[2]]
         return texts, self.embedder.encode(texts)
 
-    def write(self, pending, report, kind="source", embedded=None):
+    def write(self, pending, report, kind="source", embedded=None, also=None):
         """Documents in one transaction with their chunks, vectors, term statistics and Change; returns
         the chunk ids added. pending: (record, hash, chunks, exists, unit provenance or None) each;
-        `embedded`: their (texts, vectors) when already computed."""
+        `embedded`: their (texts, vectors) when already computed; `also(conn, change)`: more writes that
+        must commit with them (the units a new unit version supersedes)."""
         emb = self.embedder
         texts, vecs = embedded if embedded is not None else self._embed(pending)
         conn = self.conn
         with self.changing(conn) as change:
             self._write_batch(conn, pending, report, kind, texts, vecs, emb, change)
+            if also is not None:
+                also(conn, change)
         return change.added
 
     def _write_batch(self, conn, pending, report, kind, texts, vecs, emb, change):
@@ -282,7 +285,7 @@ class Corpus:
             report.chunks += len(chunks)
             if provenance is not None:  # a knowledge unit: its provenance commits with it
                 conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
-                             "distiller, model, run_id, created) VALUES (?,?,?,?,?,?,?,?,?)", provenance)
+                             "distiller, model, run_id, created, anchor) VALUES (?,?,?,?,?,?,?,?,?,?)", provenance)
         store.set_meta(conn, "dim", emb.dim)
 
     def delete(self, ids):

@@ -42,8 +42,9 @@ def main(argv=None):
         print(f"labelled {rep['examples']} train questions ({rep['judge']} judge): {rep['useful']} passed the "
               f"utility gate, {rep['docs_kept']} documents kept")
         wb = kb.writeback()
-        print(f"write-back run {wb['run_id']}: {wb.get('written', 0)} units written, {wb.get('merged', 0)} merged, "
-              f"{wb.get('rejected', 0)} rejected")
+        print(f"write-back run {wb['run_id']}: {wb['covered']} questions already answered first by the documents "
+              f"(no unit needed), {wb['written']} units written (one per source passage), {wb['merged']} questions "
+              f"joined another's unit, {wb['rejected']} rejected")
         t = wb["tuning"]
         print(f"learned retrieval: {t['status']}" + (
             f" (query adapter + fusion weights fitted on {t['examples']} questions; held-out {t['holdout']}: "

@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import config as cfgmod
 from .errors import InputError
 from .feedback import read_jsonl, read_qrels
 from .text import contains_answer, count_tokens
@@ -720,6 +721,7 @@ def register_cli(app):
                  embedder: str = typer.Option("minilm", help="Embedder for the new KB."),
                  distiller: str = typer.Option("extractive", help="extractive or llm."),
                  k: int = typer.Option(100, "-k", help="Chunks retrieved per test query."),
+                 settings: Optional[List[str]] = typer.Option(None, "--set", help="SECTION.NAME=VALUE for the evaluation KB (repeat), e.g. writeback.earn_slot=false."),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
                  out: Optional[str] = typer.Option(None, "--out", help="Also write a Markdown report here.")):
         """Static KB vs after write-back of the train queries, on held-out test queries (with 95% CIs)."""
@@ -730,7 +732,7 @@ def register_cli(app):
         progress = (lambda msg: None) if as_json else (lambda msg: typer.echo(f"wbrag: {msg}", err=True))
         res = run_protocol(dataset, kb, modes=modes or MODES, train_split=train_split, test_split=test_split,
                            embedder=embedder, distiller=distiller, limit_train=limit_train, limit_test=limit_test,
-                           k=k, progress=progress)
+                           k=k, config=cfgmod.parse_settings(settings or []), progress=progress)
         if out:
             with open(out, "w", encoding="utf-8") as f:
                 f.write(markdown_report(res, command="wbrag " + " ".join(sys.argv[1:]) if sys.argv else None) + "\n")

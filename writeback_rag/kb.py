@@ -603,9 +603,16 @@ class KnowledgeBase:
             if row is None:
                 raise InputError(f"no knowledge unit {unit_id!r}", cli=f"list units with: wbrag units list --kb {self.path}",
                                  api="list units with kb.units()")
+            if status == "active":
+                other = conn.execute("SELECT o.id FROM units u JOIN units o ON o.anchor=u.anchor AND o.id<>u.id "
+                                     "JOIN documents d ON d.id=o.id WHERE u.id=? AND d.status='active'",
+                                     (unit_id,)).fetchone()
+                if other is not None:
+                    raise InputError(f"unit {other[0]} is the current unit of the same source passage; "
+                                     f"retire it before restoring {unit_id}")
             self.corpus.set_status(conn, unit_id, status, change)
             if status == "active":
-                conn.execute("UPDATE units SET against=0 WHERE id=?", (unit_id,))
+                conn.execute("UPDATE units SET against=0, ended_by=NULL WHERE id=?", (unit_id,))
         return row["status"]
 
     # ---- async (apps on an event loop) ---------------------------------------------------

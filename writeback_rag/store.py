@@ -168,6 +168,16 @@ MIGRATIONS = [
     );
     CREATE INDEX tunings_status ON tunings(status, model, created);
     """,
+    # 8: compact units (writeback.py): one active unit per source passage (its anchor), extended by the
+    #    questions that draw on it; ended_by names the run that superseded or retired a unit, so rolling
+    #    that run back brings it back.
+    """
+    ALTER TABLE units ADD COLUMN anchor TEXT;
+    ALTER TABLE units ADD COLUMN ended_by TEXT;
+    UPDATE units SET anchor = json_extract(source_doc_ids, '$[0]');
+    CREATE INDEX units_anchor ON units(anchor);
+    CREATE INDEX units_ended_by ON units(ended_by);
+    """,
 ]
 
 

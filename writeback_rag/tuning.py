@@ -18,6 +18,7 @@ from .filters import Filter
 FUSIONS = ("rrf", "weighted")
 BM25_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 RRF_KS = (5, 10, 20, 60)
+FUSION_SLICE = 0.25  # share of the fitted questions that choose the fusion (the rest train the adapter)
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,22 @@ def _fit_fusion(pool, rows, lists):
     return best[1:]
 
 
+def decide(now, new, has_adapter, hybrid_uses_it, current):
+    """The canary's verdict on a candidate from its held-out nDCG@10 ({dense, hybrid}) against the tuning in
+    use: "all" when it is not worse on either; "dense" when its adapter helps dense search but its hybrid
+    settings do not (adopted for dense only, hybrid kept as it is: possible when hybrid uses no adapter now);
+    "hybrid" when its fusion (without the adapter) is better for hybrid but its adapter is not for dense
+    (adopted for hybrid only, the adapter in use kept); None: kept inactive. Returns (verdict, reason)."""
+    dense_ok, hybrid_ok = new["dense"] >= now["dense"], new["hybrid"] >= now["hybrid"]
+    if dense_ok and hybrid_ok:
+        return "all", "not worse on the held-out feedback"
+    if dense_ok and has_adapter and not (current.adapter is not None and current.hybrid_adapter):
+        return "dense", "adopted for dense search; hybrid settings kept as they were (the fitted ones were worse there)"
+    if not dense_ok and not hybrid_uses_it and new["hybrid"] > now["hybrid"]:
+        return "hybrid", "adopted for hybrid search (fusion weights); the query adapter in use is kept for dense"
+    return None, "worse on the held-out feedback than the tuning in use: kept inactive"
+
+
 def fit(kb, run_id):
     """Fit a candidate tuning on the feedback outside the held-out slice, measure it against the adopted one
     on the slice, and adopt it only when it is not worse (dense and hybrid nDCG@10).
@@ -303,27 +320,29 @@ def fit(kb, run_id):
     current = Active().get(conn)
     pool = _Pool(kb, train + held, int(cfg["candidates"]))
     fit_rows, held_rows = list(range(len(train))), list(range(len(train), len(train) + len(held)))
-    static = pool.dense(UNTUNED, fit_rows)
-    adapter = _train_adapter(pool, fit_rows, static, cfg) if cfg["adapter"] else None
-    lists = {False: static}
+    # the fusion is chosen on questions an adapter did not learn from: on its own training questions the
+    # adapted dense lists look better than they will be, and hybrid would lean on them too much
+    choose = [i for i in fit_rows if in_holdout("fusion " + train[i][0], FUSION_SLICE)]
+    learn = [i for i in fit_rows if i not in set(choose)] if cfg["adapter"] else []
+    adapter = _train_adapter(pool, learn, pool.dense(UNTUNED, learn), cfg) if learn else None
+    lists = {False: pool.dense(UNTUNED, choose)}
     if adapter is not None:
-        lists[True] = pool.dense(Tuning(None, adapter), fit_rows)
-    use, w, k = _fit_fusion(pool, fit_rows, lists)
+        lists[True] = pool.dense(Tuning(None, adapter), choose)
+    use, w, k = _fit_fusion(pool, choose, lists)
+    if adapter is not None:  # the fusion chosen, the adapter learns from every fitted question
+        adapter = _train_adapter(pool, fit_rows, pool.dense(UNTUNED, fit_rows), cfg)
     candidate = Tuning(None, adapter, w, k, use)
     cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
     now = pool.score(current, held_rows, cur_k)
     new = pool.score(candidate, held_rows, k)
-    adopt = new["dense"] >= now["dense"] and new["hybrid"] >= now["hybrid"]
-    reason = "not worse on the held-out feedback"
-    if not adopt and adapter is not None and new["dense"] >= now["dense"] and not (
-            current.adapter is not None and current.hybrid_adapter):
-        # the adapter helps dense search but the new hybrid settings do not: adopt it for dense only, with
-        # hybrid searches exactly as they are now (the current weights, no adapter), so hybrid scores as now
+    verdict, reason = decide(now, new, adapter is not None, use, current)
+    adopt = verdict is not None
+    if verdict == "dense":  # hybrid searches exactly as they are now (the current weights, no adapter)
         use, w, k = False, current.bm25_weight, cur_k
-        new, adopt = {"dense": new["dense"], "hybrid": now["hybrid"]}, True
-        reason = "adopted for dense search; hybrid settings kept as they were (the fitted ones were worse there)"
-    if not adopt:
-        reason = "worse on the held-out feedback than the tuning in use: kept inactive"
+        new = {"dense": new["dense"], "hybrid": now["hybrid"]}
+    elif verdict == "hybrid":  # dense searches as now: the adapter in use is kept
+        adapter = current.adapter
+        new = {"dense": now["dense"], "hybrid": new["hybrid"]}
     metrics = {"current": now, "candidate": new, "current_id": current.id, "seconds": round(time.time() - t0, 2)}
     report = {"status": "adopted" if adopt else "inactive", "id": f"tuning:{run_id}", "examples": len(train),
               "holdout": len(held), "bm25_weight": w, "rrf_k": k, "adapter": adapter is not None,

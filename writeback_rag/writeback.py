@@ -19,44 +19,48 @@ from .text import bm25_tokens, chunk_text, contains_answer, content_hash, count_
 from .backends import DISTILLERS, register_distiller  # noqa: F401  (the one registry; re-exported)
 
 
-# ---- distillers: (kb, query, answers, docs) -> (title, text, model) -------------------------
+# ---- distillers: (kb, asks, docs) -> (title, text, model) -------------------------------------
 
 
 @register_distiller("extractive")
-def extractive(kb, query, answers, docs):
-    """Sentences of the kept documents most relevant to the query (and to the answer when known),
-    within a token budget, in document order, de-duplicated. Deterministic; no LLM."""
+def extractive(kb, asks, docs):
+    """Sentences of the documents most relevant to each question (and to its answer when known), the
+    questions taking turns (every question's best sentence, then every second best, ...), within a token
+    budget, in document order, de-duplicated. Deterministic; no LLM."""
     w = kb.config["writeback"]
     budget = int(w["budget_tokens"])
-    qtok = set(bm25_tokens(query))
     idf = _RUN_IDF.get() or _source_idf(kb.conn)
-
-    scored = []
-    seen = set()
+    sents, seen = [], set()
     for di, d in enumerate(docs):
         for si, s in enumerate(sentences(d["text"])):
-            key = " ".join(bm25_tokens(s))
+            toks = bm25_tokens(s)
+            key = " ".join(toks)
             if not key or key in seen:
                 continue
             seen.add(key)
-            overlap = sum(idf(t) for t in qtok & set(bm25_tokens(s)))
-            bonus = 100.0 if answers and contains_answer(s, answers) else 0.0
-            scored.append((bonus + overlap, di, si, s))
-    chosen, used = [], 0
-    for score, di, si, s in sorted(scored, key=lambda x: (-x[0], x[1], x[2])):
-        n = count_tokens(s)
-        if score <= 0 and chosen:
-            break
-        if used + n > budget and chosen:
+            sents.append((di, si, s, set(toks)))
+    ranked = []
+    for a in asks:
+        qtok, answers = set(bm25_tokens(a["query"])), a.get("answers") or []
+        scored = [((100.0 if answers and contains_answer(s, answers) else 0.0) + sum(idf(t) for t in qtok & toks),
+                   di, si, s) for di, si, s, toks in sents]
+        ranked.append(sorted(scored, key=lambda x: (-x[0], x[1], x[2])))
+    chosen, used = {}, 0
+    for turn in range(len(sents)):
+        for r in ranked:
+            score, di, si, s = r[turn]
+            n = count_tokens(s)
+            if (di, si) in chosen or (score <= 0 and chosen) or (used + n > budget and chosen):
+                continue
+            chosen[(di, si)] = s
+            used += n
+            if used >= budget or len(chosen) >= int(w["max_evidence"]):
+                break
+        else:
             continue
-        chosen.append((di, si, s))
-        used += n
-        if used >= budget or len(chosen) >= int(w["max_evidence"]):
-            break
-    chosen.sort()
-    text = " ".join(s for _, _, s in chosen)
-    title = _unit_title(kb, query, docs)
-    return title, text, None
+        break
+    text = " ".join(chosen[key] for key in sorted(chosen))
+    return _unit_title(kb, asks, docs), text, None
 
 
 _RUN_IDF = contextvars.ContextVar("writeback_source_idf", default=None)
@@ -82,10 +86,12 @@ class _source_idf:
         return self.cache[term]
 
 
-def _unit_title(kb, query, docs):
-    """With include_query the unit's title is the question it answered: later paraphrases match it."""
+def _unit_title(kb, asks, docs):
+    """With include_query the unit's title is the questions it answers (at most unit_questions of them):
+    later paraphrases match it."""
     if kb.config["writeback"].get("include_query", True):
-        return query.strip()
+        questions = list(dict.fromkeys(a["query"].strip() for a in asks))
+        return " / ".join(questions[: int(kb.config["writeback"]["unit_questions"])])
     return docs[0]["title"] or docs[0]["id"]
 
 
@@ -96,13 +102,14 @@ STEP2 = ("Rewrite the evidence into one short encyclopedia-style document: a tit
 
 
 @register_distiller("llm")
-def llm_distill(kb, query, answers, docs):
-    """The paper's two steps: select evidence sentences verbatim, then rewrite them (gold answer not shown)."""
+def llm_distill(kb, asks, docs):
+    """The paper's two steps: select evidence sentences verbatim, then rewrite them (gold answers not shown)."""
     llm = kb.llm
     if llm is None:
         raise LLMError("the llm distiller needs an LLM (setting llm.backend)",
                        cli=f"set one with: wbrag config --kb {kb.path} llm.backend=openai llm.base_url=URL")
     w = kb.config["writeback"]
+    query = " / ".join(dict.fromkeys(a["query"].strip() for a in asks))
     sents = [s for d in docs for s in sentences(d["text"])]
     listing = "\n".join(f"{i}. {s}" for i, s in enumerate(sents, 1))
     out1 = llm.complete([{"role": "system", "content": STEP1.format(n=w["max_evidence"])},
@@ -111,18 +118,18 @@ def llm_distill(kb, query, answers, docs):
     picks = [int(x) for x in re.findall(r"\d+", out1) if 1 <= int(x) <= len(sents)]
     evidence = [sents[i - 1] for i in dict.fromkeys(picks)][: int(w["max_evidence"])]
     if not evidence:  # the model named no sentence: fall back to query-relevant sentences
-        _, text, _ = extractive(kb, query, [], docs)
+        _, text, _ = extractive(kb, [{"query": a["query"]} for a in asks], docs)
         evidence = sentences(text)
     out2 = llm.complete([{"role": "system", "content": STEP2},
                          {"role": "user", "content": f"Topic: {query}\n\nEvidence:\n" + "\n".join(evidence)}],
                         max_tokens=160, temperature=0.0).strip()
     lines = [ln.strip() for ln in out2.splitlines() if ln.strip()]
     if not lines:
-        return _unit_title(kb, query, docs), "", llm.model_id
+        return _unit_title(kb, asks, docs), "", llm.model_id
     title = re.sub(r"^(#+\s*|title:\s*)", "", lines[0], flags=re.I).strip("* ")
     body = " ".join(lines[1:]) if len(lines) > 1 else lines[0]
     if kb.config["writeback"].get("include_query", True):
-        title = query.strip()
+        title = _unit_title(kb, asks, docs)
     return title, body, llm.model_id
 
 
@@ -178,8 +185,9 @@ class Lock:
 
 
 def rollback(kb, run_id):
-    """Remove a run's units from the database and every index, and stop using what it learned (the tuning
-    adopted before it is used again); its feedback stays consumed."""
+    """Remove a run's units from the database and every index, bring back the units it superseded or
+    retired, and stop using what it learned (the tuning adopted before it is used again); its feedback stays
+    consumed."""
     conn = kb.conn
     with kb.corpus.lock:
         run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
@@ -187,19 +195,31 @@ def rollback(kb, run_id):
             from .errors import InputError
             raise InputError(f"unknown run {run_id!r}", cli=f"list runs with: wbrag runs --kb {kb.path}",
                              api="list runs with writeback.list_runs(kb)")
-        units = [r[0] for r in conn.execute("SELECT id FROM units WHERE run_id=?", (run_id,))]
         with kb.corpus.changing(conn) as change:
-            for u in units:
-                kb.corpus.remove(conn, u, change)
+            n = _undo_units(kb, conn, [run_id], change)
             conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
             tuning.rollback(conn, run_id)
+    return n
+
+
+def _undo_units(kb, conn, run_ids, change):
+    """Remove the runs' units and make the versions they superseded or retired current again; returns how
+    many units were removed."""
+    marks = ",".join("?" * len(run_ids))
+    units = [r[0] for r in conn.execute(f"SELECT id FROM units WHERE run_id IN ({marks})", run_ids)]
+    for u in units:
+        kb.corpus.remove(conn, u, change)
+    for (u,) in conn.execute(f"SELECT id FROM units WHERE ended_by IN ({marks})", run_ids).fetchall():
+        kb.corpus.set_status(conn, u, "active", change)
+    conn.execute(f"UPDATE units SET ended_by=NULL WHERE ended_by IN ({marks})", run_ids)
     return len(units)
 
 
 # ---- the job --------------------------------------------------------------------------------
 
 
-COUNTS = ("examples", "passed_utility", "docs_kept", "written", "merged", "revived", "rejected")
+COUNTS = ("examples", "passed_utility", "docs_kept", "covered", "written", "merged", "revived", "retired",
+          "rejected")
 
 
 def run_writeback(kb, distiller=None, dry_run=False, show_progress=False, log=None):
@@ -229,18 +249,23 @@ def _run(kb, distiller, dry_run, show_progress):
 def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     counts = defaultdict(int)
-    with store.transaction(conn):
-        # a run that died (kill -9) left status 'running': the lock proves it is not running now. This run
-        # takes over its units (so rolling it back removes the whole night's) and decides its gates again
-        dead = [r[0] for r in conn.execute("SELECT id FROM runs WHERE status='running'")]
-        conn.execute("UPDATE runs SET status='interrupted' WHERE status='running'")
-        if not dry_run:
-            conn.execute("INSERT INTO runs(id, started, status, distiller) VALUES (?,?,?,?)",
-                         (run_id, time.time(), "running", distiller))
+    done_before = {}
+    if not dry_run:
+        with kb.corpus.changing(conn) as change:
+            # a run that died (kill -9) left status 'running': the lock proves it is not running now. What it
+            # wrote is undone and decided again from the same state, so the night ends as if never
+            # interrupted; its distilled texts are kept for reuse (an LLM is not asked twice)
+            dead = [r[0] for r in conn.execute("SELECT id FROM runs WHERE status='running'")]
             if dead:
                 marks = ",".join("?" * len(dead))
-                conn.execute(f"UPDATE units SET run_id=? WHERE run_id IN ({marks})", [run_id] + dead)
+                for r in conn.execute(f"SELECT u.anchor, u.query_ids, u.distiller, u.model, d.title, d.text FROM units u "
+                                      f"JOIN documents d ON d.id=u.id WHERE u.run_id IN ({marks})", dead):
+                    done_before[(r["anchor"], r["query_ids"], r["distiller"])] = (r["title"], r["text"], r["model"])
+                _undo_units(kb, conn, dead, change)
                 conn.execute(f"DELETE FROM gate_decisions WHERE run_id IN ({marks})", dead)
+                conn.execute(f"UPDATE runs SET status='interrupted' WHERE id IN ({marks})", dead)
+            conn.execute("INSERT INTO runs(id, started, status, distiller) VALUES (?,?,?,?)",
+                         (run_id, time.time(), "running", distiller))
     watermark = conn.execute("SELECT COALESCE(MAX(watermark), 0) FROM runs WHERE status IN ('done','rolled-back')").fetchone()[0]
     top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
     qids = [r[0] for r in conn.execute("SELECT DISTINCT query_id FROM feedback WHERE id>? AND id<=? ORDER BY query_id",
@@ -250,20 +275,26 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         qids += json.loads(row[0])
     qids = list(dict.fromkeys(qids))
     counts["examples"] = len(qids)
-    plans = []
+    night = _Night(kb, conn, run_id, counts, dry_run, done_before)
+    groups = defaultdict(list)
     for qid in _progress(qids, show_progress, "write-back: gates", unit="q"):
         plan = _plan(kb, conn, qid, run_id, counts, dry_run)
-        if plan:
-            plans.append(plan)
-    written, pending = [], []
+        if plan and night.earns(plan, record=True):
+            groups[plan["anchor"]].append(plan)
+    # every passage with new questions, and (earn_slot) every passage whose unit may no longer earn its slot;
+    # all of it decided before anything is written, so what this night writes never changes its decisions
+    anchors = set(groups)
+    if kb.config["writeback"]["earn_slot"]:
+        anchors |= {r[0] for r in conn.execute("SELECT DISTINCT u.anchor FROM units u JOIN documents d ON d.id=u.id "
+                                               "WHERE d.status='active' AND u.anchor IS NOT NULL")}
+    work = [night.prepare(a, groups.get(a, [])) for a in sorted(anchors)]
+    written = []
     try:
-        for plan in _progress(plans, show_progress, "write-back: distilling", unit="q"):
-            res = _distil(kb, plan, distiller, run_id, counts, dry_run, pending)
+        for item in _progress(work, show_progress, "write-back: units", unit="unit"):
+            res = night.unit_for(item, distiller)
             if res:
                 written.append(res)
-            if len(pending) >= int(kb.config["writeback"]["batch"]):
-                _flush(kb, pending)
-        _flush(kb, pending)
+        night.flush()
     except Exception as e:
         if not dry_run:
             with store.transaction(conn):
@@ -284,7 +315,9 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
 
 
 def _plan(kb, conn, qid, run_id, counts, dry_run):
-    """Gates for one query from all its feedback: support, utility and document evidence."""
+    """Gates for one query from all its feedback: support, utility and document evidence. Its anchor is
+    the source passage its unit consolidates on: the first kept document a labelled set or user named
+    relevant, else the best-ranked kept one."""
     w = kb.config["writeback"]
     q = conn.execute("SELECT id, text FROM queries WHERE id=?", (qid,)).fetchone()
     events = conn.execute("SELECT * FROM feedback WHERE query_id=? ORDER BY id", (qid,)).fetchall()
@@ -305,6 +338,7 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
     hits = conn.execute("SELECT h.doc_id, h.kind, h.rank FROM hits h WHERE h.query_id=? ORDER BY h.rank", (qid,)).fetchall()
     retrieved = [h["doc_id"] for h in hits if h["kind"] == "source"]
     docs = [d for e in good for d in json.loads(e["docs"])]
+    relevant = {d for e in good for d in json.loads(e["relevant"])}
     answers = [a for e in good for a in json.loads(e["gold"])] + [e["answer"] for e in good if e["answer"] and e["source"] != "label"]
     if not docs:  # user said "correct" without naming docs: keep hits holding the answer, else the top 2
         for d in retrieved:
@@ -327,89 +361,158 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
     if not kept:
         return None
     counts["docs_kept"] += len(kept)
+    anchor = next((d["id"] for d in kept if d["id"] in relevant), kept[0]["id"])
     return {"query_id": qid, "query": q["text"], "answers": list(dict.fromkeys(answers)), "docs": kept,
-            "feedback_ids": [e["id"] for e in good]}
+            "feedback_ids": [e["id"] for e in good], "anchor": anchor}
 
 
-def _flush(kb, pending):
-    """Units (rows, chunks, term statistics, provenance) commit together, a batch at a time."""
-    if pending:
-        kb.corpus.write(pending, IngestReport(), kind="unit")
-        pending.clear()
+class _Night:
+    """One run's units: one per source passage (its anchor), built from every question that draws on the
+    passage and still needs a unit; a new version supersedes the old one in the transaction that writes it."""
 
+    def __init__(self, kb, conn, run_id, counts, dry_run, done_before):
+        self.kb, self.conn, self.run_id, self.counts, self.dry_run = kb, conn, run_id, counts, dry_run
+        self.w, self.done_before = kb.config["writeback"], done_before
+        self.pending, self.ends, self.tops = [], [], {}
 
-def _distil(kb, plan, distiller, run_id, counts, dry_run, pending):
-    conn, w = kb.conn, kb.config["writeback"]
-    title, text, model = DISTILLERS[distiller](kb, plan["query"], plan["answers"] if distiller == "extractive" else [],
-                                               plan["docs"])
-    qid = plan["query_id"]
-    if not text.strip():
-        counts["rejected"] += 1
-        _gate(conn, run_id, qid, "faithfulness", False, "distiller produced no text", dry_run)
-        return None
-    ok, support = faithful(text, plan["docs"], float(w["faithfulness"]))
-    if not ok:
-        counts["rejected"] += 1
-        _gate(conn, run_id, qid, "faithfulness", False, f"unsupported sentence (word support {support:.2f})", dry_run)
-        return None
-    carried = carried_sentences(text, plan["docs"])
-    if not carried:
-        counts["rejected"] += 1
-        _gate(conn, run_id, qid, "faithfulness", False, "the unit carries no sentence of a kept document", dry_run)
-        return None
-    src_ids = sorted(carried)  # credit goes only to the documents whose sentences the unit carries
-    unit_id = "unit:" + content_hash(title, text, *src_ids)[:16]
-    def same(p):  # the same unit, or a near-duplicate from the same sources, written earlier in this run:
-        # merged whether or not its batch has been committed yet, so batch size never changes the result
-        return p[0].id == unit_id or (p[4][3] == json.dumps(src_ids) and _similar(p[0].text, text))
+    def earns(self, plan, record=False):
+        """Does this question need a unit? Not when the source documents alone (the current retrieval, units
+        left out) already put its evidence first: a passage of a kept document, holding the answer when one
+        is known. A unit would only take that passage's slot."""
+        if not self.w["earn_slot"]:
+            return True
+        q = plan["query"]
+        if q not in self.tops:
+            hits = self.kb.search(q, k=1, include_units=False, log=False).hits
+            self.tops[q] = hits[0] if hits else None
+        top = self.tops[q]
+        if (top is not None and top.doc_id in {d["id"] for d in plan["docs"]}
+                and (not plan["answers"] or contains_answer(top.title + " " + top.text, plan["answers"]))):
+            if record:
+                self.counts["covered"] += 1
+                _gate(self.conn, self.run_id, plan["query_id"], "slot", False,
+                      f"the source documents alone rank {top.doc_id} first"
+                      + (", with the answer" if plan["answers"] else ""), self.dry_run)
+            return False
+        return True
 
-    if any(same(p) for p in pending):
-        for p in pending:
-            if same(p):
-                prov = list(p[4])
-                prov[1] = json.dumps(list(dict.fromkeys(json.loads(prov[1]) + [qid])))
-                prov[2] = json.dumps(list(dict.fromkeys(json.loads(prov[2]) + plan["feedback_ids"])))
-                pending[pending.index(p)] = (*p[:4], tuple(prov))
-                break
-        counts["merged"] += 1
-        return {"unit_id": p[0].id, "merged": True}
-    existing = conn.execute("SELECT u.id, d.status FROM units u JOIN documents d ON d.id=u.id WHERE u.id=?", (unit_id,)).fetchone()
-    if existing is None:
-        # near-duplicate: an active unit with the same sources and the same evidence text
-        for row in conn.execute("SELECT d.id, d.text FROM units u JOIN documents d ON d.id=u.id "
-                                "WHERE d.status='active' AND u.source_doc_ids=?", (json.dumps(src_ids),)):
-            if _similar(row["text"], text):
-                existing = {"id": row["id"], "status": "active"}
-                break
-    if existing is not None and existing["status"] in ("active",):
-        if not dry_run:
-            _merge(conn, existing["id"], qid, plan["feedback_ids"])
-        counts["merged"] += 1
-        return {"unit_id": existing["id"], "merged": True}
-    if existing is not None and existing["status"] == "stale":
-        # its sources changed, yet the same text is still distilled from them: it is current again
-        counts["revived"] += 1
-        if not dry_run:
-            with kb.corpus.changing(conn) as change:
-                kb.corpus.set_status(conn, existing["id"], "active", change)
-            _merge(conn, existing["id"], qid, plan["feedback_ids"])
-        return {"unit_id": existing["id"], "revived": True}
-    if existing is not None:  # a retired unit is not resurrected by the same evidence
-        counts["rejected"] += 1
-        _gate(conn, run_id, qid, "unit", False, f"same as {existing['status']} unit {existing['id']}", dry_run)
-        return None
-    counts["written"] += 1
-    if dry_run:
-        return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
-    rec = Record(id=unit_id, title=title, text=text, source=f"writeback:{run_id}",
-                 meta={"query": plan["query"], "run": run_id, "sentences": {d: carried[d] for d in src_ids}})
-    chunks = chunk_text(text, kb.config["chunking"]["size"], kb.config["chunking"]["overlap"]) or [text]
-    src_chunks = [r[0] for d in src_ids for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (d,))]
-    # unit row, chunks, term statistics and provenance commit together
-    provenance = (unit_id, json.dumps([qid]), json.dumps(plan["feedback_ids"]), json.dumps(src_ids),
-                  json.dumps(src_chunks), distiller, model, run_id, time.time())
-    pending.append((rec, content_hash(title, text), chunks, False, provenance))
-    return {"unit_id": unit_id, "title": title, "text": text, "sources": src_ids}
+    def prepare(self, anchor, new):
+        """The passage's current units and every question its next version stands for (its current units'
+        questions, planned again, that still need it, then the new ones), in query order."""
+        base = self.conn.execute("SELECT u.id, u.query_ids FROM units u JOIN documents d ON d.id=u.id "
+                                 "WHERE u.anchor=? AND d.status='active' ORDER BY u.created, u.id", (anchor,)).fetchall()
+        plans = {p["query_id"]: p for p in new}
+        for b in base:
+            for qid in json.loads(b["query_ids"]):
+                if qid not in plans:
+                    p = _plan(self.kb, self.conn, qid, self.run_id, defaultdict(int), True)  # again, silently
+                    if p and p["anchor"] == anchor and self.earns(p):
+                        plans[qid] = p
+        return {"anchor": anchor, "base": [b["id"] for b in base], "new": new,
+                "plans": [plans[q] for q in sorted(plans)]}
+
+    def unit_for(self, item, distiller):
+        conn, counts = self.conn, self.counts
+        anchor, base, new, plans = item["anchor"], item["base"], item["new"], item["plans"]
+        if not plans:  # no question needs this passage's unit any more
+            if base:
+                counts["retired"] += len(base)
+                if not self.dry_run:
+                    with self.kb.corpus.changing(conn) as change:
+                        self._end(conn, change, base, "retired")
+            return None
+        target = self._distil(self.kb.document(anchor), plans, distiller)
+        if target is None:  # rejected: what was there stays
+            return None
+        unit_id, rec, chunks, provenance = target
+        if base == [unit_id]:  # the same text: the questions and feedback it stands for grow
+            counts["merged"] += len(new)
+            if new and not self.dry_run:
+                _merge(conn, unit_id, [p["query_id"] for p in plans], [f for p in plans for f in p["feedback_ids"]])
+            return None
+        old = conn.execute("SELECT d.status, u.ended_by FROM units u JOIN documents d ON d.id=u.id WHERE u.id=?",
+                           (unit_id,)).fetchone()
+        if old is not None and old["status"] == "retired" and old["ended_by"] is None:
+            counts["rejected"] += 1  # retired for wrong answers: the same evidence does not bring it back
+            for p in new:
+                _gate(conn, self.run_id, p["query_id"], "unit", False, f"same as retired unit {unit_id}", self.dry_run)
+            return None
+        counts["merged"] += len(new) - (1 if len(new) == len(plans) else 0)  # new questions sharing a unit
+        if old is not None:  # an earlier version of this passage's unit (stale or superseded) is current again
+            counts["revived"] += 1
+            if not self.dry_run:
+                with self.kb.corpus.changing(conn) as change:
+                    self._end(conn, change, [b for b in base if b != unit_id])
+                    self.kb.corpus.set_status(conn, unit_id, "active", change)
+                    conn.execute("UPDATE units SET ended_by=NULL, run_id=? WHERE id=?", (self.run_id, unit_id))
+                _merge(conn, unit_id, [p["query_id"] for p in plans], [f for p in plans for f in p["feedback_ids"]])
+            return {"unit_id": unit_id, "revived": True}
+        counts["written"] += 1
+        out = {"unit_id": unit_id, "title": rec.title, "text": rec.text, "sources": json.loads(provenance[3]),
+               "questions": len(plans), "supersedes": base}
+        if not self.dry_run:
+            self.pending.append((rec, content_hash(rec.title, rec.text), chunks, False, provenance))
+            self.ends.extend(base)
+            if len(self.pending) >= int(self.w["batch"]):
+                self.flush()
+        return out
+
+    def _distil(self, anchor_doc, plans, distiller):
+        """The passage's unit: one digest of the evidence all its questions need (each question's best
+        sentences first), titled with those questions (its match text), from the passage and the other
+        documents its questions kept (a question may need two passages)."""
+        conn, w = self.conn, self.w
+        anchor = anchor_doc["id"]
+        docs = {anchor: anchor_doc}
+        for p in plans:
+            docs.update((d["id"], d) for d in p["docs"] if d["id"] not in docs)
+        docs = list(docs.values())
+        qids = [p["query_id"] for p in plans]
+        again = self.done_before.get((anchor, json.dumps(qids), distiller))
+        if again is not None:  # distilled already by the run this one resumes (an LLM is not asked twice)
+            title, text, model = again
+        else:
+            asks = [{"query": p["query"], "answers": p["answers"] if distiller == "extractive" else []} for p in plans]
+            title, text, model = DISTILLERS[distiller](self.kb, asks, docs)
+
+        def reject(reason):
+            self.counts["rejected"] += 1
+            for p in plans:
+                _gate(conn, self.run_id, p["query_id"], "faithfulness", False, reason, self.dry_run)
+
+        if not text.strip():
+            return reject("distiller produced no text")
+        ok, support = faithful(text, docs, float(w["faithfulness"]))
+        if not ok:
+            return reject(f"unsupported sentence (word support {support:.2f})")
+        carried = carried_sentences(text, docs)
+        if not carried:
+            return reject("the unit carries no sentence of a kept document")
+        src_ids = sorted(carried)  # credit goes only to the documents whose sentences the unit carries
+        unit_id = "unit:" + content_hash(title, text, anchor)[:16]
+        rec = Record(id=unit_id, title=title, text=text, source=f"writeback:{self.run_id}",
+                     meta={"questions": [p["query"] for p in plans], "run": self.run_id, "sentences": carried})
+        chunks = chunk_text(text, self.kb.config["chunking"]["size"], self.kb.config["chunking"]["overlap"]) or [text]
+        src_chunks = [r[0] for d in src_ids for r in conn.execute("SELECT id FROM chunks WHERE doc_id=? ORDER BY id", (d,))]
+        provenance = (unit_id, json.dumps(qids), json.dumps([f for p in plans for f in p["feedback_ids"]]),
+                      json.dumps(src_ids), json.dumps(src_chunks), distiller, model, self.run_id, time.time(), anchor)
+        return unit_id, rec, chunks, provenance
+
+    def _end(self, conn, change, ids, status="superseded"):
+        for u in ids:
+            self.kb.corpus.set_status(conn, u, status, change)
+            conn.execute("UPDATE units SET ended_by=? WHERE id=?", (self.run_id, u))
+
+    def flush(self):
+        """New unit versions (rows, chunks, term statistics, provenance) commit together with the ending of
+        the versions they supersede, a batch at a time."""
+        if not self.pending:
+            return
+        ends = list(self.ends)
+        self.kb.corpus.write(self.pending, IngestReport(), kind="unit",
+                             also=lambda conn, change: self._end(conn, change, ends))
+        self.pending.clear()
+        self.ends.clear()
 
 
 def carried_sentences(text, docs, overlap=0.6):
@@ -433,14 +536,10 @@ def carried_sentences(text, docs, overlap=0.6):
     return out or loose
 
 
-def _similar(a, b, threshold=0.9):
-    ta, tb = set(bm25_tokens(a)), set(bm25_tokens(b))
-    return bool(ta and tb) and len(ta & tb) / len(ta | tb) >= threshold
-
-
-def _merge(conn, unit_id, qid, feedback_ids):
+def _merge(conn, unit_id, qids, feedback_ids):
+    """The unit's text is unchanged; the questions and feedback it stands for grow."""
     row = conn.execute("SELECT query_ids, feedback_ids FROM units WHERE id=?", (unit_id,)).fetchone()
-    qs = list(dict.fromkeys(json.loads(row[0]) + [qid]))
+    qs = list(dict.fromkeys(json.loads(row[0]) + list(qids)))
     fs = list(dict.fromkeys(json.loads(row[1]) + list(feedback_ids)))
     with store.transaction(conn):
         conn.execute("UPDATE units SET query_ids=?, feedback_ids=? WHERE id=?", (json.dumps(qs), json.dumps(fs), unit_id))
