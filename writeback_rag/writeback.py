@@ -401,6 +401,8 @@ class _Night:
         questions, planned again, that still need it, then the new ones), in query order."""
         base = self.conn.execute("SELECT u.id, u.query_ids FROM units u JOIN documents d ON d.id=u.id "
                                  "WHERE u.anchor=? AND d.status='active' ORDER BY u.created, u.id", (anchor,)).fetchall()
+        known = {q for b in base for q in json.loads(b["query_ids"])}
+        new = [p for p in new if p["query_id"] not in known]  # e.g. a stale unit's questions, already here
         plans = {p["query_id"]: p for p in new}
         for b in base:
             for qid in json.loads(b["query_ids"]):
@@ -421,7 +423,8 @@ class _Night:
                     with self.kb.corpus.changing(conn) as change:
                         self._end(conn, change, base, "retired")
             return None
-        target = self._distil(self.kb.document(anchor), plans, distiller)
+        doc = self.kb.document(anchor)
+        target = self._distil(doc, plans, distiller) if doc is not None else None
         if target is None:  # rejected: what was there stays
             return None
         unit_id, rec, chunks, provenance = target
