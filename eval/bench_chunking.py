@@ -14,6 +14,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_result  # noqa: E402
 from writeback_rag.text import chunk_text  # noqa: E402
 
 ABBREV = ("Dr. J. R. Penhallow and Capt. A. B. Marr of St. Ives met Prof. C. D. Hale, Mr. E. F. Tull and "
@@ -56,11 +58,7 @@ def main():
         verdict.append(f"- {kind}: per-KB time at {sizes[-1]} KB is {ratio:.2f}x that at {sizes[0]} KB "
                        f"({'linear' if ratio < 1.5 else 'NOT linear'}: a quadratic cost would give "
                        f"{sizes[-1] / sizes[0]:.1f}x).")
-    out = "\n".join(lines + [""] + verdict) + "\n"
-    print(out)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(out)
+    write_result("\n".join(lines + [""] + verdict) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "eval"))
 from bench_changelog import corpus  # noqa: E402
-from common import command_line  # noqa: E402
+from common import command_line, write_result  # noqa: E402
 from writeback_rag import KnowledgeBase  # noqa: E402
 
 
@@ -83,11 +83,7 @@ def main():
     lines += ["", f"10x the chunks, the same feedback: **{med['large'] / med['small']:.2f}x** with a flat index, "
               f"**{med['large, hnsw'] / med['small, hnsw']:.2f}x** with HNSW. "
               f"Twice the feedback on the small KB: **{med['small, 2x feedback'] / med['small']:.2f}x**."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    write_result("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
