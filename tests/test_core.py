@@ -74,7 +74,8 @@ def test_migration_from_stored_postings_keeps_term_statistics(corpus_kb):
     c.execute("ALTER TABLE terms DROP COLUMN df")
     c.executescript("DROP TABLE tunings; ALTER TABLE feedback DROP COLUMN relevant;"  # before migrations 7 and 8 too
                     "DROP INDEX units_anchor; DROP INDEX units_ended_by;"
-                    "ALTER TABLE units DROP COLUMN anchor; ALTER TABLE units DROP COLUMN ended_by;")
+                    "ALTER TABLE units DROP COLUMN anchor; ALTER TABLE units DROP COLUMN ended_by;"
+                    "ALTER TABLE units DROP COLUMN revived;")  # and 9
     c.execute("PRAGMA user_version=5")
     c.commit()
     c.close()

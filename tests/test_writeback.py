@@ -194,6 +194,10 @@ def test_stale_units_hidden_then_redistilled(small, backend):
     assert all(h.kind == "source" for h in small.search("Calder foundry Marrowick", k=5, log=False).hits)
     out = small.writeback()  # the distilled sentences did not change: the same unit is current again
     assert out["revived"] == 1 and list_units(small)[0]["status"] == "active"
+    # rolling the reviving run back leaves the unit as it was (stale), not deleted; the next night revives it
+    assert small.rollback(out["run_id"]) == 0 and [x["status"] for x in list_units(small)] == ["stale"]
+    out = small.writeback()
+    assert out["revived"] == 1 and list_units(small)[0]["status"] == "active"
     # the revived unit's chunks come back under their old ids: each scored once, as a fresh engine does
     hits = small.search("Calder foundry Marrowick bells", k=5, mode="bm25", log=False).hits
     assert any(h.kind == "unit" for h in hits) and len({h.chunk_id for h in hits}) == len(hits)
@@ -586,3 +590,43 @@ def test_a_unit_is_written_only_where_the_sources_do_not_rank_the_evidence_first
     assert all(h.kind == "source" for h in small.search("When did the foundry close?", k=5, log=False).hits)
     small.rollback(night["run_id"])
     assert list_units(small)[0]["status"] == "active" and small.check()["ok"]
+
+
+def _three_versions(small, between=lambda night: None):
+    """Three nights, each adding a question on the Calder passage: versions v1 <- v2 <- v3."""
+    runs = []
+    for night, (q, a) in enumerate((("In which town was the Calder foundry?", "Marrowick"),
+                                    ("When did the Calder foundry close?", "1931"),
+                                    ("What did the Calder foundry cast?", "bells"))):
+        labelled(small, q, [a])
+        runs.append(small.writeback()["run_id"])
+        between(night)
+    by_run = {u["run_id"]: u["id"] for u in list_units(small)}
+    return runs, [by_run[r] for r in runs]
+
+
+def test_rolling_back_out_of_order_never_leaves_two_current_units_for_one_passage(small):
+    runs, (v1, v2, v3) = _three_versions(small)
+    assert {u["id"]: u["status"] for u in list_units(small)} == {v1: "superseded", v2: "superseded", v3: "active"}
+    small.rollback(runs[1])  # v2 goes; v1 (ended by that run) stays ended: v3 is current
+    assert {u["id"]: u["status"] for u in list_units(small)} == {v1: "superseded", v3: "active"}
+    assert small.check()["ok"]
+
+
+def test_a_version_retired_for_wrong_answers_or_gone_stale_is_not_brought_back_by_rollback(small):
+    seen = []  # a search made while v2 was current, answered wrong after v3 replaced it
+    runs, (v1, v2, v3) = _three_versions(small, lambda night: night == 1 and seen.append(
+        small.search("Calder foundry Marrowick 1931", k=3, mode="bm25")))
+    assert any(h.kind == "unit" for h in seen[0].hits)
+    small.feedback(seen[0].query_id, correct=False)  # retire_after_wrong = 1: the unit it used, v2, retires
+    small.rollback(runs[2])
+    assert {u["id"]: u["status"] for u in list_units(small)} == {v1: "superseded", v2: "retired"}
+    small.rollback(runs[1])  # v2 was that run's unit: it goes, and v1 is current again
+    assert {u["id"]: u["status"] for u in list_units(small)} == {v1: "active"}
+    labelled(small, "When did the Calder foundry close?", ["1931"])
+    run = small.writeback()["run_id"]  # v1 superseded again
+    # the source changes: the current version and the one a rollback could bring back both go stale
+    small.ingest([dict(DOCS[1], text=DOCS[1]["text"].replace("It cast bells", "It cast anchors"))])
+    assert [u["status"] for u in list_units(small)] == ["stale", "stale"]
+    small.rollback(run)
+    assert all(u["status"] != "active" for u in list_units(small)) and small.check()["ok"]

@@ -49,6 +49,7 @@ def _count_against(kb, conn, docs, hit_docs, change):
         row = conn.execute("SELECT against FROM units WHERE id=?", (u,)).fetchone()
         if row and row[0] >= limit:
             kb.corpus.set_status(conn, u, "retired", change)
+            conn.execute("UPDATE units SET ended_by=NULL WHERE id=?", (u,))  # no rollback brings it back
 
 
 def _context(hits, limit_chars=1500):

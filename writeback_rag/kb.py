@@ -611,8 +611,10 @@ class KnowledgeBase:
                     raise InputError(f"unit {other[0]} is the current unit of the same source passage; "
                                      f"retire it before restoring {unit_id}")
             self.corpus.set_status(conn, unit_id, status, change)
+            # by hand, not by a run: no rollback changes it back
+            conn.execute("UPDATE units SET ended_by=NULL WHERE id=?", (unit_id,))
             if status == "active":
-                conn.execute("UPDATE units SET against=0, ended_by=NULL WHERE id=?", (unit_id,))
+                conn.execute("UPDATE units SET against=0 WHERE id=?", (unit_id,))
         return row["status"]
 
     # ---- async (apps on an event loop) ---------------------------------------------------

@@ -178,6 +178,11 @@ MIGRATIONS = [
     CREATE INDEX units_anchor ON units(anchor);
     CREATE INDEX units_ended_by ON units(ended_by);
     """,
+    # 9: a run that makes an earlier version current again records what it was (revived: {run, status,
+    #    ended_by}), so rolling that run back puts it back as it was.
+    """
+    ALTER TABLE units ADD COLUMN revived TEXT;
+    """,
 ]
 
 

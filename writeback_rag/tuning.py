@@ -322,8 +322,9 @@ def fit(kb, run_id):
     fit_rows, held_rows = list(range(len(train))), list(range(len(train), len(train) + len(held)))
     # the fusion is chosen on questions an adapter did not learn from: on its own training questions the
     # adapted dense lists look better than they will be, and hybrid would lean on them too much
-    choose = [i for i in fit_rows if in_holdout("fusion " + train[i][0], FUSION_SLICE)]
-    learn = [i for i in fit_rows if i not in set(choose)] if cfg["adapter"] else []
+    choose = [i for i in fit_rows if in_holdout("fusion " + train[i][0], FUSION_SLICE)] or fit_rows
+    chosen = set(choose)
+    learn = ([i for i in fit_rows if i not in chosen] or fit_rows) if cfg["adapter"] else []
     adapter = _train_adapter(pool, learn, pool.dense(UNTUNED, learn), cfg) if learn else None
     lists = {False: pool.dense(UNTUNED, choose)}
     if adapter is not None:

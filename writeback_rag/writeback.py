@@ -151,11 +151,13 @@ def faithful(text, docs, threshold):
 def mark_stale_units(corpus, conn, doc_id, change):
     """Units drawn from a changed or deleted source stop being returned (recorded in `change`)."""
     needle = json.dumps(doc_id)  # instr, not LIKE: ids of any length, and '%' or '_' in an id match only itself
+    # current units, and the versions a rollback could make current again (ended by a run)
     for unit_id, sources in conn.execute("SELECT u.id, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
-                                         "WHERE d.status='active' AND instr(u.source_doc_ids, ?) > 0",
-                                         (needle,)).fetchall():
+                                         "WHERE (d.status='active' OR u.ended_by IS NOT NULL) "
+                                         "AND instr(u.source_doc_ids, ?) > 0", (needle,)).fetchall():
         if doc_id in json.loads(sources):  # instr narrows; the JSON list decides
             corpus.set_status(conn, unit_id, "stale", change)
+            conn.execute("UPDATE units SET ended_by=NULL WHERE id=?", (unit_id,))
 
 
 class Lock:
@@ -209,8 +211,17 @@ def _undo_units(kb, conn, run_ids, change):
     units = [r[0] for r in conn.execute(f"SELECT id FROM units WHERE run_id IN ({marks})", run_ids)]
     for u in units:
         kb.corpus.remove(conn, u, change)
-    for (u,) in conn.execute(f"SELECT id FROM units WHERE ended_by IN ({marks})", run_ids).fetchall():
-        kb.corpus.set_status(conn, u, "active", change)
+    runs = set(run_ids)
+    for u, revived in conn.execute("SELECT id, revived FROM units WHERE revived IS NOT NULL").fetchall():
+        was = json.loads(revived)
+        if was["run"] in runs:  # an earlier version it made current again goes back to what it was
+            kb.corpus.set_status(conn, u, was["status"], change)
+            conn.execute("UPDATE units SET ended_by=?, revived=NULL WHERE id=?", (was["ended_by"], u))
+    for u, anchor in conn.execute(f"SELECT id, anchor FROM units WHERE ended_by IN ({marks})", run_ids).fetchall():
+        # current again, unless its passage has a current unit of a later run (rolled back out of order)
+        if not conn.execute("SELECT 1 FROM units o JOIN documents d ON d.id=o.id WHERE o.anchor=? AND o.id<>? "
+                            "AND d.status='active'", (anchor, u)).fetchone():
+            kb.corpus.set_status(conn, u, "active", change)
     conn.execute(f"UPDATE units SET ended_by=NULL WHERE ended_by IN ({marks})", run_ids)
     return len(units)
 
@@ -287,7 +298,14 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
     if kb.config["writeback"]["earn_slot"]:
         anchors |= {r[0] for r in conn.execute("SELECT DISTINCT u.anchor FROM units u JOIN documents d ON d.id=u.id "
                                                "WHERE d.status='active' AND u.anchor IS NOT NULL")}
-    work = [night.prepare(a, groups.get(a, [])) for a in sorted(anchors)]
+    work = {a: night.prepare(a, groups.get(a, [])) for a in sorted(anchors)}
+    moved = sorted((p for item in work.values() for p in item["moved"]), key=lambda p: p["query_id"])
+    for p in moved:
+        if all(p["query_id"] != q["query_id"] for q in groups[p["anchor"]]):
+            groups[p["anchor"]].append(p)
+    for a in sorted({p["anchor"] for p in moved}):
+        work[a] = night.prepare(a, groups[a])
+    work = [work[a] for a in sorted(work)]
     written = []
     try:
         for item in _progress(work, show_progress, "write-back: units", unit="unit"):
@@ -404,14 +422,18 @@ class _Night:
         known = {q for b in base for q in json.loads(b["query_ids"])}
         new = [p for p in new if p["query_id"] not in known]  # e.g. a stale unit's questions, already here
         plans = {p["query_id"]: p for p in new}
+        moved = []
         for b in base:
             for qid in json.loads(b["query_ids"]):
                 if qid not in plans:
                     p = _plan(self.kb, self.conn, qid, self.run_id, defaultdict(int), True)  # again, silently
-                    if p and p["anchor"] == anchor and self.earns(p):
-                        plans[qid] = p
+                    if p and self.earns(p):
+                        if p["anchor"] == anchor:
+                            plans[qid] = p
+                        else:  # its evidence is another passage now: it joins that passage's unit
+                            moved.append(p)
         return {"anchor": anchor, "base": [b["id"] for b in base], "new": new,
-                "plans": [plans[q] for q in sorted(plans)]}
+                "plans": [plans[q] for q in sorted(plans)], "moved": moved}
 
     def unit_for(self, item, distiller):
         conn, counts = self.conn, self.counts
@@ -442,14 +464,19 @@ class _Night:
             return None
         counts["merged"] += len(new) - (1 if len(new) == len(plans) else 0)  # new questions sharing a unit
         if old is not None:  # an earlier version of this passage's unit (stale or superseded) is current again
-            counts["revived"] += 1
+            if unit_id not in base:  # (in base: it is current already, and only the others end)
+                counts["revived"] += 1
             if not self.dry_run:
                 with self.kb.corpus.changing(conn) as change:
                     self._end(conn, change, [b for b in base if b != unit_id])
-                    self.kb.corpus.set_status(conn, unit_id, "active", change)
-                    conn.execute("UPDATE units SET ended_by=NULL, run_id=? WHERE id=?", (self.run_id, unit_id))
-                _merge(conn, unit_id, [p["query_id"] for p in plans], [f for p in plans for f in p["feedback_ids"]])
-            return {"unit_id": unit_id, "revived": True}
+                    if unit_id not in base:  # what it was is kept, so rolling this run back restores it
+                        conn.execute("UPDATE units SET revived=?, ended_by=NULL WHERE id=?",
+                                     (json.dumps({"run": self.run_id, "status": old["status"],
+                                                  "ended_by": old["ended_by"]}), unit_id))
+                        self.kb.corpus.set_status(conn, unit_id, "active", change)
+                    _merge_rows(conn, unit_id, [p["query_id"] for p in plans],
+                                [f for p in plans for f in p["feedback_ids"]])
+            return None if unit_id in base else {"unit_id": unit_id, "revived": True}
         counts["written"] += 1
         out = {"unit_id": unit_id, "title": rec.title, "text": rec.text, "sources": json.loads(provenance[3]),
                "questions": len(plans), "supersedes": base}
@@ -503,8 +530,10 @@ class _Night:
 
     def _end(self, conn, change, ids, status="superseded"):
         for u in ids:
-            self.kb.corpus.set_status(conn, u, status, change)
-            conn.execute("UPDATE units SET ended_by=? WHERE id=?", (self.run_id, u))
+            # only a unit still current: one retired for wrong answers or gone stale since stays as it is
+            if conn.execute("SELECT status FROM documents WHERE id=?", (u,)).fetchone()[0] == "active":
+                self.kb.corpus.set_status(conn, u, status, change)
+                conn.execute("UPDATE units SET ended_by=? WHERE id=?", (self.run_id, u))
 
     def flush(self):
         """New unit versions (rows, chunks, term statistics, provenance) commit together with the ending of
@@ -541,11 +570,15 @@ def carried_sentences(text, docs, overlap=0.6):
 
 def _merge(conn, unit_id, qids, feedback_ids):
     """The unit's text is unchanged; the questions and feedback it stands for grow."""
-    row = conn.execute("SELECT query_ids, feedback_ids FROM units WHERE id=?", (unit_id,)).fetchone()
-    qs = list(dict.fromkeys(json.loads(row[0]) + list(qids)))
-    fs = list(dict.fromkeys(json.loads(row[1]) + list(feedback_ids)))
     with store.transaction(conn):
-        conn.execute("UPDATE units SET query_ids=?, feedback_ids=? WHERE id=?", (json.dumps(qs), json.dumps(fs), unit_id))
+        _merge_rows(conn, unit_id, qids, feedback_ids)
+
+
+def _merge_rows(conn, unit_id, qids, feedback_ids):
+    row = conn.execute("SELECT query_ids, feedback_ids FROM units WHERE id=?", (unit_id,)).fetchone()
+    qs = sorted(set(json.loads(row[0])) | set(qids))  # in query order, as a new version lists them
+    fs = list(dict.fromkeys(json.loads(row[1]) + list(feedback_ids)))
+    conn.execute("UPDATE units SET query_ids=?, feedback_ids=? WHERE id=?", (json.dumps(qs), json.dumps(fs), unit_id))
 
 
 def _gate(conn, run_id, qid, gate, passed, reason, dry_run):
