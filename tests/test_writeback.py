@@ -630,3 +630,26 @@ def test_a_version_retired_for_wrong_answers_or_gone_stale_is_not_brought_back_b
     assert [u["status"] for u in list_units(small)] == ["stale", "stale"]
     small.rollback(run)
     assert all(u["status"] != "active" for u in list_units(small)) and small.check()["ok"]
+
+
+def test_a_unit_retired_while_the_night_runs_stays_retired(small, monkeypatch):
+    from writeback_rag.writeback import DISTILLERS
+
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    small.writeback()
+    [v1] = list_units(small)
+    real = DISTILLERS["extractive"]
+
+    def retiring(kb, asks, docs):  # a user retires v1 after the night planned to supersede it
+        if small.document(v1["id"])["status"] == "active":
+            small.retire(v1["id"])
+        return real(kb, asks, docs)
+
+    monkeypatch.setitem(DISTILLERS, "extractive", retiring)
+    labelled(small, "When did the Calder foundry close?", ["1931"])
+    night = small.writeback()
+    assert night["written"] == 1
+    status = {u["id"]: (u["status"], u["ended_by"]) for u in list_units(small)}
+    assert status[v1["id"]] == ("retired", None)  # not superseded by the night: a rollback must not revive it
+    small.rollback(night["run_id"])
+    assert {u["id"]: u["status"] for u in list_units(small)} == {v1["id"]: "retired"}
