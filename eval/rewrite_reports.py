@@ -7,18 +7,12 @@ import json
 import os
 import sys
 
-from writeback_rag import eval as ev
+from run_eval import report_markdown
 
 for path in sys.argv[1:]:
     with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    name = d["protocol"]["name"]
-    png = f"learning-curve-{name}.png" if d.get("learning_curve") else None
-    md = ev.markdown_report(d["protocol"], command=d["command"], curve=d.get("learning_curve"), curve_png=png,
-                            validation=None if d.get("validation") is None else d["validation"].get("text"),
-                            targets=d.get("targets"))
-    md += f"\nWall time for this dataset (validation, protocol, learning curve): {d['minutes']} minutes.\n"
+        result = json.load(f)
     out = os.path.splitext(path)[0] + ".md"
     with open(out, "w", encoding="utf-8") as f:
-        f.write(md)
+        f.write(report_markdown(result))
     print(f"wrote {out}")

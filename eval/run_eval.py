@@ -112,6 +112,15 @@ def targets(res):
     return out
 
 
+def report_markdown(result):
+    """eval-<name>.md from what eval-<name>.json holds (eval/rewrite_reports.py writes it again from there)."""
+    name = result["protocol"]["name"]
+    md = ev.markdown_report(result["protocol"], command=result["command"], curve=result.get("learning_curve"),
+                            curve_png=f"learning-curve-{name}.png" if result.get("learning_curve") else None,
+                            validation=result.get("validation_text"), targets=result.get("targets"))
+    return md + f"\nWall time for this dataset (validation, protocol, learning curve): {result['minutes']:.1f} minutes.\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("datasets", nargs="*", default=[os.path.join(DATA, "squad"), os.path.join(DATA, "scifact")],
@@ -176,18 +185,14 @@ def main(argv=None):
                                           seed=args.seed, progress=log)
                 png = os.path.join(args.out_dir, f"learning-curve-{name}.png")
                 ev.plot_learning_curve(curve, png)
-            tg = targets(res)
-            minutes = (time.time() - t_dataset) / 60
-            md = ev.markdown_report(res, command=cmd, curve=curve, curve_png=os.path.basename(png) if png else None,
-                                    validation=validation, targets=tg)
-            md += f"\nWall time for this dataset (validation, protocol, learning curve): {minutes:.1f} minutes.\n"
+            result = {"command": cmd, "protocol": res, "validation": val_json, "validation_text": validation,
+                      "learning_curve": curve, "targets": targets(res),
+                      "minutes": round((time.time() - t_dataset) / 60, 1)}
             with open(os.path.join(args.out_dir, f"eval-{name}.md"), "w", encoding="utf-8") as f:
-                f.write(md)
-            ev.write_json({"command": cmd, "protocol": res, "validation": val_json, "learning_curve": curve,
-                           "targets": tg, "minutes": round(minutes, 1)},
-                          os.path.join(args.out_dir, f"eval-{name}.json"))
+                f.write(report_markdown(result))
+            ev.write_json(result, os.path.join(args.out_dir, f"eval-{name}.json"))
             log(f"{name}: wrote {os.path.join(args.out_dir, f'eval-{name}.md')}")
-            for t in tg:
+            for t in result["targets"]:
                 log("  " + t)
     except WbragError as e:
         print(f"run_eval: error: {e}", file=sys.stderr)

@@ -653,3 +653,22 @@ def test_a_unit_retired_while_the_night_runs_stays_retired(small, monkeypatch):
     assert status[v1["id"]] == ("retired", None)  # not superseded by the night: a rollback must not revive it
     small.rollback(night["run_id"])
     assert {u["id"]: u["status"] for u in list_units(small)} == {v1["id"]: "retired"}
+
+
+def test_write_back_embeds_each_question_once_in_one_batch(small):
+    """The slot check searches every question with feedback and the fit embeds them all: one batch."""
+    small.config["writeback"]["earn_slot"] = True
+    small.config["learning"].update(min_examples=1, min_holdout=1, holdout=0.5)  # the fit runs on these few
+    questions = ["In which town was the Calder foundry?", "When did the Calder foundry close?",
+                 "Where did the Calder foundry stand?", "In what year was Grey Heron Light completed?"]
+    small.label([{"id": str(i), "query": q, "answers": [a]} for i, (q, a) in
+                 enumerate(zip(questions, ["Marrowick", "1931", "Marrowick", "1861"]))])
+    calls = []
+    inner = small.embedder
+    real = inner.encode
+    inner.encode = lambda texts, show_progress=False: calls.append(list(texts)) or real(texts)
+    out = small.writeback()
+    assert out["covered"] + out["written"] >= 1 and out["tuning"]["status"] != "skipped"
+    asked = [c for c in calls if set(c) & set(questions)]
+    assert len(asked) == 1 and sorted(asked[0]) == sorted(questions)
+    assert small.embedder is inner  # the run's cache is gone with the run

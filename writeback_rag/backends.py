@@ -41,6 +41,31 @@ def register_distiller(name):
     return deco
 
 
+class CachedEmbedder:
+    """Wraps an embedder: texts primed in one batch are looked up, not embedded one by one.
+
+    Query vectors are what a search would compute for each query alone (up to float rounding of batched
+    inference); the evaluation primes its train and test queries, write-back the questions of its feedback."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.model_id, self.dim = inner.model_id, inner.dim
+        self.cache = {}
+
+    def prime(self, texts, batch=2048):
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        for s in range(0, len(todo), batch):
+            part = todo[s:s + batch]
+            for t, v in zip(part, self.inner.encode(part)):
+                self.cache[t] = v
+
+    def encode(self, texts, show_progress=False):
+        texts = list(texts)
+        if texts and all(t in self.cache for t in texts):
+            return np.stack([self.cache[t] for t in texts]).astype(np.float32)
+        return self.inner.encode(texts)
+
+
 def get_embedder(spec):
     """`spec` is a registered name, else any sentence-transformers model name or local path."""
     name = spec.get("name", "minilm") if isinstance(spec, dict) else spec

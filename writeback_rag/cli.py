@@ -337,9 +337,7 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
                            + (f" (replacing {', '.join(u['supersedes'])})" if u["supersedes"] else "") + f": {u['title']}")
     # one line per run, for cron logs
     typer.echo(f"writeback run={rep['run_id'] or 'dry-run'} distiller={rep['distiller']} examples={rep.get('examples', 0)} "
-               f"passed={rep.get('passed_utility', 0)} docs={rep.get('docs_kept', 0)} covered={rep.get('covered', 0)} "
-               f"written={rep.get('written', 0)} merged={rep.get('merged', 0)} retired={rep.get('retired', 0)} "
-               f"rejected={rep.get('rejected', 0)} seconds={time.time() - t0:.1f}")
+               f"{_run_counts(rep)} seconds={time.time() - t0:.1f}")
     t = rep["tuning"]
     line = f"learning: {t['status']}"
     if t.get("metrics"):
@@ -347,6 +345,13 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
         line += (f" (held-out nDCG@10 hybrid {now['hybrid']:.3f} -> {new['hybrid']:.3f}, dense {now['dense']:.3f} -> "
                  f"{new['dense']:.3f}; {t['examples']} questions fitted, {t['holdout']} held out)")
     typer.echo(line + (f": {t['reason']}" if t["status"] != "adopted" else ""))
+
+
+def _run_counts(c):
+    """A write-back run's counts, as the run's summary line and `wbrag runs` print them."""
+    return (f"passed={c.get('passed_utility', 0)} docs={c.get('docs_kept', 0)} covered={c.get('covered', 0)} "
+            f"written={c.get('written', 0)} merged={c.get('merged', 0)} retired={c.get('retired', 0)} "
+            f"rejected={c.get('rejected', 0)}")
 
 
 @wb_app.command("rollback")
@@ -384,9 +389,7 @@ def runs(kb: Optional[str] = KB, as_json: bool = JSON):
     for r in rows:
         c = r["counts"]
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
-        typer.echo(f"{r['id']}  {ts}  {r['status']:<11} seen={c.get('examples', 0)} passed={c.get('passed_utility', 0)} "
-                   f"docs={c.get('docs_kept', 0)} covered={c.get('covered', 0)} written={c.get('written', 0)} "
-                   f"merged={c.get('merged', 0)} retired={c.get('retired', 0)} rejected={c.get('rejected', 0)}"
+        typer.echo(f"{r['id']}  {ts}  {r['status']:<11} seen={c.get('examples', 0)} {_run_counts(c)}"
                    + (f" tuning={c['tuning']}" if "tuning" in c else ""))
 
 

@@ -19,6 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from . import config as cfgmod
+from .backends import CachedEmbedder
 from .errors import InputError
 from .feedback import read_jsonl, read_qrels
 from .text import contains_answer, count_tokens
@@ -237,32 +238,8 @@ def evaluate(kb, examples, mode, k=100, units=None, reader=None, reader_k=5, pro
 # ---- KBs ----------------------------------------------------------------------------------
 
 
-class CachedEmbedder:
-    """Wraps the KB's embedder: texts primed in one batch are looked up, not embedded one by one.
-
-    Query vectors are what kb.search would compute for each query alone (up to float rounding of
-    batched inference); priming the train and test queries saves minutes on CPU."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.model_id, self.dim = inner.model_id, inner.dim
-        self.cache = {}
-
-    def prime(self, texts, batch=2048):
-        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        for s in range(0, len(todo), batch):
-            part = todo[s:s + batch]
-            for t, v in zip(part, self.inner.encode(part)):
-                self.cache[t] = v
-
-    def encode(self, texts, show_progress=False):
-        texts = list(texts)
-        if texts and all(t in self.cache for t in texts):
-            return np.stack([self.cache[t] for t in texts]).astype(np.float32)
-        return self.inner.encode(texts)
-
-
 def _use_cache(kb, texts, modes):
+    """The train and test queries embedded once, in batches, for the whole protocol."""
     if not any(m in ("dense", "hybrid") for m in modes):
         return
     if not isinstance(kb._embedder, CachedEmbedder):

@@ -1,5 +1,6 @@
 """KnowledgeBase: the public API that the CLI and other apps use."""
 
+import contextlib
 import copy
 import json
 import os
@@ -8,11 +9,11 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from . import config as cfgmod
 from . import store
-from .backends import embedder_model_id, get_embedder
+from .backends import CachedEmbedder, embedder_model_id, get_embedder
 from .filters import Filter
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, storage_error, translating
 from .changes import head
@@ -251,6 +252,23 @@ class KnowledgeBase:
                 if self._embedder is None:
                     self._embedder = get_embedder(self.config["embedder"])
         return self._embedder
+
+    @contextlib.contextmanager
+    def primed(self, texts: Iterable[str]) -> Iterator[None]:
+        """Within the block, searches of these texts use vectors embedded once, in batches (write-back
+        searches each question of its feedback and fits on all of them: one embedding each, not two)."""
+        emb = self.embedder
+        if isinstance(emb, CachedEmbedder):  # already wrapped (the evaluation primes its own queries)
+            emb.prime(texts)
+            yield
+            return
+        cached = CachedEmbedder(emb)
+        cached.prime(texts)
+        self._embedder = cached
+        try:
+            yield
+        finally:
+            self._embedder = emb
 
     @property
     def generation(self) -> int:

@@ -179,9 +179,11 @@ MIGRATIONS = [
     CREATE INDEX units_ended_by ON units(ended_by);
     """,
     # 9: a run that makes an earlier version current again records what it was (revived: {run, status,
-    #    ended_by}), so rolling that run back puts it back as it was.
+    #    ended_by}), so rolling that run back puts it back as it was. Units are found by their passage
+    #    (anchor) now, no longer by their source set.
     """
     ALTER TABLE units ADD COLUMN revived TEXT;
+    DROP INDEX IF EXISTS units_sources;
     """,
 ]
 

@@ -211,12 +211,11 @@ def _undo_units(kb, conn, run_ids, change):
     units = [r[0] for r in conn.execute(f"SELECT id FROM units WHERE run_id IN ({marks})", run_ids)]
     for u in units:
         kb.corpus.remove(conn, u, change)
-    runs = set(run_ids)
-    for u, revived in conn.execute("SELECT id, revived FROM units WHERE revived IS NOT NULL").fetchall():
-        was = json.loads(revived)
-        if was["run"] in runs:  # an earlier version it made current again goes back to what it was
-            kb.corpus.set_status(conn, u, was["status"], change)
-            conn.execute("UPDATE units SET ended_by=?, revived=NULL WHERE id=?", (was["ended_by"], u))
+    for u, revived in conn.execute(f"SELECT id, revived FROM units WHERE json_extract(revived, '$.run') "
+                                   f"IN ({marks})", run_ids).fetchall():
+        was = json.loads(revived)  # an earlier version it made current again goes back to what it was
+        kb.corpus.set_status(conn, u, was["status"], change)
+        conn.execute("UPDATE units SET ended_by=?, revived=NULL WHERE id=?", (was["ended_by"], u))
     for u, anchor in conn.execute(f"SELECT id, anchor FROM units WHERE ended_by IN ({marks})", run_ids).fetchall():
         # current again, unless its passage has a current unit of a later run (rolled back out of order)
         if not conn.execute("SELECT 1 FROM units o JOIN documents d ON d.id=o.id WHERE o.anchor=? AND o.id<>? "
@@ -252,7 +251,13 @@ def _run(kb, distiller, dry_run, show_progress):
     conn = kb.conn
     token = _RUN_IDF.set(_source_idf(conn))  # one source count and one term cache for the whole run
     try:
-        return _run_with_idf(kb, conn, distiller, dry_run, show_progress)
+        if kb.config["retrieval"]["mode"] == "bm25" and not kb.config["learning"]["enabled"]:
+            return _run_with_idf(kb, conn, distiller, dry_run, show_progress)  # nothing to embed
+        # the slot checks search each question with feedback and the fit embeds them all: embedded once
+        questions = [r[0] for r in conn.execute("SELECT DISTINCT q.text FROM feedback f "
+                                                "JOIN queries q ON q.id=f.query_id")]
+        with kb.primed(questions):
+            return _run_with_idf(kb, conn, distiller, dry_run, show_progress)
     finally:
         _RUN_IDF.reset(token)
 
