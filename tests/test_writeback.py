@@ -227,6 +227,13 @@ def test_lock_refuses_a_second_run(small):
     with Lock(small):
         r = CliRunner().invoke(app, ["writeback", "--kb", small.path])
     assert r.exit_code == 75 and "another write-back run" in r.output
+    # a rollback waits for the night too: the night works from the units it planned on
+    labelled(small, "In which town was the Calder foundry?", ["Marrowick"])
+    run = small.writeback()["run_id"]
+    with Lock(small):
+        with pytest.raises(LockBusy, match="another write-back run"):
+            small.rollback(run)
+    assert len(list_units(small)) == 1 and small.rollback(run) == 1
 
 
 def test_llm_distiller_and_faithfulness_rejection(small, scripted):

@@ -191,7 +191,9 @@ def rollback(kb, run_id):
     retired, and stop using what it learned (the tuning adopted before it is used again); its feedback stays
     consumed."""
     conn = kb.conn
-    with kb.corpus.lock:
+    # under the write-back lock: a night running in another process works from the units it planned on,
+    # so a rollback waits for it (LockBusy, try again later) instead of removing them under it
+    with Lock(kb), kb.corpus.lock:
         run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
         if run is None:
             from .errors import InputError
@@ -536,7 +538,8 @@ class _Night:
     def _end(self, conn, change, ids, status="superseded"):
         for u in ids:
             # only a unit still current: one retired for wrong answers or gone stale since stays as it is
-            if conn.execute("SELECT status FROM documents WHERE id=?", (u,)).fetchone()[0] == "active":
+            row = conn.execute("SELECT status FROM documents WHERE id=?", (u,)).fetchone()
+            if row is not None and row[0] == "active":
                 self.kb.corpus.set_status(conn, u, status, change)
                 conn.execute("UPDATE units SET ended_by=? WHERE id=?", (self.run_id, u))
 
@@ -581,6 +584,8 @@ def _merge(conn, unit_id, qids, feedback_ids):
 
 def _merge_rows(conn, unit_id, qids, feedback_ids):
     row = conn.execute("SELECT query_ids, feedback_ids FROM units WHERE id=?", (unit_id,)).fetchone()
+    if row is None:  # removed since (a unit is deleted with its record)
+        return
     qs = sorted(set(json.loads(row[0])) | set(qids))  # in query order, as a new version lists them
     fs = list(dict.fromkeys(json.loads(row[1]) + list(feedback_ids)))
     conn.execute("UPDATE units SET query_ids=?, feedback_ids=? WHERE id=?", (json.dumps(qs), json.dumps(fs), unit_id))
