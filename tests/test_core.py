@@ -359,6 +359,52 @@ def test_bm25_scores_equal_rank_bm25(kb):
             assert got.get(f"d{i}", 0.0) == pytest.approx(s, rel=1e-4, abs=1e-5)
 
 
+def test_bm25_scores_stay_equal_to_rank_bm25_across_writes(kb):
+    """The engine weighs postings once and keeps the weights: writes that move the average length past
+    its drift, appended postings and tombstones must still give rank-bm25's scores through kb.search."""
+    rank_bm25 = pytest.importorskip("rank_bm25")
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(50)]
+    short = {f"s{i}": " ".join(rng.choice(vocab, size=rng.integers(3, 12))) for i in range(40)}
+    long = {f"l{i}": " ".join(rng.choice(vocab, size=rng.integers(40, 80))) for i in range(15)}
+    now = {}
+
+    def agrees():
+        ids = sorted(now)
+        ref = rank_bm25.BM25Okapi([bm25_tokens(now[i]) for i in ids], k1=1.2, b=0.75)
+        for q in ["w1 w2 w3", "w7 w7 w30", "w49"]:
+            got = {h.doc_id: h.bm25 for h in kb.search(q, k=len(ids), mode="bm25", log=False).hits}
+            for i, s in zip(ids, ref.get_scores(bm25_tokens(q))):
+                assert got.get(i, 0.0) == pytest.approx(s, rel=1e-4, abs=1e-5), (q, i)
+
+    for batch in (short, long):  # the long documents move the average length by far more than the drift
+        kb.ingest([{"id": i, "text": t} for i, t in batch.items()])
+        now.update(batch)
+        agrees()
+    gone = [h.doc_id for h in kb.search("w7 w7 w30", k=5, mode="bm25", log=False).hits] + ["s1", "s2"]
+    kb.delete(gone)  # tombstones until the next compaction
+    for i in gone:
+        del now[i]
+    agrees()
+    hits = kb.search("w7 w7 w30", k=5, mode="bm25", log=False).hits  # the removed best are not in the way
+    assert len(hits) == 5 and not {h.doc_id for h in hits} & set(gone)
+
+
+def test_a_changed_title_shows_in_the_next_search_in_every_process(kb):
+    """Hits take titles from a cache kept for the log's head: a write here or in another process must show."""
+    kb.ingest([{"id": "a", "title": "Old title", "text": "alpha bravo charlie"}])
+    assert kb.search("alpha", mode="bm25", log=False).hits[0].title == "Old title"
+    kb.ingest([{"id": "a", "title": "New title", "text": "alpha bravo charlie"}])
+    assert kb.search("alpha", mode="bm25", log=False).hits[0].title == "New title"
+    other = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    other.ingest([{"id": "a", "title": "Third title", "text": "alpha bravo charlie", "metadata": {"page": 3}}])
+    other.close()
+    hit = kb.search("alpha", mode="bm25", log=False).hits[0]
+    assert (hit.title, hit.meta) == ("Third title", {"page": 3})
+    hit.meta["page"] = 4  # a caller's change to a hit stays in that hit
+    assert kb.search("alpha", mode="bm25", log=False).hits[0].meta == {"page": 3}
+
+
 def test_search_modes_fusion_and_hits(corpus_kb):
     kb = corpus_kb
     for mode in ("bm25", "dense", "hybrid"):

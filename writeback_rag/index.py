@@ -1,6 +1,7 @@
 """Derived indexes: FAISS for dense vectors and an incremental BM25 engine, each saved beside a manifest."""
 
 import json
+import math
 import os
 import threading
 import time
@@ -170,9 +171,17 @@ class BM25:
     and the document frequency; per chunk, its length and whether it is live. IDF, the epsilon floor and
     length normalisation are computed at query time for the query's terms only, so adding or removing a
     chunk touches that chunk's postings and nothing else. Removed chunks are tombstones until the next
-    compaction (on save, or when a third of the postings are dead)."""
+    compaction (on save, or when a third of the postings are dead).
+
+    Each posting of the compacted segment also holds its tf weight normalised by length, computed the
+    first time its term is queried, as Lucene keeps norms; the average document length these use is
+    refreshed when the true one has moved by more than AVGDL_DRIFT, so a one-document write does not make
+    the next queries recompute their terms (scores then equal rank-bm25's with an average length within
+    0.1%). Postings appended by writes are weighed at query time."""
 
     FORMAT = 3  # of the saved arrays; bump when save() changes
+    AVGDL_DRIFT = 1e-3
+    MERGE_EXTRA = 8  # a term's appended segments are merged into one beyond this many
 
     def __init__(self, conn=None, k1=1.2, b=0.75, epsilon=0.25, seq=0):
         """The engine over every active chunk in `conn` (read in one snapshot); empty without a conn."""
@@ -184,11 +193,14 @@ class BM25:
         self.n_docs, self.total_len = 0, 0.0
         self._base = {}      # term id -> (start, end) into _ids/_tf: one compacted segment
         self._ids = np.zeros(0, dtype=np.int64)
-        self._tf = np.zeros(0, dtype=np.float32)
+        self._tf = np.zeros(0, dtype=np.uint16)
+        self._w = np.zeros(0, dtype=np.float32)  # per posting of _ids: its tf weight (see above)
+        self._wver = np.zeros(1, dtype=np.int64)  # per term id: the _version its weights in _w were made at
         self._extra = {}     # term id -> [(ids, tf)] appended by replayed adds
         self._n_post, self._n_dead = 0, 0
         self._mean_idf = None
         self._local = threading.local()
+        self._wkey, self._version = None, 0  # (k1, b, average length) the weights use; bumped with it
         if conn is not None:
             conn.execute("BEGIN")  # one snapshot: the chunks and the sequence number they match
             try:
@@ -243,10 +255,12 @@ class BM25:
     def _set_base(self, tids, counts, ids, tf):
         ends = np.cumsum(counts)
         starts = ends - counts
-        self._ids, self._tf = ids, tf
+        self._ids, self._tf = ids, np.minimum(tf, 65535).astype(np.uint16)
+        self._w = np.zeros(len(ids), dtype=np.float32)
         self._base = dict(zip(tids.tolist(), zip(starts.tolist(), ends.tolist())))
         self._extra = {}
         self._grow_terms(int(tids.max()) if len(tids) else 0)
+        self._wver[:] = -1  # no term's weights are made yet
         self.df[:] = 0
         self.df[tids] = counts
         self._n_post, self._n_dead = len(ids), 0
@@ -260,7 +274,9 @@ class BM25:
 
     def _grow_terms(self, top):
         if top >= len(self.df):
-            self.df = np.concatenate([self.df, np.zeros(max(top + 1, 2 * len(self.df)) - len(self.df), np.int64)])
+            n = max(top + 1, 2 * len(self.df))
+            self.df = np.concatenate([self.df, np.zeros(n - len(self.df), np.int64)])
+            self._wver = np.concatenate([self._wver, np.full(n - len(self._wver), -1, np.int64)])
 
     def add(self, conn, rows):
         """Make chunks live: (chunk id, text, title) rows of active chunks; those already live are skipped.
@@ -285,7 +301,10 @@ class BM25:
         if by_term:
             self._grow_terms(max(by_term))
         for tid, (c, f) in by_term.items():
-            self._extra.setdefault(tid, []).append((np.array(c, dtype=np.int64), np.array(f, dtype=np.float32)))
+            segs = self._extra.setdefault(tid, [])
+            segs.append((np.array(c, dtype=np.int64), np.array(f, dtype=np.float32)))
+            if len(segs) > self.MERGE_EXTRA:  # many one-document writes: one array, not many, per query
+                segs[:] = [(np.concatenate([x[0] for x in segs]), np.concatenate([x[1] for x in segs]))]
             self.df[tid] += len(c)
             self._n_post += len(c)
         self._mean_idf = None
@@ -341,12 +360,40 @@ class BM25:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def _weigh(self, ids, tf):
+        """BM25's tf weight for postings (k1 + 1) tf / (tf + k1 (1 - b + b len / avgdl)), at _wkey."""
+        k1, b, avgdl = self._wkey
+        tf = tf.astype(np.float64)
+        return tf * (k1 + 1) / (tf + k1 * (1 - b + b * self.doc_len[ids] / avgdl))
+
+    def _term(self, tid):
+        """(live chunk ids, their tf weights) of a term: the compacted segment's weights are made once."""
+        parts = []
+        span = self._base.get(tid)
+        if span is not None:
+            a, e = span
+            if self._wver[tid] != self._version:
+                self._w[a:e] = self._weigh(self._ids[a:e], self._tf[a:e])
+                self._wver[tid] = self._version
+            parts.append((self._ids[a:e], self._w[a:e]))
+        parts += [(ids, self._weigh(ids, tf).astype(np.float32)) for ids, tf in self._extra.get(tid, ())]
+        if len(parts) == 1:
+            ids, w = parts[0]
+        elif parts:
+            ids, w = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        else:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self._n_dead:  # tombstones: skip the postings of removed chunks
+            live = self.alive[ids]
+            ids, w = ids[live], w[live]
+        return ids, w
+
     def idf(self, tid):
         """rank-bm25's IDF: log((N - df + 0.5) / (df + 0.5)), and epsilon x the mean IDF where negative."""
         df = float(self.df[tid])
-        raw = np.log(self.n_docs - df + 0.5) - np.log(df + 0.5)
+        raw = math.log(self.n_docs - df + 0.5) - math.log(df + 0.5) if self.n_docs - df + 0.5 > 0 else -math.inf
         if raw >= 0:
-            return float(raw)
+            return raw
         if self._mean_idf is None:  # the mean over the vocabulary: once per change, not per query
             d = self.df[self.df > 0].astype(np.float64)
             self._mean_idf = float((np.log(self.n_docs - d + 0.5) - np.log(d + 0.5)).mean()) if len(d) else 0.0
@@ -357,10 +404,10 @@ class BM25:
         return self.total_len / self.n_docs if self.n_docs else 1.0
 
     def _scratch(self):
-        """Per-thread (scores, seen) arrays as long as the chunk ids, all zero between searches."""
+        """A per-thread score array as long as the chunk ids, all zero between searches."""
         mine = getattr(self._local, "scratch", None)
-        if mine is None or len(mine[0]) < len(self.doc_len):
-            mine = (np.zeros(len(self.doc_len), dtype=np.float64), np.zeros(len(self.doc_len), dtype=bool))
+        if mine is None or len(mine) < len(self.doc_len):
+            mine = np.zeros(len(self.doc_len), dtype=np.float64)
             self._local.scratch = mine
         return mine
 
@@ -369,43 +416,46 @@ class BM25:
 
         Term at a time over the query's postings only (a query touches about 1% of the chunks): no array
         as long as the corpus is made or scanned per query."""
-        k1, b, avgdl = self.k1, self.b, self.avgdl
+        key, avgdl = self._wkey, self.avgdl
+        if key is None or key[0] != self.k1 or key[1] != self.b or abs(avgdl - key[2]) > self.AVGDL_DRIFT * key[2]:
+            self._wkey, self._version = (self.k1, self.b, avgdl), self._version + 1  # every weight is stale
         ids_parts, score_parts = [], []
         for term in bm25_tokens(query):
             tid = self.term_ids.get(term)
             if tid is None or tid >= len(self.df) or self.df[tid] <= 0:
                 continue
-            ids, tf = self._postings(tid)
-            if self._n_dead:  # tombstones: skip the postings of removed chunks
-                live = self.alive[ids]
-                ids, tf = ids[live], tf[live]
-            tf = tf.astype(np.float64)
+            ids, w = self._term(tid)
             ids_parts.append(ids)
-            norm = k1 * (1 - b + b * self.doc_len[ids] / avgdl)
-            score_parts.append(self.idf(tid) * tf * (k1 + 1) / (tf + norm))
-        if not ids_parts:
+            score_parts.append(self.idf(tid) * w)
+        if not ids_parts or n < 1:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        if len(ids_parts) == 1:  # one term: each chunk once (a term with idf 0 still matches)
-            cand, scores = ids_parts[0], score_parts[0]
-        else:  # sum per chunk in this thread's scratch arrays, then clear what was touched
-            acc, seen = self._scratch()
-            new = []
-            for ids, part in zip(ids_parts, score_parts):
-                new.append(ids[~seen[ids]])
-                seen[new[-1]] = True
-                acc[ids] += part
-            cand = np.concatenate(new)
-            scores = acc[cand]
-            acc[cand], seen[cand] = 0.0, False
+        many = len(ids_parts) > 1  # else each chunk once (a term with idf 0 still matches)
+        ids = np.concatenate(ids_parts) if many else ids_parts[0]
+        scores = np.concatenate(score_parts) if many else score_parts[0]
+        if many:  # every occurrence of a chunk gets its chunk's sum, from this thread's zeroed scratch array
+            acc = self._scratch()
+            np.add.at(acc, ids, scores.astype(np.float64))  # same types: numpy's fast path
+            scores = acc[ids]
+            acc[ids] = 0.0
         if mask is not None:
-            keep = cand < len(mask)
-            keep[keep] = mask[cand[keep]]
-            cand, scores = cand[keep], scores[keep]
-        if len(cand) > n:
-            top = np.argpartition(-scores, n - 1)[:n]
-            cand, scores = cand[top], scores[top]
-        order = np.lexsort((cand, -scores))
-        return cand[order].astype(np.int64), scores[order].astype(np.float32)
+            keep = ids < len(mask)
+            keep[keep] = mask[ids[keep]]
+            ids, scores = ids[keep], scores[keep]
+        # a chunk occurs at most once per query term, so the m-th best occurrence (of all, or of a sample)
+        # scores no more than the n-th best chunk: what scores below it cannot be in the top n
+        m = n * len(ids_parts)
+        if len(ids) > 2 * m:
+            sample = scores[::4] if len(scores) >= 8 * m else scores
+            keep = scores >= np.partition(sample, len(sample) - m)[len(sample) - m]
+            ids, scores = ids[keep], scores[keep]
+        order = np.lexsort((ids, -scores))  # best first; ties by chunk id
+        ids, scores = ids[order], scores[order]
+        if many and len(ids) > 1:  # a chunk's occurrences share its score, so they are now side by side
+            keep = np.empty(len(ids), dtype=bool)
+            keep[0] = True
+            np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+            ids, scores = ids[keep], scores[keep]
+        return ids[:n].astype(np.int64), scores[:n].astype(np.float32)
 
     # -- files
 
@@ -453,6 +503,6 @@ class BM25:
         obj.doc_len, obj.alive = arrays["doc_len"].astype(np.float32), arrays["alive"].astype(bool)
         obj.n_docs, obj.total_len = int(manifest["n_docs"]), float(obj.doc_len[obj.alive].sum())
         obj._set_base(arrays["tids"].astype(np.int64), arrays["counts"].astype(np.int64),
-                      arrays["ids"].astype(np.int64), arrays["tf"].astype(np.float32))
+                      arrays["ids"].astype(np.int64), arrays["tf"])
         obj.term_ids = dict(zip(terms, arrays["tids"].tolist()))
         return obj, "ok"

@@ -70,6 +70,17 @@ _storage_guard = translating(lambda kb, e: storage_error(e, kb.path)
 _storage_guard.__doc__ = "sqlite3 and OS failures below a public method become one StorageError saying what to do."
 
 
+_CHUNKS = "SELECT id, doc_id, text FROM chunks WHERE id IN ({})"
+_HEADERS = "SELECT id, title, kind, source, meta FROM documents WHERE id IN ({})"
+
+
+def _select_in(sql, n):
+    return sql.format(",".join("?" * n))
+
+
+_CHUNKS_SQL = [_select_in(_CHUNKS, n) for n in range(101)]
+
+
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
@@ -81,6 +92,7 @@ class KnowledgeBase:
         self.dense_path = os.path.join(self.path, DENSE_NAME)
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path, readonly)
+        self._headers = (None, {})  # (log head, {doc id: (title, kind, source, meta)}): see _hits
         self._embedder_lock = threading.Lock()
         self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
@@ -398,7 +410,7 @@ class KnowledgeBase:
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         where = Filter.parse(filters, include_units)
-        self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
+        head = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
         tuning = self._tuning.get(self.conn) if r["learned"] and mode != "bm25" else UNTUNED
@@ -422,7 +434,7 @@ class KnowledgeBase:
             if len(top) >= k or not units or cap < 0 or not deeper:
                 break
             depth *= 2
-        hits = self._hits(top, bm_all, dn_all)
+        hits = self._hits(top, bm_all, dn_all, head)
         latency = (time.perf_counter() - t0) * 1000
         if log and self.readonly:
             raise StorageError(f"{self.path}: opened read-only, so this query cannot be logged",
@@ -454,20 +466,34 @@ class KnowledgeBase:
                 break
         return out
 
-    def _hits(self, top, bm, dn):
+    def _hits(self, top, bm, dn, head):
+        """Hits for (chunk id, score) pairs. A document's title, kind, source and meta change only in a write
+        that moves the log's head, so they are kept for the head the indexes are at (as search engines keep
+        stored fields in a block cache): a hit then costs one lookup of its chunk instead of three."""
         if not top:
             return []
+        at, headers = self._headers
+        if at != head or len(headers) > 4096:
+            headers = {}
+            self._headers = (head, headers)  # a thread that saw another head fills its own dict, not this one
         ids = [cid for cid, _ in top]
-        rows = {r["id"]: r for r in self.conn.execute(
-            f"SELECT c.id, c.doc_id, c.text, d.title, d.kind, d.source, d.meta FROM chunks c JOIN documents d ON d.id=c.doc_id "
-            f"WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
+        cur = self.conn.cursor()
+        cur.row_factory = None  # plain tuples: this runs for every search
+        rows = {r[0]: r for r in cur.execute(_CHUNKS_SQL[len(ids)] if len(ids) < len(_CHUNKS_SQL)
+                                             else _select_in(_CHUNKS, len(ids)), ids)}
+        missing = list({r[1] for r in rows.values() if r[1] not in headers})
+        if missing:
+            for r in cur.execute(_select_in(_HEADERS, len(missing)), missing):
+                headers[r[0]] = r[1:]
         out = []
         for cid, score in top:
             row = rows.get(cid)
-            if row is None:  # deleted by another process since the index was loaded
+            header = headers.get(row[1]) if row is not None else None
+            if header is None:  # deleted by another process since the index was loaded
                 continue
-            out.append(Hit(len(out) + 1, cid, row["doc_id"], row["title"], row["text"], row["kind"], float(score),
-                           bm.get(cid), dn.get(cid), row["source"], json.loads(row["meta"] or "{}")))
+            title, kind, source, meta = header
+            out.append(Hit(len(out) + 1, cid, row[1], title, row[2], kind, float(score), bm.get(cid), dn.get(cid),
+                           source, json.loads(meta) if meta and meta != "{}" else {}))
         return out
 
     def _log(self, query, mode, k, params, latency, hits, source):
