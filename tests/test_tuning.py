@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from writeback_rag import KnowledgeBase
 from writeback_rag.cli import app
-from writeback_rag.tuning import UNTUNED, Tuning, decide, fuse, in_holdout
+from writeback_rag.tuning import UNIT_MODES, UNTUNED, Tuning, decide, fuse, in_holdout
 
 BACKENDS = ["embedded", "milvus"]  # every test that builds a KB runs on both (conftest.pytest_generate_tests)
 
@@ -176,3 +176,105 @@ def test_the_canary_adopts_a_fit_whole_or_in_part_only_where_the_held_out_feedba
     assert decide(now, {"dense": 0.4, "hybrid": 0.6}, True, False, UNTUNED)[0] is None
     verdict, reason = decide(now, {"dense": 0.4, "hybrid": 0.5}, True, False, UNTUNED)
     assert verdict is None and "kept inactive" in reason
+
+
+# ---- the canary for units: a second corpus where each thing has a place and a painter --------------------
+
+PLACES = [{"id": f"a{i}", "title": f"Item a{i}", "text": f"The zorbel{i}x is kept in the north hall."} for i in range(N)]
+PAINTERS = [{"id": f"b{i}", "title": f"Painting b{i}", "text": f"The zorbel{i}x was painted by Marla Quent in spring."}
+            for i in range(N)]
+KEPT = ("where is the zorbel{}x kept", "in which hall is the zorbel{}x kept", "is the zorbel{}x kept in the north")
+PAINTED = ("who painted the zorbel{}x", "when was the zorbel{}x painted", "which painter made the zorbel{}x picture",
+           "by whom was the zorbel{}x painted")
+
+
+def slice_labels(templates, doc, held):
+    """Labelled questions whose text falls in the held-out slice (held=True) or outside it."""
+    return [{"id": f"{doc}{i}-{t}", "query": tpl.format(i), "relevant": [f"{doc}{i}"]}
+            for i in range(N) for t, tpl in enumerate(templates) if in_holdout(tpl.format(i), 0.2) == held]
+
+
+@pytest.fixture
+def places(tmp_path, kb_config):
+    k = KnowledgeBase.create(tmp_path / "kb", embedder="hash", notify=lambda m: None, config=kb_config)
+    k.ingest(PLACES + PAINTERS)
+    k.config["learning"].update(min_examples=10, min_holdout=5)
+    # the sources alone already rank each question's passage first: without this no question would need
+    # a unit (the slot check has its own tests); these tests are about judging the units there are
+    k.config["writeback"]["earn_slot"] = False
+    yield k
+    k.close()
+
+
+def unit_kinds(kb, q, mode, **kw):
+    return [h.kind for h in kb.search(q, k=5, mode=mode, log=False, **kw).hits]
+
+
+def verdict_follows_the_figures(u):
+    assert all(u["metrics"][m]["with"] < u["metrics"][m]["without"] for m in u["off"])
+    assert all(u["metrics"][m]["with"] >= u["metrics"][m]["without"] for m in set(UNIT_MODES) - set(u["off"]))
+
+
+def test_units_are_left_out_of_the_modes_where_the_held_out_questions_rank_worse_with_them(places):
+    kb = places
+    # night 1: units of the place passages, judged by held-out questions on the same passages. In BM25 a
+    # question's own unit is left out and its passage comes first: not worse
+    kb.label(slice_labels(KEPT, "a", held=False) + slice_labels(KEPT, "a", held=True), k=5)
+    one = kb.writeback()
+    u1 = one["unit_use"]
+    assert one["written"] > 0 and u1["status"] == "judged" and "bm25" not in u1["off"], u1
+    verdict_follows_the_figures(u1)
+    assert kb.stats()["units_off"] == u1["off"]
+    ask = KEPT[0].format(next(i for i in range(N) if not in_holdout(KEPT[0].format(i), 0.2)))
+    assert "unit" in unit_kinds(kb, ask, "bm25")
+    # night 2: questions about the painters join the held-out slice. A place unit now takes the first slot
+    # above the painting they ask about: worse, in BM25 too
+    kb.label(slice_labels(PAINTED, "b", held=True), k=5)
+    two = kb.writeback()
+    u = two["unit_use"]
+    assert u["status"] == "judged" and "bm25" in u["off"] and u["holdout"] > u1["holdout"], u
+    verdict_follows_the_figures(u)
+    assert kb.stats()["units_off"] == u["off"]
+    for mode in u["off"]:
+        assert "unit" not in unit_kinds(kb, ask, mode), mode
+    assert "unit" in unit_kinds(kb, ask, "bm25", max_units=1)  # asked for explicitly: still there
+    # another process sees the verdict; `wbrag runs` shows it
+    other = KnowledgeBase.open(kb.path, notify=lambda m: None)
+    assert "unit" not in unit_kinds(other, ask, "bm25")
+    other.close()
+    r = CliRunner().invoke(app, ["runs", "--kb", kb.path])
+    assert f"units_off={','.join(u['off'])}" in r.output, r.output
+    # rolling night 2 back restores night 1's verdict
+    kb.rollback(two["run_id"])
+    assert kb.stats()["units_off"] == u1["off"]
+    assert "unit" in unit_kinds(kb, ask, "bm25")
+    assert kb.check()["ok"]
+
+
+def test_units_are_judged_only_with_enough_held_out_feedback(places):
+    places.config["learning"]["min_holdout"] = 1000
+    places.label(slice_labels(KEPT, "a", held=False) + slice_labels(PAINTED, "b", held=True), k=5)
+    rep = places.writeback()
+    assert rep["unit_use"]["status"] == "skipped" and "need 1000" in rep["unit_use"]["reason"]
+    assert places.stats()["units_off"] == []
+
+
+def test_a_new_units_verdict_reaches_a_process_that_searched_before_it(places):
+    """The verdict moves the log's head, so a process that cached the old one reads it again."""
+    from writeback_rag import store
+    from writeback_rag.tuning import set_units_off
+
+    places.label(slice_labels(KEPT, "a", held=False), k=5)
+    places.writeback()
+    watcher = KnowledgeBase.open(places.path, notify=lambda m: None)
+    ask = slice_labels(KEPT, "a", held=False)[0]["query"]
+    assert "unit" in unit_kinds(watcher, ask, "bm25")
+    gen = places.stats()["generation"]
+    with store.transaction(places.conn):
+        set_units_off(places.conn, ["bm25"])
+    assert places.stats()["generation"] == gen + 1
+    assert "unit" not in unit_kinds(watcher, ask, "bm25") and "unit" in unit_kinds(watcher, ask, "hybrid")
+    with store.transaction(places.conn):
+        set_units_off(places.conn, ["bm25"])  # the same verdict again: nothing changes
+    assert places.stats()["generation"] == gen + 1
+    watcher.close()

@@ -345,6 +345,12 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
         line += (f" (held-out nDCG@10 hybrid {now['hybrid']:.3f} -> {new['hybrid']:.3f}, dense {now['dense']:.3f} -> "
                  f"{new['dense']:.3f}; {t['examples']} questions fitted, {t['holdout']} held out)")
     typer.echo(line + (f": {t['reason']}" if t["status"] != "adopted" else ""))
+    u = rep["unit_use"]
+    line = f"units: {u['status']}"
+    if u.get("metrics"):
+        line += " (held-out credit nDCG@10 without -> with units: " + ", ".join(
+            f"{m} {v['without']:.3f} -> {v['with']:.3f}" for m, v in u["metrics"].items()) + f"; {u['holdout']} questions)"
+    typer.echo(f"{line}: {u['reason']}")
 
 
 def _run_counts(c):
@@ -390,7 +396,9 @@ def runs(kb: Optional[str] = KB, as_json: bool = JSON):
         c = r["counts"]
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
         typer.echo(f"{r['id']}  {ts}  {r['status']:<11} seen={c.get('examples', 0)} {_run_counts(c)}"
-                   + (f" tuning={c['tuning']}" if "tuning" in c else ""))
+                   + (f" tuning={c['tuning']}" if "tuning" in c else "")
+                   + (f" units_off={','.join(c['unit_use']['off']) or '-'}"
+                      if c.get("unit_use", {}).get("status") == "judged" else ""))
 
 
 @units_app.command("list")

@@ -21,7 +21,7 @@ from .corpus import Corpus
 from .indexes import backend as index_backend
 from .loaders import IngestReport
 from .text import normalize_id
-from .tuning import FUSIONS, UNTUNED, Active, fuse
+from .tuning import FUSIONS, UNTUNED, Active, fuse, units_off
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 __all__ = ["KnowledgeBase", "Hit", "SearchResult", "IngestReport", "fuse"]
@@ -93,6 +93,7 @@ class KnowledgeBase:
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path, readonly)
         self._headers = (None, {})  # (log head, {doc id: (title, kind, source, meta)}): see _hits
+        self._units_policy = (None, frozenset())  # (log head, modes that leave units out): see _units_off
         self._embedder_lock = threading.Lock()
         self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
@@ -392,7 +393,8 @@ class KnowledgeBase:
                max_units: int | None = None) -> SearchResult:
         """Retrieve the top-k chunks. `mode`: bm25, dense or hybrid (default: retrieval.mode); `filters`:
         {source: glob or substring, doc: glob, kind: source|unit, KEY: metadata value}; units take at most
-        `max_units` slots (default: retrieval.max_units; -1: no cap). Every call is logged (its query id is
+        `max_units` slots (default: retrieval.max_units, and none in a mode where write-back's canary found them
+        worse: stats()["units_off"]; -1: no cap). Every call is logged (its query id is
         in the result, for feedback) unless log=False."""
         if not isinstance(query, str) or not query.strip():
             raise InputError("empty query; give the question text")
@@ -411,6 +413,8 @@ class KnowledgeBase:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         where = Filter.parse(filters, include_units)
         head = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
+        if max_units is None and "unit" in where.kinds and mode in self._units_off(head):
+            where = where.only("source")  # the canary found units worse in this mode (tuning.judge_units)
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
         tuning = self._tuning.get(self.conn) if r["learned"] and mode != "bm25" else UNTUNED
@@ -465,6 +469,14 @@ class KnowledgeBase:
             if len(out) == k:
                 break
         return out
+
+    def _units_off(self, head):
+        """The modes whose searches leave units out; a new verdict moves the log's head."""
+        at, modes = self._units_policy
+        if at != head:
+            modes = units_off(self.conn)
+            self._units_policy = (head, modes)
+        return modes
 
     def _hits(self, top, bm, dn, head):
         """Hits for (chunk id, score) pairs. A document's title, kind, source and meta change only in a write
@@ -559,6 +571,7 @@ class KnowledgeBase:
             "feedback": db["feedback"].count,
             "runs": db["runs"].count,
             "tuning": self._tuning.get(self.conn).id,
+            "units_off": sorted(units_off(self.conn)),
             "dense_index": self.config["dense"]["index"],
             "index_backend": self.config["index"]["backend"],
         }

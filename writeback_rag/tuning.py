@@ -2,7 +2,11 @@
 embeddings (corpus vectors stay as they are) and the hybrid fusion weights, fitted on the logged feedback
 by the nightly write-back and adopted only when a fixed held-out slice of that feedback says the candidate
 is not worse than what the KB uses now (the canary). Each fit is a versioned row of `tunings`, shown with
-its run and rolled back with it."""
+its run and rolled back with it.
+
+The same slice judges the knowledge units, per search mode: a mode whose held-out questions rank worse
+with units than without them searches without units until a later night finds them helpful again (the
+verdict is part of its run, and rolling the run back restores the one before)."""
 
 import hashlib
 import json
@@ -11,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .changes import active_rows
+from . import store
+from .changes import Change, active_rows
+from .changes import record as record_change
 from .errors import InputError
 from .filters import Filter
 
@@ -361,3 +367,102 @@ def record(conn, report, row):
                   report["rrf_k"], int(report["hybrid_adapter"]), None if adapter is None else adapter.tobytes(),
                   report["examples"],
                   report["holdout"], json.dumps(report["metrics"]), report["reason"]))
+
+
+# ---- the canary for knowledge units ----------------------------------------------------------
+
+
+UNIT_MODES = ("bm25", "dense", "hybrid")
+
+
+def _credit_ndcg10(hits, relevant, credit):
+    """nDCG@10 of hits over relevant source documents: a unit stands for the documents it carries
+    sentences of (`credit`: unit id -> doc ids); each relevant document counts once, where it first shows."""
+    found, dcg = set(), 0.0
+    for i, h in enumerate(hits[:10]):
+        docs = credit.get(h.doc_id, ()) if h.kind == "unit" else (h.doc_id,)
+        new = [d for d in docs if d in relevant and d not in found]
+        if new:
+            found.update(new)
+            dcg += 1.0 / np.log2(i + 2)
+    ideal = sum(1.0 / np.log2(i + 2) for i in range(min(len(relevant), 10)))
+    return dcg / ideal if ideal else 0.0
+
+
+def judge_units(kb):
+    """The canary's verdict on the KB's active units, per search mode: each held-out question searched with
+    them and without them (credit nDCG@10). A question never meets a unit made from its own feedback: those
+    are left out of its ranking, and the next unit may take the slot (so its ranking is what a new question
+    would see). A mode where units are worse is turned off; one where they are not worse is on."""
+    cfg = kb.config["learning"]
+    conn = kb.conn
+    if not cfg["enabled"]:
+        return {"status": "off", "reason": "learning.enabled is false"}
+    exs = examples(conn)
+    held = [e for e in exs if in_holdout(e[0], float(cfg["holdout"]))]
+    train = len(exs) - len(held)
+    need_fit, need_held = int(cfg["min_examples"]), int(cfg["min_holdout"])
+    if train < need_fit or len(held) < need_held:
+        return {"status": "skipped", "holdout": len(held),
+                "reason": f"{train} questions to learn from (need {need_fit}) and {len(held)} held out "
+                          f"(need {need_held}): units stay in use in every mode"}
+    units = conn.execute("SELECT u.id, u.query_ids, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
+                         "WHERE d.status='active'").fetchall()
+    if not units:
+        return {"status": "skipped", "holdout": len(held), "reason": "no active units to judge"}
+    texts = dict(conn.execute("SELECT id, text FROM queries WHERE id IN (SELECT DISTINCT query_id FROM feedback)"))
+    made_from, credit = {}, {}
+    for uid, qids, docs in units:
+        credit[uid] = json.loads(docs)
+        for q in json.loads(qids):
+            if q in texts:
+                made_from.setdefault(_question(texts[q]), set()).add(uid)
+    # a fixed sample of the slice (by the same hash) bounds the cost: 6 searches per question
+    held = sorted(held, key=lambda e: hashlib.sha1(_question(e[0]).encode()).digest())[:int(cfg["canary_questions"])]
+    cap = int(kb.config["retrieval"]["max_units"])
+    metrics = {}
+    for mode in UNIT_MODES:
+        with_u, without = [], []
+        for text, rel in held:
+            rel, own = set(rel), made_from.get(_question(text), set())
+            without.append(_credit_ndcg10(kb.search(text, k=10, mode=mode, include_units=False, log=False).hits,
+                                          rel, credit))
+            kept, n_units = [], 0
+            for h in kb.search(text, k=30, mode=mode, log=False, max_units=-1).hits:
+                if h.kind == "unit":
+                    if h.doc_id in own or 0 <= cap <= n_units:
+                        continue
+                    n_units += 1
+                kept.append(h)
+            with_u.append(_credit_ndcg10(kept, rel, credit))
+        metrics[mode] = {"with": round(float(np.mean(with_u)), 4), "without": round(float(np.mean(without)), 4)}
+    off = [m for m in UNIT_MODES if metrics[m]["with"] < metrics[m]["without"]]
+    reason = ("units are not worse in any mode" if not off else
+              "units rank the held-out questions worse in " + ", ".join(off) + ": searches there leave them out")
+    return {"status": "judged", "off": off, "holdout": len(held), "units": len(units), "metrics": metrics,
+            "reason": reason}
+
+
+def units_off(conn):
+    """The modes whose searches leave units out (the verdict of the newest run that judged them)."""
+    return frozenset(json.loads(store.get_meta(conn, "units_off", "[]")))
+
+
+def set_units_off(conn, modes):
+    """Inside a write transaction: record the modes that leave units out. A change moves the log's head,
+    so every process's searches see it at their next catch-up (it holds no chunks)."""
+    modes = sorted(set(modes))
+    if sorted(units_off(conn)) == modes:
+        return
+    store.set_meta(conn, "units_off", json.dumps(modes))
+    record_change(conn, Change())
+
+
+def restore_units_off(conn):
+    """After a rollback: the verdict of the newest finished run still standing (none: units everywhere)."""
+    for (counts,) in conn.execute("SELECT counts FROM runs WHERE status='done' ORDER BY finished DESC, id DESC"):
+        judged = json.loads(counts or "{}").get("unit_use")
+        if judged and judged.get("status") == "judged":
+            set_units_off(conn, judged["off"])
+            return
+    set_units_off(conn, ())

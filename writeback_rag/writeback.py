@@ -188,8 +188,8 @@ class Lock:
 
 def rollback(kb, run_id):
     """Remove a run's units from the database and every index, bring back the units it superseded or
-    retired, and stop using what it learned (the tuning adopted before it is used again); its feedback stays
-    consumed."""
+    retired, and stop using what it learned (the tuning adopted before it is used again, and the modes the
+    run before it left units out of); its feedback stays consumed."""
     conn = kb.conn
     # under the write-back lock: a night running in another process works from the units it planned on,
     # so a rollback waits for it (LockBusy, try again later) instead of removing them under it
@@ -203,6 +203,7 @@ def rollback(kb, run_id):
             n = _undo_units(kb, conn, [run_id], change)
             conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
             tuning.rollback(conn, run_id)
+            tuning.restore_units_off(conn)  # the units verdict of the run before it
     return n
 
 
@@ -328,15 +329,20 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         raise
     # retrieval learns from all the feedback so far (its cost grows with feedback, not with the corpus)
     learned, row = tuning.fit(kb, run_id)
+    # the canary for units: with the units as they now are and the retrieval in use, per mode
+    judged = tuning.judge_units(kb)
     if not dry_run:
         with store.transaction(conn):
             if row is not None:
                 tuning.record(conn, learned, row)
+            if judged["status"] == "judged":
+                tuning.set_units_off(conn, judged["off"])
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
-                         (time.time(), top, json.dumps({**counts, "tuning": learned["status"]}), run_id))
+                         (time.time(), top, json.dumps({**counts, "tuning": learned["status"], "unit_use": judged}),
+                          run_id))
         kb.corpus.indexes.save_if_due(conn)
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
-            "units": written, **{k: counts.get(k, 0) for k in COUNTS}, "tuning": learned}
+            "units": written, **{k: counts.get(k, 0) for k in COUNTS}, "tuning": learned, "unit_use": judged}
 
 
 def _plan(kb, conn, qid, run_id, counts, dry_run):
