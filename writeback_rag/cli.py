@@ -356,6 +356,7 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
 def _run_counts(c):
     """A write-back run's counts, as the run's summary line and `wbrag runs` print them."""
     return (f"passed={c.get('passed_utility', 0)} docs={c.get('docs_kept', 0)} covered={c.get('covered', 0)} "
+            f"held_out={c.get('held_out', 0)} "
             f"written={c.get('written', 0)} merged={c.get('merged', 0)} retired={c.get('retired', 0)} "
             f"rejected={c.get('rejected', 0)}")
 

@@ -168,8 +168,8 @@ KEYS = [
     Key("learning", "min_examples", int, 50, "Questions with relevant documents needed to fit.", min=1,
         max=10_000_000),
     Key("learning", "min_holdout", int, 20, "Held-out questions needed to judge a fit.", min=1, max=10_000_000),
-    Key("learning", "canary_questions", int, 500, "Most held-out questions that judge the units each night, per "
-        "mode (each is searched with and without units).", min=1, max=10_000_000),
+    Key("learning", "canary_questions", int, 2000, "Most held-out questions that judge the units each night (4 "
+        "searches each).", min=1, max=10_000_000),
     Key("learning", "candidates", int, 100, "Candidates per retriever and question when fitting and judging.",
         min=10, max=10_000),
     Key("learning", "negatives", int, 20, "Dense candidates per question the adapter learns to rank below its "

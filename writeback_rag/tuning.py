@@ -389,11 +389,62 @@ def _credit_ndcg10(hits, relevant, credit):
     return dcg / ideal if ideal else 0.0
 
 
+def held_out(kb, exs=None):
+    """The questions (by _question) of the fixed slice that judges what write-back learns, when there is
+    enough feedback to judge it (else none): they are never learned from, units included."""
+    cfg = kb.config["learning"]
+    if not cfg["enabled"]:
+        return frozenset()
+    exs = examples(kb.conn) if exs is None else exs
+    held = {_question(t) for t, _ in exs if in_holdout(t, float(cfg["holdout"]))}
+    if len(exs) - len(held) < int(cfg["min_examples"]) or len(held) < int(cfg["min_holdout"]):
+        return frozenset()
+    return frozenset(held)
+
+
+def is_held_out(text, held):
+    return _question(text) in held
+
+
+def _answer_rr10(hits, answers):
+    """Reciprocal rank of the first of the top 10 hits holding an answer (a unit's text counts)."""
+    from .text import contains_answer
+
+    return next((1.0 / (i + 1) for i, h in enumerate(hits[:10]) if contains_answer(h.title + " " + h.text, answers)),
+                0.0)
+
+
+def _answers(conn):
+    """Known answers per question (a labelled set's gold answers, found or not; answers users confirmed
+    right), by _question."""
+    out = {}
+    for text, gold, answer, source, correct in conn.execute(
+            "SELECT q.text, f.gold, f.answer, f.source, f.correct FROM feedback f JOIN queries q ON q.id=f.query_id"):
+        got = json.loads(gold or "[]") + ([answer] if answer and correct and source != "label" else [])
+        if got:
+            out.setdefault(_question(text), []).extend(got)
+    return out
+
+
+def _paired_ci(a, b, resamples=1000, seed=0):
+    """(mean of a - b, 95% bootstrap interval) over paired per-question scores."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if not len(d) or not d.any():
+        return 0.0, 0.0, 0.0
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
 def judge_units(kb):
     """The canary's verdict on the KB's active units, per search mode: each held-out question searched with
-    them and without them (credit nDCG@10). A question never meets a unit made from its own feedback: those
-    are left out of its ranking, and the next unit may take the slot (so its ranking is what a new question
-    would see). A mode where units are worse is turned off; one where they are not worse is on."""
+    them and without them (BM25 and dense rank the sources alike either way, so one search serves both),
+    scored by what a reader needs: where its answer is known, the reciprocal rank of
+    the first hit holding it (MRR@10; a unit's text counts); else credit nDCG@10 of its relevant documents
+    (a unit counts for the documents it carries sentences of). Held-out questions make no units (held_out), so each is ranked
+    as a new question would be; a unit that still names one (made before the slice judged, or restored) is
+    left out of that question's ranking. A mode where units are worse (the 95% bootstrap interval of the
+    paired difference entirely below zero) is turned off; one where they are not is on."""
     cfg = kb.config["learning"]
     conn = kb.conn
     if not cfg["enabled"]:
@@ -417,26 +468,36 @@ def judge_units(kb):
         for q in json.loads(qids):
             if q in texts:
                 made_from.setdefault(_question(texts[q]), set()).add(uid)
-    # a fixed sample of the slice (by the same hash) bounds the cost: 6 searches per question
+    # a fixed sample of the slice (by the same hash) bounds the cost: 4 searches per question
     held = sorted(held, key=lambda e: hashlib.sha1(_question(e[0]).encode()).digest())[:int(cfg["canary_questions"])]
     cap = int(kb.config["retrieval"]["max_units"])
+    known = _answers(conn)
     metrics = {}
     for mode in UNIT_MODES:
         with_u, without = [], []
         for text, rel in held:
-            rel, own = set(rel), made_from.get(_question(text), set())
-            without.append(_credit_ndcg10(kb.search(text, k=10, mode=mode, include_units=False, log=False).hits,
-                                          rel, credit))
+            rel, own, answers = set(rel), made_from.get(_question(text), set()), known.get(_question(text))
+            score = (lambda hits: _answer_rr10(hits, answers)) if answers else \
+                (lambda hits: _credit_ndcg10(hits, rel, credit))
+            hits = kb.search(text, k=30, mode=mode, log=False, max_units=-1).hits
+            if mode == "hybrid":  # fused ranks shift around units: the sources alone are searched again
+                without.append(score(kb.search(text, k=10, mode=mode, include_units=False, log=False).hits))
+            else:  # one retriever scores each chunk on its own: the sources keep their order without units
+                without.append(score([h for h in hits if h.kind != "unit"]))
             kept, n_units = [], 0
-            for h in kb.search(text, k=30, mode=mode, log=False, max_units=-1).hits:
+            for h in hits:
                 if h.kind == "unit":
                     if h.doc_id in own or 0 <= cap <= n_units:
                         continue
                     n_units += 1
                 kept.append(h)
-            with_u.append(_credit_ndcg10(kept, rel, credit))
-        metrics[mode] = {"with": round(float(np.mean(with_u)), 4), "without": round(float(np.mean(without)), 4)}
-    off = [m for m in UNIT_MODES if metrics[m]["with"] < metrics[m]["without"]]
+            with_u.append(score(kept))
+        delta, lo, hi = _paired_ci(with_u, without)
+        metrics[mode] = {"with": round(float(np.mean(with_u)), 4), "without": round(float(np.mean(without)), 4),
+                         "delta": round(delta, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    # worse means worse beyond noise: the whole 95% interval of the paired difference below zero (a strict
+    # comparison of two means turned units off and on from night to night on a few hundred questions)
+    off = [m for m in UNIT_MODES if metrics[m]["ci95"][1] < 0]
     reason = ("units are not worse in any mode" if not off else
               "units rank the held-out questions worse in " + ", ".join(off) + ": searches there leave them out")
     return {"status": "judged", "off": off, "holdout": len(held), "units": len(units), "metrics": metrics,

@@ -231,7 +231,7 @@ def _undo_units(kb, conn, run_ids, change):
 # ---- the job --------------------------------------------------------------------------------
 
 
-COUNTS = ("examples", "passed_utility", "docs_kept", "covered", "written", "merged", "revived", "retired",
+COUNTS = ("examples", "passed_utility", "docs_kept", "covered", "held_out", "written", "merged", "revived", "retired",
           "rejected")
 
 
@@ -294,11 +294,11 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         qids += json.loads(row[0])
     qids = list(dict.fromkeys(qids))
     counts["examples"] = len(qids)
-    night = _Night(kb, conn, run_id, counts, dry_run, done_before)
+    night = _Night(kb, conn, run_id, counts, dry_run, done_before, tuning.held_out(kb))
     groups = defaultdict(list)
     for qid in _progress(qids, show_progress, "write-back: gates", unit="q"):
         plan = _plan(kb, conn, qid, run_id, counts, dry_run)
-        if plan and night.earns(plan, record=True):
+        if plan and night.learns_from(plan, record=True) and night.earns(plan, record=True):
             groups[plan["anchor"]].append(plan)
     # every passage with new questions, and (earn_slot) every passage whose unit may no longer earn its slot;
     # all of it decided before anything is written, so what this night writes never changes its decisions
@@ -401,10 +401,20 @@ class _Night:
     """One run's units: one per source passage (its anchor), built from every question that draws on the
     passage and still needs a unit; a new version supersedes the old one in the transaction that writes it."""
 
-    def __init__(self, kb, conn, run_id, counts, dry_run, done_before):
+    def __init__(self, kb, conn, run_id, counts, dry_run, done_before, held=frozenset()):
         self.kb, self.conn, self.run_id, self.counts, self.dry_run = kb, conn, run_id, counts, dry_run
-        self.w, self.done_before = kb.config["writeback"], done_before
+        self.w, self.done_before, self.held = kb.config["writeback"], done_before, held
         self.pending, self.ends, self.tops = [], [], {}
+
+    def learns_from(self, plan, record=False):
+        """Not a question of the held-out slice, which judges the units and the tuning (tuning.held_out)."""
+        if not tuning.is_held_out(plan["query"], self.held):
+            return True
+        if record:
+            self.counts["held_out"] += 1
+            _gate(self.conn, self.run_id, plan["query_id"], "holdout", False,
+                  "held out: it judges what write-back learns, so no unit is made from it", self.dry_run)
+        return False
 
     def earns(self, plan, record=False):
         """Does this question need a unit? Not when the source documents alone (the current retrieval, units
@@ -440,7 +450,7 @@ class _Night:
             for qid in json.loads(b["query_ids"]):
                 if qid not in plans:
                     p = _plan(self.kb, self.conn, qid, self.run_id, defaultdict(int), True)  # again, silently
-                    if p and self.earns(p):
+                    if p and self.learns_from(p) and self.earns(p):
                         if p["anchor"] == anchor:
                             plans[qid] = p
                         else:  # its evidence is another passage now: it joins that passage's unit
