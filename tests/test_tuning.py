@@ -308,3 +308,29 @@ def test_the_units_canary_scores_by_the_answer_where_it_is_known(places):
     for key in ("with", "without"):
         assert u2["metrics"]["bm25"][key] * u2["holdout"] == pytest.approx(u["metrics"]["bm25"][key] * u["holdout"],
                                                                           abs=1e-2)
+
+
+def test_a_night_that_dies_after_adopting_its_tuning_has_it_undone_and_fitted_again(hall, monkeypatch):
+    """The tuning is stored before the units are judged with it: a run that dies there must not leave it
+    in use when the night is run again."""
+    import writeback_rag.tuning as tuning_mod
+
+    hall.label(labels(), k=5)
+    real = tuning_mod.judge_units
+
+    def dies(kb):
+        raise RuntimeError("killed while judging the units")
+
+    monkeypatch.setattr(tuning_mod, "judge_units", dies)
+    with pytest.raises(RuntimeError):
+        hall.writeback()
+    [dead] = hall.tunings()
+    assert dead["status"] == "adopted" and hall.runs()[-1]["status"] == "running"
+    monkeypatch.setattr(tuning_mod, "judge_units", real)
+    again = hall.writeback()
+    rows = {r["run_id"]: r for r in hall.tunings()}
+    assert rows[dead["run_id"]]["status"] == "rolled-back" and rows[again["run_id"]]["status"] == "adopted"
+    assert hall.stats()["tuning"] == f"tuning:{again['run_id']}"
+    assert [r["status"] for r in hall.runs()] == ["interrupted", "done"]
+    # the same night, fitted again from the same feedback: the same figures
+    assert rows[again["run_id"]]["metrics"]["candidate"] == dead["metrics"]["candidate"]

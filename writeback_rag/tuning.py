@@ -359,7 +359,8 @@ def fit(kb, run_id):
 
 
 def record(conn, report, row):
-    """Store a fit (inside the transaction that ends its run, so a killed run leaves none behind)."""
+    """Store a fit, before the night's units are judged with it (a run killed after this has the fit rolled
+    back when the night is resumed, and fitted again)."""
     run_id, model, dim, adapter = row
     conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, "
                  "hybrid_adapter, adapter, examples, holdout, metrics, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",

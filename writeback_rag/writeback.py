@@ -281,6 +281,8 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
                                       f"JOIN documents d ON d.id=u.id WHERE u.run_id IN ({marks})", dead):
                     done_before[(r["anchor"], r["query_ids"], r["distiller"])] = (r["title"], r["text"], r["model"])
                 _undo_units(kb, conn, dead, change)
+                for d in dead:
+                    tuning.rollback(conn, d)  # a tuning it recorded before it died is fitted again
                 conn.execute(f"DELETE FROM gate_decisions WHERE run_id IN ({marks})", dead)
                 conn.execute(f"UPDATE runs SET status='interrupted' WHERE id IN ({marks})", dead)
             conn.execute("INSERT INTO runs(id, started, status, distiller) VALUES (?,?,?,?)",
@@ -329,12 +331,13 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         raise
     # retrieval learns from all the feedback so far (its cost grows with feedback, not with the corpus)
     learned, row = tuning.fit(kb, run_id)
-    # the canary for units: with the units as they now are and the retrieval in use, per mode
+    if not dry_run and row is not None:
+        with store.transaction(conn):  # (a run killed after this has its tuning undone when it is resumed)
+            tuning.record(conn, learned, row)
+    # the canary for units: the units as they now are, with the retrieval tonight adopted, per mode
     judged = tuning.judge_units(kb)
     if not dry_run:
         with store.transaction(conn):
-            if row is not None:
-                tuning.record(conn, learned, row)
             if judged["status"] == "judged":
                 tuning.set_units_off(conn, judged["off"])
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
