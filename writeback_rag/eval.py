@@ -353,7 +353,7 @@ def _label(kb, examples, progress, chunk=1000):
 
 
 def _wb_counts(rep):
-    return {k: v for k, v in rep.items() if k not in ("units", "tuning")}
+    return {k: v for k, v in rep.items() if k not in ("units", "tuning", "unit_use")}
 
 
 # ---- the protocol -------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def run_protocol(dataset_folder, kb_path, modes=MODES, train_split="train", test
             "before": {m: before[m]["mean"] for m in modes}, "after": {m: after[m]["mean"] for m in modes},
             "deltas": {m: compare(before[m], after[m], n_resamples, seed) for m in modes},
             "sources": {m: compare(before[m], sources[m], n_resamples, seed) for m in modes},
-            "tuning": wb.get("tuning"),
+            "tuning": wb.get("tuning"), "unit_use": wb.get("unit_use"),
             "latency_ms": {m: {"before": before[m]["latency_ms"], "after": after[m]["latency_ms"]} for m in modes},
             "timings": timings,
         }
@@ -465,7 +465,8 @@ def learning_curve(dataset_folder, kb_path, nights=5, modes=("hybrid",), train_s
                 seen += len(part)
                 row.update(train_seen=seen, useful=lab["useful"], written=wb.get("written", 0),
                            merged=wb.get("merged", 0), rejected=wb.get("rejected", 0),
-                           tuning=wb["tuning"]["status"])
+                           tuning=wb["tuning"]["status"],
+                           units_off=",".join(wb["unit_use"].get("off", [])) or "-")
             units = unit_sources(kb)
             row["units"] = len(units)
             row["metrics"], row["deltas"] = {}, {}
@@ -557,8 +558,9 @@ def protocol_table(result, mode, key="deltas"):
 def curve_table(curve, metrics=None):
     modes = curve["modes"]
     metrics = metrics or _curve_metrics(curve)
-    head = "| night | train queries seen | units | tuning | " + " | ".join(f"{m} {_label_of(x)}" for m in modes for x in metrics) + " |"
-    lines = [head, "|" + "---:|" * 3 + "---|" + "---:|" * (len(modes) * len(metrics))]
+    head = "| night | train queries seen | units | tuning | units left out of | " + " | ".join(
+        f"{m} {_label_of(x)}" for m in modes for x in metrics) + " |"
+    lines = [head, "|" + "---:|" * 3 + "---|---|" + "---:|" * (len(modes) * len(metrics))]
     for r in curve["rows"]:
         cells = []
         for m in modes:
@@ -566,7 +568,8 @@ def curve_table(curve, metrics=None):
                 v = r["metrics"][m].get(x)
                 c = r["deltas"].get(m, {}).get(x)
                 cells.append(_f(v) + (f" ({_pts(c['delta'])} [{_pts(c['lo'])}, {_pts(c['hi'])}])" if c else ""))
-        lines.append(f"| {r['night']} | {r['train_seen']} | {r['units']} | {r.get('tuning', '')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['night']} | {r['train_seen']} | {r['units']} | {r.get('tuning', '')} | "
+                     f"{r.get('units_off', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -636,6 +639,18 @@ def markdown_report(result, command=None, curve=None, curve_png=None, validation
                 + ". Strict and credit are the same here.", ""]
         for m in r["modes"]:
             out += [f"### {m}, source documents only", "", protocol_table(r, m, "sources"), ""]
+    uu = r.get("unit_use")
+    if uu:
+        out += ["## The canary's verdict on the units", "",
+                f"**{uu['status']}**: {uu['reason']}"
+                + (f" ({uu['holdout']} held-out questions; units are left out of a mode only when the 95% interval "
+                   "of the paired difference is below zero)." if uu.get("metrics") else "."), ""]
+        if uu.get("metrics"):
+            out += ["| mode | without units | with units | delta (points) | 95% CI (points) |", "|---|---:|---:|---:|---|"]
+            out += [f"| {m} | {v['without']:.3f} | {v['with']:.3f} | {100 * v['delta']:+.2f} | "
+                    f"[{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}] |" for m, v in uu["metrics"].items()]
+            out += ["", "Each held-out question scores the reciprocal rank of the first hit holding its answer where "
+                    "the answer is known (MRR@10), else credit nDCG@10.", ""]
     u, lab, wb = r["units"], r["label"], r["writeback"]
     out += ["## Write-back and knowledge units", "",
             "| | value |", "|---|---:|",
@@ -643,6 +658,8 @@ def markdown_report(result, command=None, curve=None, curve_png=None, validation
             f"| passed the utility gate | {lab['useful']} |",
             f"| documents kept by the document gate | {lab['docs_kept']} |",
             f"| questions whose evidence the documents alone already ranked first (no unit) | {wb.get('covered', 0)} |",
+            f"| held-out questions (they judge the units and the tuning; no unit is made from them) | "
+            f"{wb.get('held_out', 0)} |",
             f"| units written (one per source passage) | {wb.get('written', 0)} |",
             f"| questions that joined another question's unit | {wb.get('merged', 0)} |",
             f"| rejected (faithfulness / empty) | {wb.get('rejected', 0)} |",
