@@ -5,6 +5,7 @@ The corpus names each thing by one word and the questions by another (a synonym 
 the static KB cannot find the documents and only what was learned from other questions can."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -310,27 +311,57 @@ def test_the_units_canary_scores_by_the_answer_where_it_is_known(places):
                                                                           abs=1e-2)
 
 
-def test_a_night_that_dies_after_adopting_its_tuning_has_it_undone_and_fitted_again(hall, monkeypatch):
-    """The tuning is stored before the units are judged with it: a run that dies there must not leave it
-    in use when the night is run again."""
+def test_a_night_that_fails_or_dies_while_judging_its_units_leaves_no_tuning_in_use(hall, monkeypatch, tmp_path):
+    """The tuning is stored before the units are judged with it. A run that fails there rolls it back at
+    once; one killed there (kill -9) has it rolled back when the night is run again, and fitted again."""
+    import subprocess
+    import sys
+
     import writeback_rag.tuning as tuning_mod
 
     hall.label(labels(), k=5)
-    real = tuning_mod.judge_units
 
-    def dies(kb):
-        raise RuntimeError("killed while judging the units")
+    def fails(kb):
+        raise RuntimeError("the canary's searches failed")
 
-    monkeypatch.setattr(tuning_mod, "judge_units", dies)
+    monkeypatch.setattr(tuning_mod, "judge_units", fails)
     with pytest.raises(RuntimeError):
         hall.writeback()
-    [dead] = hall.tunings()
-    assert dead["status"] == "adopted" and hall.runs()[-1]["status"] == "running"
-    monkeypatch.setattr(tuning_mod, "judge_units", real)
-    again = hall.writeback()
-    rows = {r["run_id"]: r for r in hall.tunings()}
-    assert rows[dead["run_id"]]["status"] == "rolled-back" and rows[again["run_id"]]["status"] == "adopted"
-    assert hall.stats()["tuning"] == f"tuning:{again['run_id']}"
-    assert [r["status"] for r in hall.runs()] == ["interrupted", "done"]
-    # the same night, fitted again from the same feedback: the same figures
-    assert rows[again["run_id"]]["metrics"]["candidate"] == dead["metrics"]["candidate"]
+    [first] = hall.tunings()
+    assert first["status"] == "rolled-back" and hall.runs()[-1]["status"] == "failed"
+    assert hall.stats()["tuning"] is None
+    monkeypatch.undo()
+    path = hall.path
+    hall.close()
+    script = ("import os, sys; sys.path.insert(0, %r)\n"
+              "import writeback_rag.tuning as t\n"
+              "from writeback_rag import KnowledgeBase\n"
+              "t.judge_units = lambda kb: os._exit(9)\n"
+              "KnowledgeBase.open(%r, notify=lambda m: None).writeback()\n") % (os.path.dirname(os.path.dirname(
+                  os.path.abspath(__file__))), path)
+    assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 9
+    kb = KnowledgeBase.open(path, notify=lambda m: None)
+    try:
+        dead = kb.tunings()[-1]
+        assert dead["status"] == "adopted" and kb.runs()[-1]["status"] == "running"
+        again = kb.writeback()
+        rows = {r["run_id"]: r for r in kb.tunings()}
+        assert rows[dead["run_id"]]["status"] == "rolled-back" and rows[again["run_id"]]["status"] == "adopted"
+        assert kb.stats()["tuning"] == f"tuning:{again['run_id']}"
+        assert [r["status"] for r in kb.runs()] == ["failed", "interrupted", "done"]
+        # the same night, fitted again from the same feedback: the same figures
+        assert rows[again["run_id"]]["metrics"]["candidate"] == dead["metrics"]["candidate"]
+    finally:
+        kb.close()
+
+
+def test_turning_learning_off_clears_the_units_verdict_and_a_units_only_search_keeps_its_units(places):
+    places.label(slice_labels(KEPT, "a", held=False) + slice_labels(PAINTED, "b", held=True), k=5)
+    u = places.writeback()["unit_use"]
+    assert "bm25" in u["off"], u
+    ask = slice_labels(KEPT, "a", held=False)[0]["query"]
+    assert "unit" not in unit_kinds(places, ask, "bm25")
+    assert set(unit_kinds(places, ask, "bm25", filters={"kind": "unit"})) == {"unit"}  # asked for units only
+    places.config["learning"]["enabled"] = False
+    assert places.writeback()["unit_use"]["status"] == "off"
+    assert places.stats()["units_off"] == [] and "unit" in unit_kinds(places, ask, "bm25")

@@ -413,7 +413,7 @@ class KnowledgeBase:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         where = Filter.parse(filters, include_units)
         head = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
-        if max_units is None and "unit" in where.kinds and mode in self._units_off(head):
+        if max_units is None and where.kinds == {"source", "unit"} and mode in self._units_off(head):
             where = where.only("source")  # the canary found units worse in this mode (tuning.judge_units)
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0

@@ -335,11 +335,21 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         with store.transaction(conn):  # (a run killed after this has its tuning undone when it is resumed)
             tuning.record(conn, learned, row)
     # the canary for units: the units as they now are, with the retrieval tonight adopted, per mode
-    judged = tuning.judge_units(kb)
+    try:
+        judged = tuning.judge_units(kb)
+    except BaseException as e:  # the night's tuning is not left in use by a run that did not end
+        if not dry_run:
+            with store.transaction(conn):
+                tuning.rollback(conn, run_id)
+                conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
+                             (time.time(), json.dumps(counts), (str(e) or type(e).__name__)[:500], run_id))
+        raise
     if not dry_run:
         with store.transaction(conn):
             if judged["status"] == "judged":
                 tuning.set_units_off(conn, judged["off"])
+            elif judged["status"] == "off":  # learning turned off: no verdict of an earlier night stays
+                tuning.set_units_off(conn, ())
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
                          (time.time(), top, json.dumps({**counts, "tuning": learned["status"], "unit_use": judged}),
                           run_id))
