@@ -185,42 +185,25 @@ def main():
         log(f"round {rnd + 1}/{a.rounds}")
     writer.stdin.close()
     writer.wait()
-    # steady throughput, alternating blocks
-    ours, theirs = [], []
-    for _ in range(3):
-        t0 = T()
-        for q in qs[:100]:
-            kb.search(q, k=10, mode="bm25", log=False)
-        ours.append(100 / (T() - t0))
-        t0 = T()
-        for q in qs[:100]:
-            tq(q)
-        theirs.append(100 / (T() - t0))
+    # steady throughput, the systems alternating block by block (queries/s per block)
+    def alternate(blocks, ours_fn, theirs_fn):
+        ours, theirs = [], []
+        for block in blocks:
+            for fn, out in ((ours_fn, ours), (theirs_fn, theirs)):
+                t0 = T()
+                for q in block:
+                    fn(q)
+                out.append(len(block) / (T() - t0))
+        return ours, theirs
+
+    ours, theirs = alternate([qs[:100]] * 3, lambda q: kb.search(q, k=10, mode="bm25", log=False), tq)
     # the same with queries neither system has seen: no cache of either holds their hits
     fresh = queries(600, seed=7)
-    f_ours, f_theirs = [], []
-    for blk in range(3):
-        block = fresh[blk * 200:(blk + 1) * 200]
-        t0 = T()
-        for q in block:
-            kb.search(q, k=10, mode="bm25", log=False)
-        f_ours.append(200 / (T() - t0))
-        t0 = T()
-        for q in block:
-            tq(q)
-        f_theirs.append(200 / (T() - t0))
+    f_ours, f_theirs = alternate([fresh[i:i + 200] for i in range(0, 600, 200)],
+                                 lambda q: kb.search(q, k=10, mode="bm25", log=False), tq)
     # the engines alone: our BM25 (chunk ids and scores) vs tantivy's search (scores and addresses)
     engine = kb._indexes.bm25
-    e_ours, e_theirs = [], []
-    for _ in range(3):
-        t0 = T()
-        for q in qs[:200]:
-            engine.search(q, 10)
-        e_ours.append(200 / (T() - t0))
-        t0 = T()
-        for q in qs[:200]:
-            tq_engine(q)
-        e_theirs.append(200 / (T() - t0))
+    e_ours, e_theirs = alternate([qs[:200]] * 3, lambda q: engine.search(q, 10), tq_engine)
     check = kb.check()
     kb.close()
     raw = sum(len(t.encode()) for t in texts) + n_chunks * 256 * 4

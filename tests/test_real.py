@@ -107,10 +107,17 @@ def test_minilm_learned_retrieval_helps_questions_nobody_asked(tmp_path):
     kb.ingest(DOCS)
     before = {m: mrr(kb, m) for m in ("dense", "hybrid")}
     kb.label(labels(), k=5)
-    t = kb.writeback()["tuning"]
+    rep = kb.writeback()
+    t = rep["tuning"]
     assert t["status"] == "adopted" and t["adapter"], t
     after = {m: mrr(kb, m) for m in ("dense", "hybrid")}
     assert after["hybrid"] > before["hybrid"] + 0.1 and after["dense"] >= before["dense"], (before, after)
+    # the units canary on the real model: the slice made no unit, and the verdict (off exactly where the
+    # interval is below zero) is the one searches use
+    u = rep["unit_use"]
+    assert u["status"] == "judged" and rep["held_out"] > 0, u
+    assert all((m in u["off"]) == (f["ci95"][1] < 0) for m, f in u["metrics"].items()), u
+    assert kb.stats()["units_off"] == u["off"]
     kb.close()
 
 

@@ -321,7 +321,7 @@ def test_a_night_that_fails_or_dies_while_judging_its_units_leaves_no_tuning_in_
 
     hall.label(labels(), k=5)
 
-    def fails(kb):
+    def fails(kb, exs=None):
         raise RuntimeError("the canary's searches failed")
 
     monkeypatch.setattr(tuning_mod, "judge_units", fails)
@@ -336,7 +336,7 @@ def test_a_night_that_fails_or_dies_while_judging_its_units_leaves_no_tuning_in_
     script = ("import os, sys; sys.path.insert(0, %r)\n"
               "import writeback_rag.tuning as t\n"
               "from writeback_rag import KnowledgeBase\n"
-              "t.judge_units = lambda kb: os._exit(9)\n"
+              "t.judge_units = lambda kb, exs=None: os._exit(9)\n"
               "KnowledgeBase.open(%r, notify=lambda m: None).writeback()\n") % (os.path.dirname(os.path.dirname(
                   os.path.abspath(__file__))), path)
     assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 9

@@ -348,7 +348,7 @@ def writeback(ctx: typer.Context, kb: Optional[str] = KB,
     u = rep["unit_use"]
     line = f"units: {u['status']}"
     if u.get("metrics"):
-        line += " (held-out credit nDCG@10 without -> with units: " + ", ".join(
+        line += " (held-out MRR@10 of the answer, or credit nDCG@10, without -> with units: " + ", ".join(
             f"{m} {v['without']:.3f} -> {v['with']:.3f}" for m, v in u["metrics"].items()) + f"; {u['holdout']} questions)"
     typer.echo(f"{line}: {u['reason']}")
 

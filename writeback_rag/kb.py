@@ -78,9 +78,6 @@ def _select_in(sql, n):
     return sql.format(",".join("?" * n))
 
 
-_CHUNKS_SQL = [_select_in(_CHUNKS, n) for n in range(101)]
-
-
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
@@ -92,8 +89,7 @@ class KnowledgeBase:
         self.dense_path = os.path.join(self.path, DENSE_NAME)
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path, readonly)
-        self._headers = (None, {})  # (log head, {doc id: (title, kind, source, meta)}): see _hits
-        self._units_policy = (None, frozenset())  # (log head, modes that leave units out): see _units_off
+        self._at_head = (None, {}, frozenset())  # see _kept
         self._embedder_lock = threading.Lock()
         self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
@@ -413,7 +409,7 @@ class KnowledgeBase:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         where = Filter.parse(filters, include_units)
         head = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
-        if max_units is None and where.kinds == {"source", "unit"} and mode in self._units_off(head):
+        if max_units is None and where.kinds == {"source", "unit"} and mode in self._kept(head)[2]:
             where = where.only("source")  # the canary found units worse in this mode (tuning.judge_units)
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
@@ -470,29 +466,26 @@ class KnowledgeBase:
                 break
         return out
 
-    def _units_off(self, head):
-        """The modes whose searches leave units out; a new verdict moves the log's head."""
-        at, modes = self._units_policy
-        if at != head:
-            modes = units_off(self.conn)
-            self._units_policy = (head, modes)
-        return modes
+    def _kept(self, head):
+        """(head, {doc id: (title, kind, source, meta)}, modes whose searches leave units out): what holds
+        until the change log's head moves. Documents' headers change only in writes that move it, and so
+        does the canary's verdict (tuning.set_units_off); _hits fills the headers as search engines keep
+        stored fields in a block cache. A thread that saw another head fills its own dict, not this one."""
+        kept = self._at_head
+        if kept[0] != head or len(kept[1]) > 4096:
+            kept = (head, {}, units_off(self.conn))
+            self._at_head = kept
+        return kept
 
     def _hits(self, top, bm, dn, head):
-        """Hits for (chunk id, score) pairs. A document's title, kind, source and meta change only in a write
-        that moves the log's head, so they are kept for the head the indexes are at (as search engines keep
-        stored fields in a block cache): a hit then costs one lookup of its chunk instead of three."""
+        """Hits for (chunk id, score) pairs: one lookup of each chunk, the documents' headers from _kept."""
         if not top:
             return []
-        at, headers = self._headers
-        if at != head or len(headers) > 4096:
-            headers = {}
-            self._headers = (head, headers)  # a thread that saw another head fills its own dict, not this one
+        headers = self._kept(head)[1]
         ids = [cid for cid, _ in top]
         cur = self.conn.cursor()
         cur.row_factory = None  # plain tuples: this runs for every search
-        rows = {r[0]: r for r in cur.execute(_CHUNKS_SQL[len(ids)] if len(ids) < len(_CHUNKS_SQL)
-                                             else _select_in(_CHUNKS, len(ids)), ids)}
+        rows = {r[0]: r for r in cur.execute(_select_in(_CHUNKS, len(ids)), ids)}
         missing = list({r[1] for r in rows.values() if r[1] not in headers})
         if missing:
             for r in cur.execute(_select_in(_HEADERS, len(missing)), missing):

@@ -305,22 +305,30 @@ def decide(now, new, has_adapter, hybrid_uses_it, current):
     return None, "worse on the held-out feedback than the tuning in use: kept inactive"
 
 
-def fit(kb, run_id):
+def split(cfg, exs):
+    """(questions learned from, held-out questions, why learning waits or None): the fixed slice, and
+    whether there is enough feedback on both sides of it (`cfg`: the [learning] settings)."""
+    frac = float(cfg["holdout"])
+    train = [e for e in exs if not in_holdout(e[0], frac)]
+    held = [e for e in exs if in_holdout(e[0], frac)]
+    need_fit, need_held = int(cfg["min_examples"]), int(cfg["min_holdout"])
+    wait = None if len(train) >= need_fit and len(held) >= need_held else (
+        f"{len(train)} questions to learn from (need {need_fit}) and {len(held)} held out (need {need_held})")
+    return train, held, wait
+
+
+def fit(kb, run_id, exs=None):
     """Fit a candidate tuning on the feedback outside the held-out slice, measure it against the adopted one
-    on the slice, and adopt it only when it is not worse (dense and hybrid nDCG@10).
-    Returns (report, row for `record`), row None when nothing was fitted."""
+    on the slice, and adopt it only when it is not worse (dense and hybrid nDCG@10). `exs`: examples(),
+    when the caller has them. Returns (report, row for `record`), row None when nothing was fitted."""
     cfg = kb.config["learning"]
     conn = kb.conn
     if not cfg["enabled"]:
         return {"status": "off", "reason": "learning.enabled is false"}, None
-    exs = examples(conn)
-    held = [e for e in exs if in_holdout(e[0], float(cfg["holdout"]))]
-    train = [e for e in exs if not in_holdout(e[0], float(cfg["holdout"]))]
-    need_fit, need_held = int(cfg["min_examples"]), int(cfg["min_holdout"])
-    if len(train) < need_fit or len(held) < need_held:
+    train, held, wait = split(cfg, examples(conn) if exs is None else exs)
+    if wait:
         return {"status": "skipped", "examples": len(train), "holdout": len(held),
-                "reason": f"{len(train)} questions to learn from (need {need_fit}) and {len(held)} held out "
-                          f"(need {need_held}): learning waits for more feedback"}, None
+                "reason": f"{wait}: learning waits for more feedback"}, None
     t0 = time.time()
     model = kb.model_id
     current = Active().get(conn)
@@ -396,11 +404,8 @@ def held_out(kb, exs=None):
     cfg = kb.config["learning"]
     if not cfg["enabled"]:
         return frozenset()
-    exs = examples(kb.conn) if exs is None else exs
-    held = {_question(t) for t, _ in exs if in_holdout(t, float(cfg["holdout"]))}
-    if len(exs) - len(held) < int(cfg["min_examples"]) or len(held) < int(cfg["min_holdout"]):
-        return frozenset()
-    return frozenset(held)
+    _, held, wait = split(cfg, examples(kb.conn) if exs is None else exs)
+    return frozenset() if wait else frozenset(_question(t) for t, _ in held)
 
 
 def is_held_out(text, held):
@@ -437,7 +442,7 @@ def _paired_ci(a, b, resamples=1000, seed=0):
     return float(d.mean()), float(lo), float(hi)
 
 
-def judge_units(kb):
+def judge_units(kb, exs=None):
     """The canary's verdict on the KB's active units, per search mode: each held-out question searched with
     them and without them (BM25 and dense rank the sources alike either way, so one search serves both),
     scored by what a reader needs: where its answer is known, the reciprocal rank of
@@ -445,19 +450,15 @@ def judge_units(kb):
     (a unit counts for the documents it carries sentences of). Held-out questions make no units (held_out), so each is ranked
     as a new question would be; a unit that still names one (made before the slice judged, or restored) is
     left out of that question's ranking. A mode where units are worse (the 95% bootstrap interval of the
-    paired difference entirely below zero) is turned off; one where they are not is on."""
+    paired difference entirely below zero) is turned off; one where they are not is on. `exs`: examples(),
+    when the caller has them."""
     cfg = kb.config["learning"]
     conn = kb.conn
     if not cfg["enabled"]:
         return {"status": "off", "reason": "learning.enabled is false"}
-    exs = examples(conn)
-    held = [e for e in exs if in_holdout(e[0], float(cfg["holdout"]))]
-    train = len(exs) - len(held)
-    need_fit, need_held = int(cfg["min_examples"]), int(cfg["min_holdout"])
-    if train < need_fit or len(held) < need_held:
-        return {"status": "skipped", "holdout": len(held),
-                "reason": f"{train} questions to learn from (need {need_fit}) and {len(held)} held out "
-                          f"(need {need_held}): units stay in use in every mode"}
+    _, held, wait = split(cfg, examples(conn) if exs is None else exs)
+    if wait:
+        return {"status": "skipped", "holdout": len(held), "reason": f"{wait}: units stay in use in every mode"}
     units = conn.execute("SELECT u.id, u.query_ids, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
                          "WHERE d.status='active'").fetchall()
     if not units:

@@ -296,7 +296,9 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         qids += json.loads(row[0])
     qids = list(dict.fromkeys(qids))
     counts["examples"] = len(qids)
-    night = _Night(kb, conn, run_id, counts, dry_run, done_before, tuning.held_out(kb))
+    # the feedback learning draws on, read once: the held-out slice, the fit and the units canary share it
+    exs = tuning.examples(conn) if kb.config["learning"]["enabled"] else []
+    night = _Night(kb, conn, run_id, counts, dry_run, done_before, tuning.held_out(kb, exs))
     groups = defaultdict(list)
     for qid in _progress(qids, show_progress, "write-back: gates", unit="q"):
         plan = _plan(kb, conn, qid, run_id, counts, dry_run)
@@ -325,24 +327,19 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         night.flush()
     except Exception as e:
         if not dry_run:
-            with store.transaction(conn):
-                conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
-                             (time.time(), json.dumps(counts), str(e)[:500], run_id))
+            _fail(conn, run_id, counts, e)
         raise
     # retrieval learns from all the feedback so far (its cost grows with feedback, not with the corpus)
-    learned, row = tuning.fit(kb, run_id)
+    learned, row = tuning.fit(kb, run_id, exs)
     if not dry_run and row is not None:
         with store.transaction(conn):  # (a run killed after this has its tuning undone when it is resumed)
             tuning.record(conn, learned, row)
     # the canary for units: the units as they now are, with the retrieval tonight adopted, per mode
     try:
-        judged = tuning.judge_units(kb)
+        judged = tuning.judge_units(kb, exs)
     except BaseException as e:  # the night's tuning is not left in use by a run that did not end
         if not dry_run:
-            with store.transaction(conn):
-                tuning.rollback(conn, run_id)
-                conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
-                             (time.time(), json.dumps(counts), (str(e) or type(e).__name__)[:500], run_id))
+            _fail(conn, run_id, counts, e)
         raise
     if not dry_run:
         with store.transaction(conn):
@@ -356,6 +353,14 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
         kb.corpus.indexes.save_if_due(conn)
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
             "units": written, **{k: counts.get(k, 0) for k in COUNTS}, "tuning": learned, "unit_use": judged}
+
+
+def _fail(conn, run_id, counts, error):
+    """A run that stopped on an error: marked failed with it, and the tuning it stored (if any) not used."""
+    with store.transaction(conn):
+        tuning.rollback(conn, run_id)
+        conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
+                     (time.time(), json.dumps(counts), (str(error) or type(error).__name__)[:500], run_id))
 
 
 def _plan(kb, conn, qid, run_id, counts, dry_run):
