@@ -1,27 +1,43 @@
-"""The seven one-line changes that once left the whole fast suite green (issue: `make test` catches real
-regressions). Each is applied in turn, the fast suite runs, and the change is undone; every one must fail
-the suite. Run from the repository root: `.venv/bin/python eval/known_mutants.py`."""
+"""One-line changes that each break a behaviour the project promises; every one must fail the fast suite.
+The first seven once left the whole fast suite green (issue: `make test` catches real regressions); the
+rest guard what later sessions built (BM25 weights and tombstones, the headers kept per change-log head, the
+units canary and its held-out slice, the unit cap's refill, the credit rule). Each is applied in turn, the
+fast suite runs, and the change is undone. Run from the repository root: `.venv/bin/python eval/known_mutants.py`."""
 
 import subprocess
 import sys
 
 MUTANTS = [
-    ("RRF rank off by one", "writeback_rag/kb.py",
+    ("RRF rank off by one", "writeback_rag/tuning.py",
      "for rank, cid in enumerate(sorted(scores, key=lambda c: (-scores[c], c)), 1):",
      "for rank, cid in enumerate(sorted(scores, key=lambda c: (-scores[c], c)), 2):"),
-    ("weighted-fusion weights swapped", "writeback_rag/kb.py",
+    ("weighted-fusion weights swapped", "writeback_rag/tuning.py",
      "for scores, w in ((bm, 1 - dense_weight), (dn, dense_weight)):",
      "for scores, w in ((bm, dense_weight), (dn, 1 - dense_weight)):"),
-    ("doc filter ignored", "writeback_rag/kb.py",
-     '                clauses.append("d.id GLOB ?")\n                args.append(value)', "                pass"),
-    ("kind filter ignored", "writeback_rag/kb.py",
-     '                clauses.append("d.kind=?")\n                args.append(value)', "                pass"),
-    ("near-duplicate merge never fires", "writeback_rag/writeback.py",
-     "    return bool(ta and tb) and len(ta & tb) / len(ta | tb) >= threshold", "    return False"),
+    ("doc filter ignored", "writeback_rag/filters.py",
+     '            clauses.append("d.id GLOB ?")\n            args.append(g)', "            pass"),
+    ("kind filter ignored", "writeback_rag/indexes.py",
+     "np.isin(self.codes, [self.CODES[k] for k in key])", "np.isin(self.codes, list(self.CODES.values()))"),
     ("label feedback counted against units", "writeback_rag/feedback.py",
      'if not (correct or source == "label"):', "if not correct:"),
     ("BM25 IDF epsilon floor removed", "writeback_rag/index.py",
      "        return self.epsilon * self._mean_idf", "        return float(raw)"),
+    ("BM25 weights not refreshed when the average length drifts", "writeback_rag/index.py",
+     "or abs(avgdl - key[2]) > self.AVGDL_DRIFT * key[2]:", ":"),
+    ("BM25 tombstones not skipped", "writeback_rag/index.py",
+     "        if self._n_dead:  # tombstones: skip the postings of removed chunks", "        if False:"),
+    ("documents' headers kept across change-log heads", "writeback_rag/kb.py",
+     "if kept[0] != head or len(kept[1]) > 4096:", "if kept[0] is None:"),
+    ("the units canary never turns units off", "writeback_rag/tuning.py",
+     'off = [m for m in UNIT_MODES if metrics[m]["ci95"][1] < 0]', "off = []"),
+    ("held-out questions make units", "writeback_rag/writeback.py",
+     'if not tuning.is_held_out(plan["query"], self.held):', "if True:"),
+    ("searches ignore the canary's verdict", "writeback_rag/kb.py",
+     'and mode in self._kept(head)[2]:', "and False:"),
+    ("units over the cap leave fewer than k hits", "writeback_rag/kb.py",
+     "            depth *= 2", "            break"),
+    ("a unit credited for sources it does not carry", "writeback_rag/writeback.py",
+     "            if share >= overlap:", "            if share >= 0:"),
 ]
 
 

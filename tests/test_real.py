@@ -268,3 +268,19 @@ def test_a_model_loaded_after_a_query_keeps_torchs_threads_for_batches(tmp_path)
     assert second.threads == first.threads >= 1
     second.encode(["a batch"] * 8)
     assert torch.get_num_threads() == second.threads
+
+
+@pytest.mark.slow
+def test_the_batch_size_setting_sets_the_forward_passes(tmp_path):
+    """embedder.batch_size reaches the model: each forward pass embeds at most that many chunks."""
+    kb = KnowledgeBase.create(tmp_path / "kb", config={"embedder": {"batch_size": 3}}, notify=lambda m: None)
+    seen = []
+    handle = kb.embedder.model[0].register_forward_pre_hook(  # the transformer module, given the tokenized batch
+        lambda mod, args: seen.append(args[0]["input_ids"].shape[0]))
+    try:
+        kb.ingest([{"id": f"d{i}", "text": f"Lighthouse number {i} stands on the northern cape."} for i in range(8)])
+    finally:
+        handle.remove()
+    assert sum(seen) == 8 and max(seen) == 3
+    assert kb.search("northern cape lighthouse", k=8, mode="dense", log=False).hits
+    kb.close()

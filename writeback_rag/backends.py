@@ -122,7 +122,7 @@ def _batch_threads():
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, model, model_id=None, device="cpu", batch_size=64, precision="fp32", threads=0):
+    def __init__(self, model, model_id=None, device="cpu", batch_size=16, precision="fp32", threads=0):
         """`precision`: fp32, bf16, or auto (bf16 only on a CPU with native bf16 and only when its vectors
         agree with fp32 ones, cosine >= 0.999, on a fixed sample). `threads`: torch threads for batches
         (0: torch's default); a single query always runs on one thread, which is fastest on a busy machine."""
@@ -220,7 +220,7 @@ class HashEmbedder:
 
 
 @register_embedder("hash")
-def _hash(precision="fp32", threads=0, **options):
+def _hash(precision="fp32", threads=0, batch_size=0, **options):
     return HashEmbedder(**options)
 
 
