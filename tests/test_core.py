@@ -75,7 +75,8 @@ def test_migration_from_stored_postings_keeps_term_statistics(corpus_kb):
     c.executescript("DROP TABLE tunings; ALTER TABLE feedback DROP COLUMN relevant;"  # before migrations 7 and 8 too
                     "DROP INDEX units_anchor; DROP INDEX units_ended_by;"
                     "ALTER TABLE units DROP COLUMN anchor; ALTER TABLE units DROP COLUMN ended_by;"
-                    "ALTER TABLE units DROP COLUMN revived;")  # and 9
+                    "ALTER TABLE units DROP COLUMN revived;"  # and 9
+                    "DROP INDEX documents_header;")  # and 10
     c.execute("PRAGMA user_version=5")
     c.commit()
     c.close()

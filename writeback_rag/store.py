@@ -6,8 +6,6 @@ import threading
 import urllib.parse
 import time
 
-MMAP_BYTES = 1 << 34  # 16 GiB of address space asked for; SQLite maps at most what its build allows (2 GiB)
-
 # Numbered migrations, applied in order on open; PRAGMA user_version records the last one.
 MIGRATIONS = [
     # 1: documents (source files and, later, knowledge units), their chunks with embeddings,
@@ -216,10 +214,6 @@ def connect(path, readonly=False):
     # 64 MiB page cache (allocated as used) instead of 2 MiB: a write batch touches term rows all over
     # their table, and a small cache spills them before the commit
     conn.execute("PRAGMA cache_size=-65536")
-    # reads through a read-only memory map (SQLite writes with write(), so a full disk stays an error, not a
-    # signal): a search's hits are rows all over the file, and a mapped page costs no read() and no copy
-    # (queries asked once: eval/results/changelog-100k.md). SQLite caps the size at its build's limit.
-    conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
