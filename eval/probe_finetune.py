@@ -2,6 +2,9 @@
 paragraph) pairs move dense retrieval of held-out *train* questions (20% by a hash of the question; the test
 split is not read)? In-batch negatives (batch 16, scale 20, AdamW lr 2e-5), a batch's other questions of the
 same paragraph masked out; whole paragraphs embedded (title + text), cut at the model's 256 word pieces.
+Its answer column is a lower-cased substring match, not the evaluation's answer-recall (text.contains_answer,
+normalised and word-bounded), and its slice is its own hash, not tuning.in_holdout: call those two when it
+is next run, so its figures compare with the report's.
 
     .venv/bin/python eval/probe_finetune.py [--out eval/results/finetune-probe.md]    (~25 min on 2 cores)"""
 import argparse, hashlib, os, sys, time, random, numpy as np, torch
@@ -21,6 +24,7 @@ fit = [e for e in exs if not held(e["query"])]; ev = [e for e in exs if held(e["
 print("fit", len(fit), "eval", len(ev), flush=True)
 e = get_embedder({"name": "minilm"}); m = e.model
 torch.set_num_threads(2)
+torch.manual_seed(0)  # dropout: the same run twice gives the same figures
 def evaluate(tag):
     m.eval()
     with torch.no_grad():
@@ -34,7 +38,10 @@ def evaluate(tag):
     ar5 = np.mean([any(any(a.lower() in texts[j].lower() for a in x["answers"]) for j in t[:5]) for t, x in zip(top, ev)])
     print(f"{tag}: R@1 {r1:.4f} R@5 {r5:.4f} MRR@10 {np.mean(rr):.4f} answer-recall@5 {ar5:.4f}", flush=True)
     lines.append(f"| {tag} | {r1:.4f} | {r5:.4f} | {np.mean(rr):.4f} | {ar5:.4f} |")
-    return S
+def vectors(batch):
+    """Normalised embeddings with gradients (sentence-transformers 6 names its tokenizer call preprocess)."""
+    features = (m.preprocess if hasattr(m, "preprocess") else m.tokenize)(batch)
+    return torch.nn.functional.normalize(m(features)["sentence_embedding"], dim=-1)
 evaluate("base")
 m.train()
 opt = torch.optim.AdamW(m.parameters(), lr=2e-5)
@@ -42,10 +49,8 @@ rng = random.Random(0); order = fit[:]; rng.shuffle(order)
 bs = 16; t0 = time.time()
 for s in range(0, len(order) - bs + 1, bs):
     batch = order[s:s + bs]
-    f = m.preprocess([b["query"] for b in batch]) if hasattr(m, "preprocess") else m.tokenize([b["query"] for b in batch])
-    g = m.preprocess([texts[pos[b["relevant"][0]]] for b in batch]) if hasattr(m, "preprocess") else m.tokenize([texts[pos[b["relevant"][0]]] for b in batch])
-    q = torch.nn.functional.normalize(m(f)["sentence_embedding"], dim=-1)
-    p = torch.nn.functional.normalize(m(g)["sentence_embedding"], dim=-1)
+    q = vectors([b["query"] for b in batch])
+    p = vectors([texts[pos[b["relevant"][0]]] for b in batch])
     same = torch.tensor([[a["relevant"][0] == b["relevant"][0] for b in batch] for a in batch])
     logits = (q @ p.T * 20).masked_fill(same & ~torch.eye(len(batch), dtype=torch.bool), -1e4)  # no false negatives
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(batch)))
