@@ -2,7 +2,8 @@
 The first seven once left the whole fast suite green (issue: `make test` catches real regressions); the
 rest guard what later sessions built (BM25 weights and tombstones, the headers kept per change-log head, the
 units canary and its held-out slice, the unit cap's refill, the credit rule). Each is applied in turn, the
-fast suite runs, and the change is undone. Run from the repository root: `.venv/bin/python eval/known_mutants.py`."""
+fast suite runs, and the change is undone. Run from the repository root: `.venv/bin/python eval/known_mutants.py [WORD ...]` (only the mutants whose
+names hold one of the words)."""
 
 import subprocess
 import sys
@@ -38,12 +39,18 @@ MUTANTS = [
      "            depth *= 2", "            break"),
     ("a unit credited for sources it does not carry", "writeback_rag/writeback.py",
      "            if share >= overlap:", "            if share >= 0:"),
+    ("hybrid searches ignore the learned ranker", "writeback_rag/kb.py",
+     'if tuning.ranker is not None and mode == "hybrid":', 'if False:'),
+    ("the ranker leaves every candidate in its slot", "writeback_rag/ranking.py",
+     "for slot, i in zip(slots, order):", "for slot, i in zip(slots, range(len(cands))):"),
 ]
 
 
 def main():
+    only = sys.argv[1:]  # words of the names to apply (all when none)
+    chosen = [m for m in MUTANTS if not only or any(w.lower() in m[0].lower() for w in only)]
     survived = []
-    for name, path, old, new in MUTANTS:
+    for name, path, old, new in chosen:
         src = open(path, encoding="utf-8").read()
         assert src.count(old) == 1, f"{name}: the line to change is not in {path} exactly once; update this list"
         open(path, "w", encoding="utf-8").write(src.replace(old, new))
@@ -56,7 +63,7 @@ def main():
         print(f"{verdict:8} {name}: {r.stdout.strip().splitlines()[-1]}")
         if not r.returncode:
             survived.append(name)
-    print(f"{len(MUTANTS) - len(survived)} of {len(MUTANTS)} killed")
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} killed")
     sys.exit(1 if survived else 0)
 
 

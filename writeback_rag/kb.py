@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from . import config as cfgmod
-from . import store
+from . import ranking, store
 from .backends import CachedEmbedder, embedder_model_id, get_embedder
 from .filters import Filter
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, storage_error, translating
@@ -20,7 +20,7 @@ from .changes import head
 from .corpus import Corpus
 from .indexes import backend as index_backend
 from .loaders import IngestReport
-from .text import normalize_id
+from .text import bm25_tokens, normalize_id
 from .tuning import FUSIONS, UNTUNED, Active, fuse, units_off
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
@@ -429,6 +429,8 @@ class KnowledgeBase:
                 bm_all.update(bm)
                 dn_all.update(dn)
                 deeper = deeper or len(bm) >= depth or len(dn) >= depth
+            if tuning.ranker is not None and mode == "hybrid":
+                fused = self._rerank(tuning.ranker, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
             top = self._top(fused, k, cap, units)
             # units over the cap were dropped and left fewer than k hits: look deeper (ranks above stay)
             if len(top) >= k or not units or cap < 0 or not deeper:
@@ -447,6 +449,15 @@ class KnowledgeBase:
         """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
         return self._indexes.scores(self.conn, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
                                     dense=mode in ("dense", "hybrid"))
+
+    def _rerank(self, ranker, query, fused, bm, dn, rrf_k):
+        """The learned ranker's order of the top source candidates, within the slots they held (ranking.py)."""
+        kinds = self._indexes.kinds
+        cands = ranking.candidates(fused, kinds.is_unit)
+        sources = [{c: s for c, s in d.items() if not kinds.is_unit(c)} for d in (bm, dn)]
+        X = ranking.features(query, cands, fused, *sources, ranking.passages(self.conn, cands),
+                             ranking.idf(self.conn, bm25_tokens(query), sum(kinds.counts.values())), rrf_k)
+        return ranking.reorder(ranker, fused, cands, X)
 
     def _top(self, fused, k, cap, units):
         """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units

@@ -191,6 +191,10 @@ MIGRATIONS = [
     """
     CREATE INDEX documents_header ON documents(id, title, kind, source, meta);
     """,
+    # 11: a tuning may carry a learned reranker for hybrid search (ranking.py): its weights as JSON.
+    """
+    ALTER TABLE tunings ADD COLUMN ranker TEXT;
+    """,
 ]
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import store
+from . import ranking, store
 from .changes import Change, active_rows
 from .changes import record as record_change
 from .errors import InputError
 from .filters import Filter
+from .text import bm25_tokens
 
 FUSIONS = ("rrf", "weighted")
 BM25_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -35,6 +36,7 @@ class Tuning:
     bm25_weight: float = 0.5            # RRF weight of the BM25 list; the dense list gets 1 - bm25_weight
     rrf_k: int | None = None            # None: retrieval.rrf_k
     hybrid_adapter: bool = True         # whether hybrid searches use the adapter too (chosen on the fit set)
+    ranker: ranking.Ranker | None = None  # reorders hybrid's top candidates (ranking.py)
 
     def query_vector(self, qv, mode):
         """The vector a search in `mode` uses."""
@@ -103,15 +105,18 @@ def load(conn, tuning_id):
     adapter = None
     if r["adapter"] is not None:
         adapter = np.frombuffer(r["adapter"], dtype=np.float32).reshape(r["dim"], r["dim"]).copy()
-    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]), bool(r["hybrid_adapter"]))
+    ranker = ranking.Ranker.from_json(r["ranker"]) if r["ranker"] else None
+    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]), bool(r["hybrid_adapter"]), ranker)
 
 
 def list_tunings(conn):
     """Every fit, oldest first, with its run, status ('adopted', 'inactive', 'rolled-back'), reason and
     the canary's figures."""
-    return [dict(r, metrics=json.loads(r["metrics"]), adapter=bool(r["adapter"]), hybrid_adapter=bool(r["hybrid_adapter"]))
+    return [dict(r, metrics=json.loads(r["metrics"]), adapter=bool(r["adapter"]), hybrid_adapter=bool(r["hybrid_adapter"]),
+                 ranker=bool(r["ranker"]))
             for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, hybrid_adapter, "
-                                  "adapter IS NOT NULL AS adapter, examples, holdout, metrics, reason FROM tunings "
+                                  "adapter IS NOT NULL AS adapter, ranker IS NOT NULL AS ranker, examples, holdout, "
+                                  "metrics, reason FROM tunings "
                                   "ORDER BY created, id")]
 
 
@@ -177,7 +182,8 @@ class _Pool:
         self.texts = [t for t, _ in exs]
         self.relevant = [set(d) for _, d in exs]
         self.q = np.asarray(kb.embedder.encode(self.texts), dtype=np.float32)
-        self.doc_of, self.vec = {}, {}
+        self.doc_of, self.vec, self.passages, self.weights = {}, {}, {}, {}
+        self.n_chunks = sum(self.indexes.kinds.counts.values())
         self.bm = [self._search(t, None, sparse=True)[0] for t in self.texts]
         self.pos = []
         for docs in self.relevant:
@@ -216,20 +222,43 @@ class _Pool:
         return float(np.mean([_ndcg10(self.docs(sorted(dn, key=lambda c: (-dn[c], c))), self.relevant[i])
                               for i, dn in zip(rows, dense_lists)]))
 
-    def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k):
-        """Mean nDCG@10 over `rows` of hybrid RRF with these weights."""
+    def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k, ranker=None):
+        """Mean nDCG@10 over `rows` of hybrid RRF with these weights (and this ranker)."""
         out = []
         for i, dn in zip(rows, dense_lists):
             f = fuse(self.bm[i], dn, "hybrid", "rrf", rrf_k, bm25_weight=bm25_weight)
+            if ranker is not None:
+                cands, X = self.features(i, f, dn, rrf_k)
+                f = ranking.reorder(ranker, f, cands, X)
             out.append(_ndcg10(self.docs(sorted(f, key=lambda c: (-f[c], c))), self.relevant[i]))
         return float(np.mean(out))
+
+    def features(self, i, fused, dn, rrf_k):
+        """(candidates, ranking features) of question i's fused list, as a search computes them."""
+        cands = ranking.candidates(fused)
+        need = [c for c in cands if c not in self.passages]
+        self.passages.update(ranking.passages(self.conn, need))
+        if i not in self.weights:
+            self.weights[i] = ranking.idf(self.conn, bm25_tokens(self.texts[i]), self.n_chunks)
+        return cands, ranking.features(self.texts[i], cands, fused, self.bm[i], dn, self.passages, self.weights[i],
+                                       rrf_k)
+
+    def ranker_examples(self, rows, dense_lists, bm25_weight, rrf_k):
+        """[(features, relevant or not)] per question: what the ranker learns from."""
+        out = []
+        for i, dn in zip(rows, dense_lists):
+            f = fuse(self.bm[i], dn, "hybrid", "rrf", rrf_k, bm25_weight=bm25_weight)
+            cands, X = self.features(i, f, dn, rrf_k)
+            self.docs(cands)  # fills doc_of
+            out.append((X, np.array([self.doc_of.get(c) in self.relevant[i] for c in cands], dtype=np.float64)))
+        return out
 
     def score(self, tuning, rows, rrf_k):
         """{dense, hybrid} mean nDCG@10 of a tuning over `rows`."""
         dense = self.dense(tuning, rows)
         hybrid = dense if tuning.hybrid_adapter or tuning.adapter is None else self.dense(tuning, rows, "hybrid")
         return {"dense": self.dense_score(rows, dense),
-                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k)}
+                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k, tuning.ranker)}
 
 
 def _train_adapter(pool, rows, static, cfg, seed=0):
@@ -344,16 +373,18 @@ def fit(kb, run_id, exs=None):
     if adapter is not None:
         lists[True] = pool.dense(Tuning(None, adapter), choose)
     use, w, k = _fit_fusion(pool, choose, lists)
+    # the ranker learns on the same questions, from the lists the chosen fusion makes of them
+    ranker = ranking.fit(pool.ranker_examples(choose, lists[use], w, k)) if cfg["ranker"] else None
     if adapter is not None:  # the fusion chosen, the adapter learns from every fitted question
         adapter = _train_adapter(pool, fit_rows, pool.dense(UNTUNED, fit_rows), cfg)
-    candidate = Tuning(None, adapter, w, k, use)
+    candidate = Tuning(None, adapter, w, k, use, ranker)
     cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
     now = pool.score(current, held_rows, cur_k)
     new = pool.score(candidate, held_rows, k)
     verdict, reason = decide(now, new, adapter is not None, use, current)
     adopt = verdict is not None
     if verdict == "dense":  # hybrid searches exactly as they are now (the current weights, no adapter)
-        use, w, k = False, current.bm25_weight, cur_k
+        use, w, k, ranker = False, current.bm25_weight, cur_k, current.ranker
         new = {"dense": new["dense"], "hybrid": now["hybrid"]}
     elif verdict == "hybrid":  # dense searches as now: the adapter in use is kept
         adapter = current.adapter
@@ -361,20 +392,21 @@ def fit(kb, run_id, exs=None):
     metrics = {"current": now, "candidate": new, "current_id": current.id, "seconds": round(time.time() - t0, 2)}
     report = {"status": "adopted" if adopt else "inactive", "id": f"tuning:{run_id}", "examples": len(train),
               "holdout": len(held), "bm25_weight": w, "rrf_k": k, "adapter": adapter is not None,
-              "hybrid_adapter": use,
+              "hybrid_adapter": use, "ranker": ranker is not None,
               "metrics": metrics, "reason": reason}
-    return report, (run_id, model, int(pool.q.shape[1]), adapter)
+    return report, (run_id, model, int(pool.q.shape[1]), adapter, ranker)
 
 
 def record(conn, report, row):
     """Store a fit, before the night's units are judged with it (a run killed after this has the fit rolled
     back when the night is resumed, and fitted again)."""
-    run_id, model, dim, adapter = row
+    run_id, model, dim, adapter, ranker = row
     conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, "
-                 "hybrid_adapter, adapter, examples, holdout, metrics, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                 "hybrid_adapter, adapter, ranker, examples, holdout, metrics, reason) "
+                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                  (report["id"], run_id, time.time(), report["status"], model, dim, report["bm25_weight"],
                   report["rrf_k"], int(report["hybrid_adapter"]), None if adapter is None else adapter.tobytes(),
-                  report["examples"],
+                  None if ranker is None else ranker.to_json(), report["examples"],
                   report["holdout"], json.dumps(report["metrics"]), report["reason"]))
 
 

@@ -1,0 +1,50 @@
+"""What the learned reranker costs a hybrid search: the same questions searched with the KB's adopted tuning
+with its reranker and without it (the same tuning otherwise), in alternating blocks, query vectors cached so
+the embedder is not timed. Needs a KB whose adopted tuning has a reranker, e.g. the one `eval/run_eval.py`
+leaves in its work folder.
+
+    .venv/bin/python eval/bench_ranker.py /tmp/wbrag-eval/squad/main ../shared/datasets/squad --split test
+"""
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+from writeback_rag import KnowledgeBase
+from writeback_rag.eval import _use_cache, load_beir
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kb")
+    ap.add_argument("dataset")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=4)
+    a = ap.parse_args(argv)
+    kb = KnowledgeBase.open(a.kb, notify=lambda m: None)
+    texts = [e["query"] for e in load_beir(a.dataset, a.split, corpus=False)["examples"]][:a.queries]
+    _use_cache(kb, texts, ("hybrid",))
+    active = kb._tuning
+    tuned = active.get(kb.conn)
+    if tuned.ranker is None:
+        sys.exit(f"{a.kb}: its adopted tuning has no reranker")
+    plain = dataclasses.replace(tuned, ranker=None)
+    times = {"with": [], "without": []}
+    for q in texts[:50]:  # warm: pages, indexes, model
+        kb.search(q, k=10, mode="hybrid", log=False)
+    for r in range(a.rounds):
+        for name in (("with", "without") if r % 2 == 0 else ("without", "with")):
+            active.tuning = tuned if name == "with" else plain  # the same tuning id: not reloaded
+            t0 = time.perf_counter()
+            for q in texts:
+                kb.search(q, k=10, mode="hybrid", log=False)
+            times[name].append((time.perf_counter() - t0) / len(texts) * 1000)
+    w, wo = statistics.median(times["with"]), statistics.median(times["without"])
+    print(f"hybrid search, k=10, {len(texts)} questions x {a.rounds} alternating rounds (median of rounds): "
+          f"with the reranker {w:.2f} ms, without {wo:.2f} ms, difference {w - wo:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""A learned reranker for hybrid search: a linear score over features of each of the top source candidates
+(their fused, BM25 and dense evidence, and how the question's words sit in the passage: in one sentence, in
+two adjacent ones, in the title, as word pairs), fitted by the nightly write-back on the feedback's
+questions and adopted only when the held-out slice says it is not worse (tuning.py).
+
+RRF fixes how the two retrievers' ranks combine; feedback says which passages answered. The ranker learns
+that from the feedback, for questions nobody asked before, and costs a few milliseconds per search: it reads
+the text of the top DEPTH candidates and the document frequencies of the question's words (kept by the
+record store for every backend). It reorders those candidates within the slots they held, so units and the
+fused scores' scale are left as they were."""
+
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .text import bm25_tokens, sentences
+
+DEPTH = 30  # source candidates the ranker reorders
+FEATURES = ("log fused score", "fused rank", "bm25 rrf term", "dense rrf term", "bm25 / best bm25", "cosine",
+            "cosine - best cosine", "words in passage", "words in best sentence", "words in best two sentences",
+            "words in title", "word pairs in passage", "word stems in best sentence")
+_SUFFIX = re.compile(r"(ing|ed|es|s|ly)$")
+_ABSENT = 100  # the rank a candidate missing from one retriever's list is given
+
+
+def _stem(word):
+    """A crude suffix strip, so that 'founded' meets 'found' and 'cities' nearly meets 'city'."""
+    return _SUFFIX.sub("", word) if len(word) > 4 else word
+
+
+@dataclass(frozen=True)
+class Ranker:
+    """Linear weights over standardized features ((x - mean) / scale)."""
+    weights: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def score(self, X):
+        return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.weights
+
+    def to_json(self):
+        return json.dumps({"features": list(FEATURES), "weights": self.weights.tolist(), "mean": self.mean.tolist(),
+                           "scale": self.scale.tolist()})
+
+    @classmethod
+    def from_json(cls, text):
+        """None when stored for another feature set (an older or newer version): such a ranker is not used."""
+        o = json.loads(text)
+        if o.get("features") != list(FEATURES):
+            return None
+        return cls(*(np.asarray(o[k], dtype=np.float64) for k in ("weights", "mean", "scale")))
+
+
+def idf(conn, words, n_chunks):
+    """{word: BM25 IDF} from the record store's document frequencies (a word it has never seen counts as rare)."""
+    words = sorted(set(words))
+    df = dict(conn.execute(f"SELECT term, df FROM terms WHERE term IN ({','.join('?' * len(words))})", words)) \
+        if words else {}
+    n = max(int(n_chunks), 1)
+    return {w: math.log(1 + (n - df.get(w, 0) + 0.5) / (df.get(w, 0) + 0.5)) for w in words}
+
+
+def passages(conn, ids):
+    """{chunk id: (title, text)} of these chunks."""
+    ids = list(ids)
+    if not ids:
+        return {}
+    return {r[0]: (r[1] or "", r[2]) for r in conn.execute(
+        "SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id=c.doc_id "
+        f"WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse(title, text):
+    """What the features read of a passage: its words, its sentences' words, its stemmed word pairs, the
+    title's words (cached: a KB's top candidates recur across searches)."""
+    sent = [frozenset(bm25_tokens(s)) for s in sentences(text)] or [frozenset()]
+    stems = [_stem(w) for w in bm25_tokens(text)]
+    return (frozenset(bm25_tokens(text)), sent, [frozenset(map(_stem, s)) for s in sent],
+            frozenset(zip(stems, stems[1:])), frozenset(bm25_tokens(title)))
+
+
+def features(query, cands, fused, bm, dn, texts, weights, rrf_k):
+    """(len(cands), len(FEATURES)) array for candidates `cands` (in fused order) of one question. `fused`,
+    `bm`, `dn`: {chunk id: score} of the fusion and each retriever's list; `texts`: passages(); `weights`:
+    idf() of the question's words."""
+    words = set(bm25_tokens(query))
+    total = sum(weights.get(w, 0.0) for w in words) or 1.0
+    stem_weight = {}
+    for w in words:
+        stem_weight[_stem(w)] = max(stem_weight.get(_stem(w), 0.0), weights.get(w, 0.0))
+    stems = [_stem(w) for w in bm25_tokens(query)]
+    pairs = set(zip(stems, stems[1:]))
+    rank_bm = {c: i for i, c in enumerate(sorted(bm, key=lambda c: (-bm[c], c)))}
+    rank_dn = {c: i for i, c in enumerate(sorted(dn, key=lambda c: (-dn[c], c)))}
+    best_bm = max(bm.values(), default=0.0) or 1.0
+    best_dn = max(dn.values(), default=0.0)
+
+    def cover(ws):
+        return sum(weights.get(w, 0.0) for w in words & ws) / total
+
+    rows = []
+    for i, c in enumerate(cands):
+        passage, sent, stem_sent, passage_pairs, title = _parse(*texts.get(c, ("", "")))
+        sent_cover = [cover(s) for s in sent]
+        two = max((cover(a | b) for a, b in zip(sent, sent[1:])), default=sent_cover[0])
+        stems_in = max(sum(stem_weight[w] for w in stem_weight.keys() & s) for s in stem_sent) / total
+        rows.append([math.log(max(fused[c], 1e-12)), 1.0 / (1 + i),
+                     1.0 / (rrf_k + 1 + rank_bm.get(c, _ABSENT)), 1.0 / (rrf_k + 1 + rank_dn.get(c, _ABSENT)),
+                     bm.get(c, 0.0) / best_bm, dn.get(c, 0.0), dn.get(c, 0.0) - best_dn if c in dn else -1.0,
+                     cover(passage), max(sent_cover), max(two, max(sent_cover)), cover(title),
+                     len(pairs & passage_pairs) / (len(pairs) or 1), stems_in])
+    return np.asarray(rows, dtype=np.float64).reshape(len(cands), len(FEATURES))
+
+
+def candidates(fused, is_unit=None):
+    """The top DEPTH source candidates in fused order (units are not reordered)."""
+    order = sorted(fused, key=lambda c: (-fused[c], c))
+    return [c for c in order if is_unit is None or not is_unit(c)][:DEPTH]
+
+
+def reorder(ranker, fused, cands, X):
+    """`fused` with `cands` (fused order) reordered by the ranker within the slots they held: the i-th best
+    by the ranker takes the i-th of their fused scores."""
+    if len(cands) < 2:
+        return fused
+    s = ranker.score(X)
+    order = sorted(range(len(cands)), key=lambda i: (-s[i], i))
+    slots = [fused[c] for c in cands]
+    out = dict(fused)
+    for slot, i in zip(slots, order):
+        out[cands[i]] = slot
+    return out
+
+
+def fit(questions, epochs=30, lr=0.01, decay=1e-4, seed=0):
+    """A Ranker from [(X, y)] per question (y: 1 for candidates from a relevant document), by a softmax over
+    each question's candidates that puts its relevant ones first. None with no question that has both."""
+    import torch
+
+    questions = [(X, y) for X, y in questions if len(X) and np.any(y) and not np.all(y)]
+    if not questions:
+        return None
+    allX = np.concatenate([X for X, _ in questions])
+    mean, scale = allX.mean(0), allX.std(0) + 1e-6
+    n, width = len(questions), len(FEATURES)
+    Xs = np.zeros((n, DEPTH, width), np.float32)
+    pos = np.zeros((n, DEPTH), bool)
+    valid = np.zeros((n, DEPTH), bool)
+    for j, (X, y) in enumerate(questions):
+        m = min(len(X), DEPTH)
+        Xs[j, :m] = (X[:m] - mean) / scale
+        pos[j, :m], valid[j, :m] = np.asarray(y[:m]) > 0, True
+    Xt, Pt, Vt = torch.from_numpy(Xs), torch.from_numpy(pos), torch.from_numpy(valid)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.zeros(width, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, weight_decay=decay)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n, 64):
+            b = perm[s:s + 64]
+            S = (Xt[b] @ w).masked_fill(~Vt[b], -1e9)
+            loss = -(torch.logsumexp(S.masked_fill(~Pt[b], -1e9), 1) - torch.logsumexp(S, 1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return Ranker(w.detach().numpy().astype(np.float64), mean, scale)
