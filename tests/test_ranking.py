@@ -151,3 +151,13 @@ def test_fit_learns_the_feature_that_marks_the_relevant_candidates():
     assert Ranker.from_json(r.to_json()).weights.tolist() == r.weights.tolist()
     assert Ranker.from_json('{"features": ["other"], "weights": [1], "mean": [0], "scale": [1]}') is None
     assert fit([(np.zeros((3, len(FEATURES))), np.zeros(3))]) is None  # nothing relevant: nothing to learn
+
+
+def test_idf_comes_from_the_record_store_and_a_long_question_fits(kb):
+    from writeback_rag.ranking import idf
+
+    kb.ingest([{"id": "a", "text": "common rare"}, {"id": "b", "text": "common"}, {"id": "c", "text": "other"}])
+    words = ["common", "rare", "unseen"] + [f"w{i}" for i in range(1500)]  # more than SQLite's 999 variables
+    w = idf(kb.conn, words, 3)
+    assert len(w) == len(words)
+    assert w["common"] < w["rare"] < w["unseen"] == w["w7"]

@@ -58,8 +58,10 @@ class Ranker:
 def idf(conn, words, n_chunks):
     """{word: BM25 IDF} from the record store's document frequencies (a word it has never seen counts as rare)."""
     words = sorted(set(words))
-    df = dict(conn.execute(f"SELECT term, df FROM terms WHERE term IN ({','.join('?' * len(words))})", words)) \
-        if words else {}
+    df = {}
+    for i in range(0, len(words), 500):  # a long question stays under SQLite's limit on bound variables
+        part = words[i:i + 500]
+        df.update(conn.execute(f"SELECT term, df FROM terms WHERE term IN ({','.join('?' * len(part))})", part))
     n = max(int(n_chunks), 1)
     return {w: math.log(1 + (n - df.get(w, 0) + 0.5) / (df.get(w, 0) + 0.5)) for w in words}
 
