@@ -3,7 +3,7 @@ back on a small and a 10x larger KB (hash embedder, synthetic text), with a flat
 index, and twice the queries on the small one.
 Each write-back runs on a fresh copy of its labelled KB, the sizes alternating (A/B) for --rounds rounds;
 the medians are compared. Write-back here includes the slot check (a search per question), the units, the
-retrieval fit (query adapter + fusion weights, which needs 50 questions) and the canary's verdict on the
+retrieval fit (query adapter + fusion weights + hybrid reranker, which needs 50 questions) and the canary's verdict on the
 units (4 searches per held-out question). Its searches (one per question for the slot check, top-100
 candidates per question for the fit) cost what a search costs: with a flat index that grows with the
 corpus, with HNSW it hardly does.

@@ -8,7 +8,10 @@ weight can change that. What the feedback teaches (the question's words together
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
 from writeback_rag import KnowledgeBase
+from writeback_rag.cli import app
 from writeback_rag.ranking import DEPTH, FEATURES, Ranker, features, fit, reorder
 
 BACKENDS = ["embedded", "milvus"]
@@ -66,6 +69,8 @@ def test_the_ranker_learns_from_feedback_what_helps_new_questions_and_rolls_back
     assert t["metrics"]["candidate"]["hybrid"] > t["metrics"]["current"]["hybrid"]
     [row] = notes.tunings()
     assert row["ranker"] and row["status"] == "adopted"
+    shown = CliRunner().invoke(app, ["tunings", "--kb", str(notes.path)])
+    assert shown.exit_code == 0 and "reranker=yes" in shown.output, shown.output
     after = {m: mrr(notes, m, unseen) for m in ("bm25", "dense", "hybrid")}
     assert after["hybrid"] > 0.9, (before, after)
     # each retriever alone still ranks the decoys first: the gain is the ranker's
@@ -89,6 +94,7 @@ def test_no_ranker_is_fitted_when_it_is_turned_off(tmp_path, kb_config):
         k.label([{"id": f"q{i}", "query": question(i), "relevant": [f"ans{i}"]} for i in range(ASKED)], k=5)
         t = k.writeback()["tuning"]
         assert not t["ranker"] and not k.tunings()[0]["ranker"]
+        assert "reranker=no" in CliRunner().invoke(app, ["tunings", "--kb", str(k.path)]).output
         assert mrr(k, "hybrid", range(ASKED, ASKED + NEW)) < 0.6 and before < 0.6
     finally:
         k.close()

@@ -182,7 +182,7 @@ class _Pool:
         self.texts = [t for t, _ in exs]
         self.relevant = [set(d) for _, d in exs]
         self.q = np.asarray(kb.embedder.encode(self.texts), dtype=np.float32)
-        self.doc_of, self.vec, self.passages, self.weights = {}, {}, {}, {}
+        self.doc_of, self.vec, self.weights = {}, {}, {}
         self.n_chunks = sum(self.indexes.kinds.counts.values())
         self.bm = [self._search(t, None, sparse=True)[0] for t in self.texts]
         self.pos = []
@@ -236,12 +236,11 @@ class _Pool:
     def features(self, i, fused, dn, rrf_k):
         """(candidates, ranking features) of question i's fused list, as a search computes them."""
         cands = ranking.candidates(fused)
-        need = [c for c in cands if c not in self.passages]
-        self.passages.update(ranking.passages(self.conn, need))
         if i not in self.weights:
             self.weights[i] = ranking.idf(self.conn, bm25_tokens(self.texts[i]), self.n_chunks)
-        return cands, ranking.features(self.texts[i], cands, fused, self.bm[i], dn, self.passages, self.weights[i],
-                                       rrf_k)
+        # texts read per question, not kept: across many questions they would approach the corpus
+        return cands, ranking.features(self.texts[i], cands, fused, self.bm[i], dn, ranking.passages(self.conn, cands),
+                                       self.weights[i], rrf_k)
 
     def ranker_examples(self, rows, dense_lists, bm25_weight, rrf_k):
         """[(features, relevant or not)] per question: what the ranker learns from."""
