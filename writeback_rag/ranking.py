@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,18 @@ _SUFFIX = re.compile(r"(ing|ed|es|s|ly)$")
 _ABSENT = 100  # the rank a candidate missing from one retriever's list is given
 
 
+_STEMS = {}
+
+
 def _stem(word):
-    """A crude suffix strip, so that 'founded' meets 'found' and 'cities' nearly meets 'city'."""
-    return _SUFFIX.sub("", word) if len(word) > 4 else word
+    """A crude suffix strip, so that 'founded' meets 'found' and 'cities' nearly meets 'city'. Remembered (a
+    vocabulary repeats) and interned, so every parse kept below shares one copy of each word."""
+    out = _STEMS.get(word)
+    if out is None:
+        if len(_STEMS) > 200_000:
+            _STEMS.clear()
+        out = _STEMS[word] = sys.intern(_SUFFIX.sub("", word) if len(word) > 4 else word)
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,13 +86,16 @@ def passages(conn, ids):
         f"WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=2048)
 def _parse(title, text):
-    """What the features read of a passage: its words, its sentences' words, its stemmed word pairs, the
-    title's words (cached: a KB's top candidates recur across searches)."""
-    sent = [frozenset(bm25_tokens(s)) for s in sentences(text)] or [frozenset()]
-    stems = [_stem(w) for w in bm25_tokens(text)]
-    return (frozenset(bm25_tokens(text)), sent, [frozenset(map(_stem, s)) for s in sent],
+    """What the features read of a passage: its words, its sentences' words, their stems, its stemmed word
+    pairs, the title's words. Cached (a KB's top candidates recur across searches): parsing is most of a
+    reranked search's cost; about 20 KiB per passage kept, so at most ~40 MiB."""
+    words = [[sys.intern(w) for w in bm25_tokens(s)] for s in sentences(text)] or [[]]
+    stemmed = [[_stem(w) for w in ws] for ws in words]
+    stems = [w for ws in stemmed for w in ws]
+    sent = [frozenset(ws) for ws in words]
+    return (frozenset().union(*sent), sent, [frozenset(ws) for ws in stemmed],
             frozenset(zip(stems, stems[1:])), frozenset(bm25_tokens(title)))
 
 
