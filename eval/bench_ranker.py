@@ -28,9 +28,9 @@ def main(argv=None):
     _use_cache(kb, texts, ("hybrid",))
     active = kb._tuning
     tuned = active.get(kb.conn)
-    if tuned.ranker is None:
-        sys.exit(f"{a.kb}: its adopted tuning has no reranker")
-    plain = dataclasses.replace(tuned, ranker=None)
+    if "hybrid" not in tuned.rankers:
+        sys.exit(f"{a.kb}: its adopted tuning has no reranker for hybrid search")
+    plain = dataclasses.replace(tuned, rankers={m: r for m, r in tuned.rankers.items() if m != "hybrid"})
     cached = ranking._parse
     times = {"with": [], "cold": [], "without": []}
     for q in texts[:50]:  # warm: pages, indexes, model

@@ -39,8 +39,8 @@ MUTANTS = [
      "            depth *= 2", "            break"),
     ("a unit credited for sources it does not carry", "writeback_rag/writeback.py",
      "            if share >= overlap:", "            if share >= 0:"),
-    ("hybrid searches ignore the learned ranker", "writeback_rag/kb.py",
-     'if tuning.ranker is not None and mode == "hybrid":', 'if False:'),
+    ("searches ignore the learned rankers", "writeback_rag/kb.py",
+     "            if ranker is not None:\n                fused = self._rerank(", "            if False:\n                fused = self._rerank("),
     ("the ranker leaves every candidate in its slot", "writeback_rag/ranking.py",
      "for slot, i in zip(slots, order):", "for slot, i in zip(slots, range(len(cands))):"),
 ]

@@ -371,7 +371,7 @@ def writeback_rollback(run_id: str, kb: Optional[str] = KB):
 
 @app.command()
 def tunings(kb: Optional[str] = KB, as_json: bool = JSON):
-    """What write-back learned for retrieval (query adapter, fusion weights, hybrid reranker), with the canary's verdicts."""
+    """What write-back learned for retrieval (query adapter, fusion weights, rerankers), with the canary's verdicts."""
     with _open(kb) as k:
         rows = k.tunings()
     if as_json:
@@ -381,7 +381,7 @@ def tunings(kb: Optional[str] = KB, as_json: bool = JSON):
     for r in rows:
         m = r["metrics"]
         typer.echo(f"{r['id']}  {r['status']:<11} adapter={'yes' if r['adapter'] else 'no'}{' (dense only)' if r['adapter'] and not r['hybrid_adapter'] else ''} "
-                   f"bm25_weight={r['bm25_weight']:.1f} rrf_k={r['rrf_k']} reranker={'yes' if r['ranker'] else 'no'} "
+                   f"bm25_weight={r['bm25_weight']:.1f} rrf_k={r['rrf_k']} rerankers={','.join(r['ranker']) or 'none'} "
                    f"fitted={r['examples']} held_out={r['holdout']} "
                    f"hybrid {m['current']['hybrid']:.3f}->{m['candidate']['hybrid']:.3f} "
                    f"dense {m['current']['dense']:.3f}->{m['candidate']['dense']:.3f}  {r['reason']}")

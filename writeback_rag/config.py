@@ -159,14 +159,16 @@ KEYS = [
     Key("retrieval", "max_units", int, 1, "Top-k slots knowledge units may take; -1: no cap. Chosen on train "
         "data: eval/results/choose-unit-use.md.", min=-1, max=10_000),
     Key("retrieval", "learned", bool, True, "Use what write-back learned and adopted (wbrag tunings): the query "
-        "adapter in dense and hybrid searches, the fusion weights and the reranker in hybrid search."),
+        "adapter in dense and hybrid searches, the fusion weights in hybrid RRF, each mode's reranker."),
     Key("retrieval", "unit_fusion", str, "joint", "joint: units ranked in the same candidate lists as "
         "documents; separate: in lists of their own, merged by fused score.", choices=("joint", "separate")),
     Key("learning", "enabled", bool, True, "Write-back fits retrieval to the feedback (query adapter, fusion "
         "weights, reranker) and adopts it only when the held-out feedback says it is not worse."),
     Key("learning", "adapter", bool, True, "Fit a linear query adapter on the embeddings (else fusion weights only)."),
-    Key("learning", "ranker", bool, True, "Fit a reranker of hybrid search's top 30 source candidates (a linear "
-        "score over their fused, BM25 and dense evidence and where the question's words sit in them)."),
+    Key("learning", "ranker", bool, True, "Fit a reranker of each search mode's top 30 source candidates (a "
+        "linear score over their fused, BM25 and dense evidence and where the question's words sit in them): "
+        "hybrid's is judged with the rest of the fit; bm25's and dense's are kept only where they rank the "
+        "held-out questions better."),
     Key("learning", "holdout", float, 0.2, "Share of the questions (fixed by their text) held out to judge a fit.",
         min=0.01, max=0.9),
     Key("learning", "min_examples", int, 50, "Questions with relevant documents needed to fit.", min=1,

@@ -604,6 +604,13 @@ def plot_learning_curve(curve, path, metrics=None):
     return path
 
 
+def _rankers(value):
+    """The modes a tuning reranks in, as a report says it (older reports stored a yes/no for hybrid)."""
+    if isinstance(value, bool):
+        return "hybrid" if value else "none"
+    return ", ".join(value or []) or "none"
+
+
 def markdown_report(result, command=None, curve=None, curve_png=None, validation=None, targets=None):
     """The report for one dataset: setup, per-mode tables with CIs, units, timings, learning curve."""
     r = result
@@ -631,13 +638,13 @@ def markdown_report(result, command=None, curve=None, curve_png=None, validation
         t = r.get("tuning") or {}
         out += ["## Source documents only (units excluded)", "",
                 "The same test queries searched with include_units=False after write-back: only the learned retrieval "
-                f"(query adapter, fusion weights, hybrid's reranker; `wbrag tunings`) changes this ranking. Tuning: "
+                f"(query adapter, fusion weights, rerankers; `wbrag tunings`) changes this ranking. Tuning: "
                 f"**{t.get('status')}**"
                 + (f", fitted on {t['examples']} train questions, judged on {t['holdout']} held out (hybrid nDCG@10 "
                    f"{t['metrics']['current']['hybrid']:.3f} -> {t['metrics']['candidate']['hybrid']:.3f}, dense "
                    f"{t['metrics']['current']['dense']:.3f} -> {t['metrics']['candidate']['dense']:.3f}); "
-                   f"bm25_weight {t['bm25_weight']}, rrf_k {t['rrf_k']}, reranker "
-                   f"{'yes' if t.get('ranker') else 'no'}" if t.get("metrics") else f": {t.get('reason')}")
+                   f"bm25_weight {t['bm25_weight']}, rrf_k {t['rrf_k']}, rerankers: {_rankers(t.get('ranker'))}"
+                   if t.get("metrics") else f": {t.get('reason')}")
                 + ". Strict and credit are the same here.", ""]
         for m in r["modes"]:
             out += [f"### {m}, source documents only", "", protocol_table(r, m, "sources"), ""]

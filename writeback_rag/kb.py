@@ -413,7 +413,7 @@ class KnowledgeBase:
             where = where.only("source")  # the canary found units worse in this mode (tuning.judge_units)
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
-        tuning = self._tuning.get(self.conn) if r["learned"] and mode != "bm25" else UNTUNED
+        tuning = self._tuning.get(self.conn) if r["learned"] else UNTUNED
         qv = tuning.query_vector(self.embedder.encode([query])[0], mode) if mode != "bm25" else None
         # separate candidate lists for sources and units, as if units had their own index (the paper's
         # layout): units never shift the ranks the sources fuse on
@@ -429,8 +429,9 @@ class KnowledgeBase:
                 bm_all.update(bm)
                 dn_all.update(dn)
                 deeper = deeper or len(bm) >= depth or len(dn) >= depth
-            if tuning.ranker is not None and mode == "hybrid":
-                fused = self._rerank(tuning.ranker, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
+            ranker = tuning.rankers.get(mode)
+            if ranker is not None:
+                fused = self._rerank(ranker, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
             top = self._top(fused, k, cap, units)
             # units over the cap were dropped and left fewer than k hits: look deeper (ranks above stay)
             if len(top) >= k or not units or cap < 0 or not deeper:

@@ -1,10 +1,11 @@
-"""A learned reranker for hybrid search: a linear score over features of each of the top source candidates
+"""Learned rerankers, one per search mode: a linear score over features of each of the top source candidates
 (their fused, BM25 and dense evidence, and how the question's words sit in the passage: in one sentence, in
 two adjacent ones, in the title, as word pairs), fitted by the nightly write-back on the feedback's
-questions and adopted only when the held-out slice says it is not worse (tuning.py).
+questions and adopted only when the held-out slice says so (tuning.py).
 
-RRF fixes how the two retrievers' ranks combine; feedback says which passages answered. The ranker learns
-that from the feedback, for questions nobody asked before, and costs a few milliseconds per search: it reads
+RRF fixes how the two retrievers' ranks combine, and each retriever alone ranks by one signal; feedback says
+which passages answered. A ranker learns that from the feedback, for questions nobody asked before, and
+costs a few milliseconds per search: it reads
 the text of the top DEPTH candidates and the document frequencies of the question's words (kept by the
 record store for every backend). It reorders those candidates within the slots they held, so units and the
 fused scores' scale are left as they were."""
@@ -28,7 +29,7 @@ _SUFFIX = re.compile(r"(ing|ed|es|s|ly)$")
 _ABSENT = 100  # the rank a candidate missing from one retriever's list is given
 
 
-_STEMS = {}
+_STEMS: dict[str, str] = {}
 
 
 def _stem(word):
@@ -52,17 +53,30 @@ class Ranker:
     def score(self, X):
         return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.weights
 
-    def to_json(self):
-        return json.dumps({"features": list(FEATURES), "weights": self.weights.tolist(), "mean": self.mean.tolist(),
-                           "scale": self.scale.tolist()})
+    def to_dict(self):
+        return {"features": list(FEATURES), "weights": self.weights.tolist(), "mean": self.mean.tolist(),
+                "scale": self.scale.tolist()}
 
     @classmethod
-    def from_json(cls, text):
+    def from_dict(cls, o):
         """None when stored for another feature set (an older or newer version): such a ranker is not used."""
-        o = json.loads(text)
         if o.get("features") != list(FEATURES):
             return None
         return cls(*(np.asarray(o[k], dtype=np.float64) for k in ("weights", "mean", "scale")))
+
+
+def dumps(rankers):
+    """{search mode: Ranker} as JSON (None when there is none)."""
+    return json.dumps({m: r.to_dict() for m, r in sorted(rankers.items())}) if rankers else None
+
+
+def loads(text):
+    """{search mode: Ranker} from dumps(); a ranker stored for another feature set is left out."""
+    if not text:
+        return {}
+    o = json.loads(text)
+    out = {m: Ranker.from_dict(v) for m, v in o.items()}
+    return {m: r for m, r in out.items() if r is not None}
 
 
 def idf(conn, words, n_chunks):

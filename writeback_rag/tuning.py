@@ -11,7 +11,7 @@ verdict is part of its run, and rolling the run back restores the one before).""
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Tuning:
     bm25_weight: float = 0.5            # RRF weight of the BM25 list; the dense list gets 1 - bm25_weight
     rrf_k: int | None = None            # None: retrieval.rrf_k
     hybrid_adapter: bool = True         # whether hybrid searches use the adapter too (chosen on the fit set)
-    ranker: ranking.Ranker | None = None  # reorders hybrid's top candidates (ranking.py)
+    rankers: dict = field(default_factory=dict)  # {search mode: ranking.Ranker}: reorders its top candidates
 
     def query_vector(self, qv, mode):
         """The vector a search in `mode` uses."""
@@ -105,17 +105,17 @@ def load(conn, tuning_id):
     adapter = None
     if r["adapter"] is not None:
         adapter = np.frombuffer(r["adapter"], dtype=np.float32).reshape(r["dim"], r["dim"]).copy()
-    ranker = ranking.Ranker.from_json(r["ranker"]) if r["ranker"] else None
-    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]), bool(r["hybrid_adapter"]), ranker)
+    return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]), bool(r["hybrid_adapter"]),
+                  ranking.loads(r["ranker"]))
 
 
 def list_tunings(conn):
     """Every fit, oldest first, with its run, status ('adopted', 'inactive', 'rolled-back'), reason and
     the canary's figures."""
     return [dict(r, metrics=json.loads(r["metrics"]), adapter=bool(r["adapter"]), hybrid_adapter=bool(r["hybrid_adapter"]),
-                 ranker=bool(r["ranker"]))
+                 ranker=sorted(ranking.loads(r["ranker"])))
             for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, hybrid_adapter, "
-                                  "adapter IS NOT NULL AS adapter, ranker IS NOT NULL AS ranker, examples, holdout, "
+                                  "adapter IS NOT NULL AS adapter, ranker, examples, holdout, "
                                   "metrics, reason FROM tunings "
                                   "ORDER BY created, id")]
 
@@ -222,32 +222,44 @@ class _Pool:
         return float(np.mean([_ndcg10(self.docs(sorted(dn, key=lambda c: (-dn[c], c))), self.relevant[i])
                               for i, dn in zip(rows, dense_lists)]))
 
+    def lists(self, mode, i, dn, bm25_weight, rrf_k):
+        """(fused, bm25, dense) lists of question i as a search in `mode` makes them (`dn`: its dense list)."""
+        bm = self.bm[i] if mode != "dense" else {}
+        dn = dn if mode != "bm25" else {}
+        return fuse(bm, dn, mode, "rrf", rrf_k, bm25_weight=bm25_weight), bm, dn
+
+    def ranked(self, mode, i, dn, bm25_weight, rrf_k, ranker=None):
+        """Question i's documents in the order a search in `mode` gives (with this ranker)."""
+        f, bm, dn = self.lists(mode, i, dn, bm25_weight, rrf_k)
+        if ranker is not None:
+            cands, X = self.features(i, f, bm, dn, rrf_k)
+            f = ranking.reorder(ranker, f, cands, X)
+        return self.docs(sorted(f, key=lambda c: (-f[c], c)))
+
+    def mode_score(self, mode, rows, dense_lists, bm25_weight, rrf_k, ranker=None):
+        """Mean nDCG@10 over `rows` of searches in `mode` (dense_lists: one per row, or None for bm25)."""
+        return float(np.mean([_ndcg10(self.ranked(mode, i, dn, bm25_weight, rrf_k, ranker), self.relevant[i])
+                              for i, dn in zip(rows, dense_lists or [None] * len(rows))]))
+
     def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k, ranker=None):
         """Mean nDCG@10 over `rows` of hybrid RRF with these weights (and this ranker)."""
-        out = []
-        for i, dn in zip(rows, dense_lists):
-            f = fuse(self.bm[i], dn, "hybrid", "rrf", rrf_k, bm25_weight=bm25_weight)
-            if ranker is not None:
-                cands, X = self.features(i, f, dn, rrf_k)
-                f = ranking.reorder(ranker, f, cands, X)
-            out.append(_ndcg10(self.docs(sorted(f, key=lambda c: (-f[c], c))), self.relevant[i]))
-        return float(np.mean(out))
+        return self.mode_score("hybrid", rows, dense_lists, bm25_weight, rrf_k, ranker)
 
-    def features(self, i, fused, dn, rrf_k):
+    def features(self, i, fused, bm, dn, rrf_k):
         """(candidates, ranking features) of question i's fused list, as a search computes them."""
         cands = ranking.candidates(fused)
         if i not in self.weights:
             self.weights[i] = ranking.idf(self.conn, bm25_tokens(self.texts[i]), self.n_chunks)
         # texts read per question, not kept: across many questions they would approach the corpus
-        return cands, ranking.features(self.texts[i], cands, fused, self.bm[i], dn, ranking.passages(self.conn, cands),
+        return cands, ranking.features(self.texts[i], cands, fused, bm, dn, ranking.passages(self.conn, cands),
                                        self.weights[i], rrf_k)
 
-    def ranker_examples(self, rows, dense_lists, bm25_weight, rrf_k):
-        """[(features, relevant or not)] per question: what the ranker learns from."""
+    def ranker_examples(self, mode, rows, dense_lists, bm25_weight, rrf_k):
+        """[(features, relevant or not)] per question of searches in `mode`: what its ranker learns from."""
         out = []
-        for i, dn in zip(rows, dense_lists):
-            f = fuse(self.bm[i], dn, "hybrid", "rrf", rrf_k, bm25_weight=bm25_weight)
-            cands, X = self.features(i, f, dn, rrf_k)
+        for i, dn in zip(rows, dense_lists or [None] * len(rows)):
+            f, bm, dn = self.lists(mode, i, dn, bm25_weight, rrf_k)
+            cands, X = self.features(i, f, bm, dn, rrf_k)
             self.docs(cands)  # fills doc_of
             out.append((X, np.array([self.doc_of.get(c) in self.relevant[i] for c in cands], dtype=np.float64)))
         return out
@@ -257,7 +269,7 @@ class _Pool:
         dense = self.dense(tuning, rows)
         hybrid = dense if tuning.hybrid_adapter or tuning.adapter is None else self.dense(tuning, rows, "hybrid")
         return {"dense": self.dense_score(rows, dense),
-                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k, tuning.ranker)}
+                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k, tuning.rankers.get("hybrid"))}
 
 
 def _train_adapter(pool, rows, static, cfg, seed=0):
@@ -317,6 +329,27 @@ def _fit_fusion(pool, rows, lists):
     return best[1:]
 
 
+def _mode_rankers(pool, current, adapter, choose, held, bm25_weight, rrf_k):
+    """({mode: ranker} for bm25 and dense search, {mode: {current, candidate}} held-out nDCG@10): each mode's
+    ranker is fitted on the fusion's questions and kept only where it ranks the held-out ones better than the
+    ranker that mode has now (or none); otherwise the one it has stays. Dense lists use the adapter dense
+    search will use."""
+    searching = Tuning(None, adapter)
+    picked, metrics = {}, {}
+    for mode in ("bm25", "dense"):
+        fit_lists = pool.dense(searching, choose) if mode == "dense" else None
+        new = ranking.fit(pool.ranker_examples(mode, choose, fit_lists, bm25_weight, rrf_k))
+        old = current.rankers.get(mode)
+        held_lists = pool.dense(searching, held) if mode == "dense" else None
+        now = pool.mode_score(mode, held, held_lists, bm25_weight, rrf_k, old)
+        cand = pool.mode_score(mode, held, held_lists, bm25_weight, rrf_k, new) if new is not None else now
+        metrics[mode] = {"current": now, "candidate": cand}
+        keep = new if new is not None and cand > now else old
+        if keep is not None:
+            picked[mode] = keep
+    return picked, metrics
+
+
 def decide(now, new, has_adapter, hybrid_uses_it, current):
     """The canary's verdict on a candidate from its held-out nDCG@10 ({dense, hybrid}) against the tuning in
     use: "all" when it is not worse on either; "dense" when its adapter helps dense search but its hybrid
@@ -372,40 +405,46 @@ def fit(kb, run_id, exs=None):
     if adapter is not None:
         lists[True] = pool.dense(Tuning(None, adapter), choose)
     use, w, k = _fit_fusion(pool, choose, lists)
-    # the ranker learns on the same questions, from the lists the chosen fusion makes of them
-    ranker = ranking.fit(pool.ranker_examples(choose, lists[use], w, k)) if cfg["ranker"] else None
+    # hybrid's ranker learns on the same questions, from the lists the chosen fusion makes of them
+    ranker = ranking.fit(pool.ranker_examples("hybrid", choose, lists[use], w, k)) if cfg["ranker"] else None
     if adapter is not None:  # the fusion chosen, the adapter learns from every fitted question
         adapter = _train_adapter(pool, fit_rows, pool.dense(UNTUNED, fit_rows), cfg)
-    candidate = Tuning(None, adapter, w, k, use, ranker)
+    candidate = Tuning(None, adapter, w, k, use, {"hybrid": ranker} if ranker is not None else {})
     cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
     now = pool.score(current, held_rows, cur_k)
     new = pool.score(candidate, held_rows, k)
     verdict, reason = decide(now, new, adapter is not None, use, current)
     adopt = verdict is not None
     if verdict == "dense":  # hybrid searches exactly as they are now (the current weights, no adapter)
-        use, w, k, ranker = False, current.bm25_weight, cur_k, current.ranker
+        use, w, k, ranker = False, current.bm25_weight, cur_k, current.rankers.get("hybrid")
         new = {"dense": new["dense"], "hybrid": now["hybrid"]}
     elif verdict == "hybrid":  # dense searches as now: the adapter in use is kept
         adapter = current.adapter
         new = {"dense": now["dense"], "hybrid": new["hybrid"]}
+    rankers = {"hybrid": ranker} if ranker is not None else {}
+    if adopt and cfg["ranker"]:  # and a ranker each for bm25 and dense search, where it helps the held-out slice
+        picked, metrics_r = _mode_rankers(pool, current, adapter, choose, held_rows, w, k)
+        rankers.update(picked)
     metrics = {"current": now, "candidate": new, "current_id": current.id, "seconds": round(time.time() - t0, 2)}
+    if adopt and cfg["ranker"]:
+        metrics["rankers"] = metrics_r
     report = {"status": "adopted" if adopt else "inactive", "id": f"tuning:{run_id}", "examples": len(train),
               "holdout": len(held), "bm25_weight": w, "rrf_k": k, "adapter": adapter is not None,
-              "hybrid_adapter": use, "ranker": ranker is not None,
+              "hybrid_adapter": use, "ranker": sorted(rankers),
               "metrics": metrics, "reason": reason}
-    return report, (run_id, model, int(pool.q.shape[1]), adapter, ranker)
+    return report, (run_id, model, int(pool.q.shape[1]), adapter, rankers)
 
 
 def record(conn, report, row):
     """Store a fit, before the night's units are judged with it (a run killed after this has the fit rolled
     back when the night is resumed, and fitted again)."""
-    run_id, model, dim, adapter, ranker = row
+    run_id, model, dim, adapter, rankers = row
     conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, "
                  "hybrid_adapter, adapter, ranker, examples, holdout, metrics, reason) "
                  "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                  (report["id"], run_id, time.time(), report["status"], model, dim, report["bm25_weight"],
                   report["rrf_k"], int(report["hybrid_adapter"]), None if adapter is None else adapter.tobytes(),
-                  None if ranker is None else ranker.to_json(), report["examples"],
+                  ranking.dumps(rankers), report["examples"],
                   report["holdout"], json.dumps(report["metrics"]), report["reason"]))
 
 
