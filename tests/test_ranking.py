@@ -75,6 +75,11 @@ def test_the_ranker_learns_from_feedback_what_helps_new_questions_and_rolls_back
     assert shown.exit_code == 0 and "rerankers=bm25,dense,hybrid" in shown.output, shown.output
     after = {m: mrr(notes, m, unseen) for m in ("bm25", "dense", "hybrid")}
     assert min(after.values()) > 0.9, (before, after)
+    # a search for fewer hits than the ranker reorders still reorders its whole top (not only the k asked for)
+    for mode in ("bm25", "dense", "hybrid"):
+        firsts = [notes.search(question(i), k=1, mode=mode, log=False, include_units=False).hits[0].doc_id
+                  for i in unseen]
+        assert sum(d.startswith("ans") for d in firsts) > 0.9 * len(firsts), (mode, firsts)
     # a process that opens the KB later uses the stored rankers too
     again = KnowledgeBase.open(notes.path, notify=lambda m: None)
     try:

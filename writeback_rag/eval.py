@@ -604,13 +604,6 @@ def plot_learning_curve(curve, path, metrics=None):
     return path
 
 
-def _rankers(value):
-    """The modes a tuning reranks in, as a report says it (older reports stored a yes/no for hybrid)."""
-    if isinstance(value, bool):
-        return "hybrid" if value else "none"
-    return ", ".join(value or []) or "none"
-
-
 def markdown_report(result, command=None, curve=None, curve_png=None, validation=None, targets=None):
     """The report for one dataset: setup, per-mode tables with CIs, units, timings, learning curve."""
     r = result
@@ -643,7 +636,7 @@ def markdown_report(result, command=None, curve=None, curve_png=None, validation
                 + (f", fitted on {t['examples']} train questions, judged on {t['holdout']} held out (hybrid nDCG@10 "
                    f"{t['metrics']['current']['hybrid']:.3f} -> {t['metrics']['candidate']['hybrid']:.3f}, dense "
                    f"{t['metrics']['current']['dense']:.3f} -> {t['metrics']['candidate']['dense']:.3f}); "
-                   f"bm25_weight {t['bm25_weight']}, rrf_k {t['rrf_k']}, rerankers: {_rankers(t.get('ranker'))}"
+                   f"bm25_weight {t['bm25_weight']}, rrf_k {t['rrf_k']}, rerankers: {', '.join(t.get('ranker') or []) or 'none'}"
                    if t.get("metrics") else f": {t.get('reason')}")
                 + ". Strict and credit are the same here.", ""]
         for m in r["modes"]:

@@ -20,7 +20,7 @@ from .changes import head
 from .corpus import Corpus
 from .indexes import backend as index_backend
 from .loaders import IngestReport
-from .text import bm25_tokens, normalize_id
+from .text import normalize_id
 from .tuning import FUSIONS, UNTUNED, Active, fuse, units_off
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
@@ -419,7 +419,9 @@ class KnowledgeBase:
         # layout): units never shift the ranks the sources fuse on
         parts = (where.only("source"), where.only("unit")) if units and unit_fusion == "separate" else (where,)
         cap = int(r["max_units"] if max_units is None else max_units)
-        depth = max(int(r["candidates"]), 2 * k) if mode == "hybrid" else k
+        ranker = tuning.rankers.get(mode)
+        # a ranker reorders the top DEPTH sources whatever k is asked for, as it learned to (hybrid has more)
+        depth = max(int(r["candidates"]), 2 * k) if mode == "hybrid" else max(k, ranking.DEPTH) if ranker else k
         while True:
             fused, bm_all, dn_all, deeper = {}, {}, {}, False
             for part in parts:
@@ -429,7 +431,6 @@ class KnowledgeBase:
                 bm_all.update(bm)
                 dn_all.update(dn)
                 deeper = deeper or len(bm) >= depth or len(dn) >= depth
-            ranker = tuning.rankers.get(mode)
             if ranker is not None:
                 fused = self._rerank(ranker, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
             top = self._top(fused, k, cap, units)
@@ -454,10 +455,7 @@ class KnowledgeBase:
     def _rerank(self, ranker, query, fused, bm, dn, rrf_k):
         """The learned ranker's order of the top source candidates, within the slots they held (ranking.py)."""
         kinds = self._indexes.kinds
-        cands = ranking.candidates(fused, kinds.is_unit)
-        sources = [{c: s for c, s in d.items() if not kinds.is_unit(c)} for d in (bm, dn)]
-        X = ranking.features(query, cands, fused, *sources, ranking.passages(self.conn, cands),
-                             ranking.idf(self.conn, bm25_tokens(query), sum(kinds.counts.values())), rrf_k)
+        cands, X = ranking.inputs(self.conn, query, fused, bm, dn, rrf_k, sum(kinds.counts.values()), kinds.is_unit)
         return ranking.reorder(ranker, fused, cands, X)
 
     def _top(self, fused, k, cap, units):

@@ -152,6 +152,18 @@ def candidates(fused, is_unit=None):
     return [c for c in order if is_unit is None or not is_unit(c)][:DEPTH]
 
 
+def inputs(conn, query, fused, bm, dn, rrf_k, n_chunks, is_unit=None, weights=None):
+    """(candidates, features) of one question's lists, read from the store: what a search reranks and what a
+    ranker learns from are built alike. Units are left out of the candidates and of the retrievers' ranks;
+    `weights`: idf() of the question's words, when the caller has them."""
+    cands = candidates(fused, is_unit)
+    if is_unit is not None:
+        bm, dn = ({c: s for c, s in d.items() if not is_unit(c)} for d in (bm, dn))
+    if weights is None:
+        weights = idf(conn, bm25_tokens(query), n_chunks)
+    return cands, features(query, cands, fused, bm, dn, passages(conn, cands), weights, rrf_k)
+
+
 def reorder(ranker, fused, cands, X):
     """`fused` with `cands` (fused order) reordered by the ranker within the slots they held: the i-th best
     by the ranker takes the i-th of their fused scores."""

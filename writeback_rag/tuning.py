@@ -246,13 +246,12 @@ class _Pool:
         return self.mode_score("hybrid", rows, dense_lists, bm25_weight, rrf_k, ranker)
 
     def features(self, i, fused, bm, dn, rrf_k):
-        """(candidates, ranking features) of question i's fused list, as a search computes them."""
-        cands = ranking.candidates(fused)
+        """(candidates, ranking features) of question i's fused list, as a search computes them (its words'
+        idf kept per question; passages' texts read each time: across many questions they would approach
+        the corpus)."""
         if i not in self.weights:
             self.weights[i] = ranking.idf(self.conn, bm25_tokens(self.texts[i]), self.n_chunks)
-        # texts read per question, not kept: across many questions they would approach the corpus
-        return cands, ranking.features(self.texts[i], cands, fused, bm, dn, ranking.passages(self.conn, cands),
-                                       self.weights[i], rrf_k)
+        return ranking.inputs(self.conn, self.texts[i], fused, bm, dn, rrf_k, self.n_chunks, weights=self.weights[i])
 
     def ranker_examples(self, mode, rows, dense_lists, bm25_weight, rrf_k):
         """[(features, relevant or not)] per question of searches in `mode`: what its ranker learns from."""
