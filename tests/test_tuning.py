@@ -127,6 +127,35 @@ def test_rollback_returns_to_the_tuning_adopted_before(hall):
     assert mrr(hall, "dense") == pytest.approx(static)
 
 
+def test_a_tuning_adopted_or_rolled_back_reaches_a_process_that_searched_before_it(hall):
+    """Adopting or rolling back a tuning moves the log's head, even in a run that changes no chunks, so a
+    process that cached the tuning it searched with reads it again."""
+    from writeback_rag import store, tuning
+
+    watcher = KnowledgeBase.open(hall.path, notify=lambda m: None)
+    q = "north hall keeper"
+    def cosines():
+        return sorted(round(h.dense, 5) for h in watcher.search(q, k=len(DOCS), mode="dense", log=False).hits)
+
+    static = cosines()
+    dim = len(hall.embedder.encode(["x"])[0])
+    report = {"id": "tuning:flip", "status": "adopted", "bm25_weight": 1.0, "rrf_k": 60, "hybrid_adapter": False,
+              "examples": 1, "holdout": 1, "metrics": {}, "reason": "a test"}
+    gen = hall.stats()["generation"]
+    with store.transaction(hall.conn):  # an adapter that turns every query vector around
+        tuning.record(hall.conn, report, ("flip", hall.model_id, dim, -2 * np.eye(dim, dtype=np.float32), {}))
+    assert hall.stats()["generation"] == gen + 1
+    assert cosines() == sorted(-c for c in static) != static and watcher.stats()["tuning"] == "tuning:flip"
+    with store.transaction(hall.conn):
+        assert tuning.rollback(hall.conn, "flip") == 1
+    assert hall.stats()["generation"] == gen + 2
+    assert cosines() == static
+    with store.transaction(hall.conn):
+        assert tuning.rollback(hall.conn, "flip") == 0  # already rolled back: nothing changes
+    assert hall.stats()["generation"] == gen + 2
+    watcher.close()
+
+
 def test_learning_waits_for_enough_feedback_and_can_be_turned_off(hall, tmp_path):
     hall.label(labels()[:10], k=5)
     rep = hall.writeback()

@@ -173,8 +173,8 @@ class BM25:
     chunk touches that chunk's postings and nothing else. Removed chunks are tombstones until the next
     compaction (on save, or when a third of the postings are dead).
 
-    Each posting of the compacted segment also holds its tf weight normalised by length, computed the
-    first time its term is queried, as Lucene keeps norms; the average document length these use is
+    Each posting of the compacted segment also holds its tf weight normalised by length, computed when the
+    segment is made, as Lucene keeps norms; the average document length these use is
     refreshed when the true one has moved by more than AVGDL_DRIFT, so a one-document write does not make
     the next queries recompute their terms (scores then equal rank-bm25's with an average length within
     0.1%). Postings appended by writes are weighed at query time."""
@@ -265,6 +265,15 @@ class BM25:
         self.df[tids] = counts
         self._n_post, self._n_dead = len(ids), 0
         self._mean_idf = None
+        self._weigh_base(tids)
+
+    def _weigh_base(self, tids, block=1 << 20):
+        """Every compacted posting's weight in one pass, when the segment is made (build, load, compaction),
+        so a term's first query does not pay for it; a block at a time bounds the temporary arrays."""
+        self._wkey, self._version = (self.k1, self.b, self.avgdl), self._version + 1
+        for a in range(0, len(self._ids), block):
+            self._w[a:a + block] = self._weigh(self._ids[a:a + block], self._tf[a:a + block])
+        self._wver[tids] = self._version
 
     def _grow_chunks(self, top):
         if top >= len(self.alive):

@@ -70,8 +70,10 @@ _storage_guard = translating(lambda kb, e: storage_error(e, kb.path)
 _storage_guard.__doc__ = "sqlite3 and OS failures below a public method become one StorageError saying what to do."
 
 
-_CHUNKS = "SELECT id, doc_id, text FROM chunks WHERE id IN ({})"
-_HEADERS = "SELECT id, title, kind, source, meta FROM documents INDEXED BY documents_header WHERE id IN ({})"
+# a hit's chunk and its document's header in one statement (the header from its covering index: a
+# document's row also holds its whole text)
+_HITS = ("SELECT c.id, c.doc_id, c.text, d.title, d.kind, d.source, d.meta FROM chunks c "
+         "JOIN documents d INDEXED BY documents_header ON d.id=c.doc_id WHERE c.id IN ({})")
 
 
 def _select_in(sql, n):
@@ -81,6 +83,8 @@ def _select_in(sql, n):
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
+    ROW_CACHE = 4096  # hits' rows kept between searches (_hits)
+
     def __init__(self, path, cfg, embedder=None, notify=None, readonly=False):
         self.path = os.path.abspath(path)
         self.readonly = readonly
@@ -89,7 +93,8 @@ class KnowledgeBase:
         self.dense_path = os.path.join(self.path, DENSE_NAME)
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path, readonly)
-        self._at_head = (None, {}, frozenset())  # see _kept
+        self._at_head = (None, frozenset())  # see _units_off
+        self._rows = (None, {})  # see _hits
         self._embedder_lock = threading.Lock()
         self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
@@ -409,11 +414,11 @@ class KnowledgeBase:
             raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         where = Filter.parse(filters, include_units)
         head = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
-        if max_units is None and where.kinds == {"source", "unit"} and mode in self._kept(head)[2]:
+        if max_units is None and where.kinds == {"source", "unit"} and mode in self._units_off(head):
             where = where.only("source")  # the canary found units worse in this mode (tuning.judge_units)
         kinds = self._indexes.kinds
         units = "unit" in where.kinds and kinds.counts["unit"] > 0
-        tuning = self._tuning.get(self.conn) if r["learned"] else UNTUNED
+        tuning = self._tuning.get(self.conn, head) if r["learned"] else UNTUNED
         qv = tuning.query_vector(self.embedder.encode([query])[0], mode) if mode != "bm25" else None
         # separate candidate lists for sources and units, as if units had their own index (the paper's
         # layout): units never shift the ranks the sources fuse on
@@ -476,38 +481,40 @@ class KnowledgeBase:
                 break
         return out
 
-    def _kept(self, head):
-        """(head, {doc id: (title, kind, source, meta)}, modes whose searches leave units out): what holds
-        until the change log's head moves. Documents' headers change only in writes that move it, and so
-        does the canary's verdict (tuning.set_units_off); _hits fills the headers as search engines keep
-        stored fields in a block cache. A thread that saw another head fills its own dict, not this one."""
+    def _units_off(self, head):
+        """Modes whose searches leave units out (the canary's verdict, tuning.set_units_off): read again only
+        when the change log's head has moved, as setting it moves the head."""
         kept = self._at_head
-        if kept[0] != head or len(kept[1]) > 4096:
-            kept = (head, {}, units_off(self.conn))
+        if kept[0] != head:
+            kept = (head, units_off(self.conn))
             self._at_head = kept
-        return kept
+        return kept[1]
 
     def _hits(self, top, bm, dn, head):
-        """Hits for (chunk id, score) pairs: one lookup of each chunk, the documents' headers from _kept."""
+        """Hits for (chunk id, score) pairs: each chunk with its document's header, read in one statement and
+        kept until the change log's head moves (a chunk's text never changes; its document's header and
+        status change only in writes that move the head), as search engines keep stored fields in a block
+        cache. At most ROW_CACHE rows are kept; a thread that saw another head fills its own dict."""
         if not top:
             return []
-        headers = self._kept(head)[1]
-        ids = [cid for cid, _ in top]
-        cur = self.conn.cursor()
-        cur.row_factory = None  # plain tuples: this runs for every search
-        rows = {r[0]: r for r in cur.execute(_select_in(_CHUNKS, len(ids)), ids)}
-        missing = list({r[1] for r in rows.values() if r[1] not in headers})
+        kept = self._rows
+        if kept[0] != head or len(kept[1]) > self.ROW_CACHE:
+            kept = (head, {})
+            self._rows = kept
+        rows = kept[1]
+        missing = [cid for cid, _ in top if cid not in rows]
         if missing:
-            for r in cur.execute(_select_in(_HEADERS, len(missing)), missing):
-                headers[r[0]] = r[1:]
+            cur = self.conn.cursor()
+            cur.row_factory = None  # plain tuples: this runs for every search
+            for r in cur.execute(_select_in(_HITS, len(missing)), missing):
+                rows[r[0]] = r
         out = []
         for cid, score in top:
             row = rows.get(cid)
-            header = headers.get(row[1]) if row is not None else None
-            if header is None:  # deleted by another process since the index was loaded
+            if row is None:  # deleted by another process since the index was loaded
                 continue
-            title, kind, source, meta = header
-            out.append(Hit(len(out) + 1, cid, row[1], title, row[2], kind, float(score), bm.get(cid), dn.get(cid),
+            _, doc_id, text, title, kind, source, meta = row
+            out.append(Hit(len(out) + 1, cid, doc_id, title, text, kind, float(score), bm.get(cid), dn.get(cid),
                            source, json.loads(meta) if meta and meta != "{}" else {}))
         return out
 

@@ -83,18 +83,21 @@ def fuse(bm, dn, mode, fusion="rrf", rrf_k=60, dense_weight=0.5, bm25_weight=0.5
 
 
 class Active:
-    """The KB's adopted tuning, reloaded only when another one was adopted or rolled back (one indexed
-    lookup per search)."""
+    """The KB's adopted tuning. Adopting or rolling one back moves the change log's head (record, rollback),
+    so a search that gives the head it caught up to asks the store only when the head has moved."""
 
     def __init__(self):
-        self.tuning, self.key = UNTUNED, None
+        self.tuning, self.key, self.head = UNTUNED, None, None
 
-    def get(self, conn):
+    def get(self, conn, head=None):
+        if head is not None and head == self.head:
+            return self.tuning
         row = conn.execute("SELECT id FROM tunings WHERE status='adopted' AND model=(SELECT value FROM meta WHERE "
                            "key='model_id') ORDER BY created DESC, id DESC LIMIT 1").fetchone()
         key = row[0] if row else None
         if key != self.key:
             self.tuning, self.key = (load(conn, key) if key else UNTUNED), key
+        self.head = head
         return self.tuning
 
 
@@ -121,8 +124,13 @@ def list_tunings(conn):
 
 
 def rollback(conn, run_id):
-    """A rolled-back run's tuning stops being used; the one adopted before it is used again."""
-    return conn.execute("UPDATE tunings SET status='rolled-back' WHERE run_id=?", (run_id,)).rowcount
+    """Inside a write transaction: a rolled-back run's tuning stops being used; the one adopted before it is
+    used again. A change moves the log's head, so every process's searches see it (Active)."""
+    n = conn.execute("UPDATE tunings SET status='rolled-back' WHERE run_id=? AND status!='rolled-back'",
+                     (run_id,)).rowcount
+    if n:
+        record_change(conn, Change())
+    return n
 
 
 # ---- what feedback teaches ------------------------------------------------------------------
@@ -445,6 +453,7 @@ def record(conn, report, row):
                   report["rrf_k"], int(report["hybrid_adapter"]), None if adapter is None else adapter.tobytes(),
                   ranking.dumps(rankers), report["examples"],
                   report["holdout"], json.dumps(report["metrics"]), report["reason"]))
+    record_change(conn, Change())  # searches read the adopted tuning again (Active)
 
 
 # ---- the canary for knowledge units ----------------------------------------------------------
