@@ -1,6 +1,6 @@
 """One-line changes that each break a behaviour the project promises; every one must fail the fast suite.
 The first seven once left the whole fast suite green (issue: `make test` catches real regressions); the
-rest guard what later sessions built (BM25 weights and tombstones, the headers kept per change-log head, the
+rest guard what later sessions built (BM25 weights and tombstones, the tuning kept per change-log head, the
 units canary and its held-out slice, the unit cap's refill, the credit rule). Each is applied in turn, the
 fast suite runs, and the change is undone. Run from the repository root: `.venv/bin/python eval/known_mutants.py [WORD ...]` (only the mutants whose
 names hold one of the words)."""
@@ -27,14 +27,14 @@ MUTANTS = [
      "or abs(avgdl - key[2]) > self.AVGDL_DRIFT * key[2]:", ":"),
     ("BM25 tombstones not skipped", "writeback_rag/index.py",
      "        if self._n_dead:  # tombstones: skip the postings of removed chunks", "        if False:"),
-    ("documents' headers kept across change-log heads", "writeback_rag/kb.py",
-     "if kept[0] != head or len(kept[1]) > 4096:", "if kept[0] is None:"),
+    ("a tuning adopted or rolled back elsewhere is not seen", "writeback_rag/tuning.py",
+     "if head is not None and head == self.head:", "if head is not None and self.head is not None:"),
     ("the units canary never turns units off", "writeback_rag/tuning.py",
      'off = [m for m in UNIT_MODES if metrics[m]["ci95"][1] < 0]', "off = []"),
     ("held-out questions make units", "writeback_rag/writeback.py",
      'if not tuning.is_held_out(plan["query"], self.held):', "if True:"),
     ("searches ignore the canary's verdict", "writeback_rag/kb.py",
-     'and mode in self._kept(head)[2]:', "and False:"),
+     'and mode in self._units_off(head):', "and False:"),
     ("units over the cap leave fewer than k hits", "writeback_rag/kb.py",
      "            depth *= 2", "            break"),
     ("a unit credited for sources it does not carry", "writeback_rag/writeback.py",
