@@ -177,7 +177,8 @@ class BM25:
     segment is made, as Lucene keeps norms; the average document length these use is
     refreshed when the true one has moved by more than AVGDL_DRIFT, so a one-document write does not make
     the next queries recompute their terms (scores then equal rank-bm25's with an average length within
-    0.1%). Postings appended by writes are weighed at query time."""
+    0.1%). Postings appended by writes are weighed on their term's next query and kept until the next write
+    to that term."""
 
     FORMAT = 3  # of the saved arrays; bump when save() changes
     AVGDL_DRIFT = 1e-3
@@ -197,6 +198,7 @@ class BM25:
         self._w = np.zeros(0, dtype=np.float32)  # per posting of _ids: its tf weight (see above)
         self._wver = np.zeros(1, dtype=np.int64)  # per term id: the _version its weights in _w were made at
         self._extra = {}     # term id -> [(ids, tf)] appended by replayed adds
+        self._extra_w = {}   # term id -> (_version, [weights per segment of _extra]), made on a query
         self._n_post, self._n_dead = 0, 0
         self._mean_idf = None
         self._local = threading.local()
@@ -258,7 +260,7 @@ class BM25:
         self._ids, self._tf = ids, np.minimum(tf, 65535).astype(np.uint16)
         self._w = np.zeros(len(ids), dtype=np.float32)
         self._base = dict(zip(tids.tolist(), zip(starts.tolist(), ends.tolist())))
-        self._extra = {}
+        self._extra, self._extra_w = {}, {}
         self._grow_terms(int(tids.max()) if len(tids) else 0)
         self._wver[:] = -1  # no term's weights are made yet
         self.df[:] = 0
@@ -311,6 +313,7 @@ class BM25:
             self._grow_terms(max(by_term))
         for tid, (c, f) in by_term.items():
             segs = self._extra.setdefault(tid, [])
+            self._extra_w.pop(tid, None)
             segs.append((np.array(c, dtype=np.int64), np.array(f, dtype=np.float32)))
             if len(segs) > self.MERGE_EXTRA:  # many one-document writes: one array, not many, per query
                 segs[:] = [(np.concatenate([x[0] for x in segs]), np.concatenate([x[1] for x in segs]))]
@@ -385,7 +388,12 @@ class BM25:
                 self._w[a:e] = self._weigh(self._ids[a:e], self._tf[a:e])
                 self._wver[tid] = self._version
             parts.append((self._ids[a:e], self._w[a:e]))
-        parts += [(ids, self._weigh(ids, tf).astype(np.float32)) for ids, tf in self._extra.get(tid, ())]
+        extra = self._extra.get(tid)
+        if extra:  # weighed on the term's first query after a write (or a drift), then kept
+            made = self._extra_w.get(tid)
+            if made is None or made[0] != self._version:
+                made = self._extra_w[tid] = (self._version, [self._weigh(i, f).astype(np.float32) for i, f in extra])
+            parts += [(ids, w) for (ids, _), w in zip(extra, made[1])]
         if len(parts) == 1:
             ids, w = parts[0]
         elif parts:

@@ -435,7 +435,7 @@ class ChunkKinds:
         self.codes = np.zeros(0, dtype=np.int8)
         self.counts = {k: 0 for k in self.CODES}
         self.seq = -1
-        self._masks = {}
+        self._masks, self._units = {}, None
 
     def add(self, rows):
         """(chunk id, kind, ...) rows of live chunks."""
@@ -451,7 +451,7 @@ class ChunkKinds:
         self.codes[ids] = codes
         for kind, code in self.CODES.items():
             self.counts[kind] += int((codes == code).sum())
-        self._masks = {}
+        self._masks, self._units = {}, None
 
     def remove(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -460,7 +460,7 @@ class ChunkKinds:
             for kind, code in self.CODES.items():
                 self.counts[kind] -= int((self.codes[ids] == code).sum())
             self.codes[ids] = 0
-            self._masks = {}
+            self._masks, self._units = {}, None
 
     def mask(self, kinds):
         key = frozenset(kinds)
@@ -469,7 +469,11 @@ class ChunkKinds:
         return self._masks[key]
 
     def is_unit(self, chunk_id):
-        return chunk_id < len(self.codes) and self.codes[chunk_id] == self.CODES["unit"]
+        """Asked for every candidate of a search: a set of the unit chunks, made again after a change."""
+        units = self._units
+        if units is None:
+            units = self._units = frozenset(np.flatnonzero(self.codes == self.CODES["unit"]).tolist())
+        return chunk_id in units
 
 
 def _size(index):

@@ -11,6 +11,7 @@ record store for every backend). It reorders those candidates within the slots t
 fused scores' scale are left as they were."""
 
 import functools
+import itertools
 import json
 import math
 import re
@@ -117,7 +118,7 @@ def features(query, cands, fused, bm, dn, texts, weights, rrf_k):
     """(len(cands), len(FEATURES)) array for candidates `cands` (in fused order) of one question. `fused`,
     `bm`, `dn`: {chunk id: score} of the fusion and each retriever's list; `texts`: passages(); `weights`:
     idf() of the question's words."""
-    words = set(bm25_tokens(query))
+    words = frozenset(bm25_tokens(query))
     total = sum(weights.get(w, 0.0) for w in words) or 1.0
     stem_weight = {}
     for w in words:
@@ -129,15 +130,32 @@ def features(query, cands, fused, bm, dn, texts, weights, rrf_k):
     best_bm = max(bm.values(), default=0.0) or 1.0
     best_dn = max(dn.values(), default=0.0)
 
+    # a passage's sentences hold few of the question's words, and the same few recur across sentences and
+    # candidates: each subset's weight is summed once per question
+    stem_keys, shares, stem_shares = frozenset(stem_weight), {}, {}
+
+    def share(found):  # the share of the question's words' weight that a subset of them carries
+        out = shares.get(found)
+        if out is None:
+            out = shares[found] = sum(weights.get(w, 0.0) for w in found) / total
+        return out
+
+    def stem_share(found):
+        out = stem_shares.get(found)
+        if out is None:
+            out = stem_shares[found] = sum(stem_weight[w] for w in found) / total
+        return out
+
     def cover(ws):
-        return sum(weights.get(w, 0.0) for w in words & ws) / total
+        return share(words & ws)
 
     rows = []
     for i, c in enumerate(cands):
         passage, sent, stem_sent, passage_pairs, title = _parse(*texts.get(c, ("", "")))
-        sent_cover = [cover(s) for s in sent]
-        two = max((cover(a | b) for a, b in zip(sent, sent[1:])), default=sent_cover[0])
-        stems_in = max(sum(stem_weight[w] for w in stem_weight.keys() & s) for s in stem_sent) / total
+        found = [words & s for s in sent]  # the question's words in each sentence
+        sent_cover = [share(f) for f in found]
+        two = max((share(a | b) for a, b in zip(found, found[1:])), default=sent_cover[0])
+        stems_in = max(stem_share(stem_keys & s) for s in stem_sent)
         rows.append([math.log(max(fused[c], 1e-12)), 1.0 / (1 + i),
                      1.0 / (rrf_k + 1 + rank_bm.get(c, _ABSENT)), 1.0 / (rrf_k + 1 + rank_dn.get(c, _ABSENT)),
                      bm.get(c, 0.0) / best_bm, dn.get(c, 0.0), dn.get(c, 0.0) - best_dn if c in dn else -1.0,
@@ -149,7 +167,7 @@ def features(query, cands, fused, bm, dn, texts, weights, rrf_k):
 def candidates(fused, is_unit=None):
     """The top DEPTH source candidates in fused order (units are not reordered)."""
     order = sorted(fused, key=lambda c: (-fused[c], c))
-    return [c for c in order if is_unit is None or not is_unit(c)][:DEPTH]
+    return list(itertools.islice((c for c in order if is_unit is None or not is_unit(c)), DEPTH))
 
 
 def inputs(conn, query, fused, bm, dn, rrf_k, n_chunks, is_unit=None, weights=None):
