@@ -2,6 +2,7 @@
 retired and restored one at a time, async calls, arguments checked, use after close refused."""
 
 import asyncio
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -97,6 +98,26 @@ def test_retire_and_restore_one_unit(unit_kb):
     assert kb.check()["ok"]
     with pytest.raises(InputError, match="no knowledge unit"):
         kb.retire("calder")
+
+
+def test_units_of_a_later_night_count_against_the_unit_cap_in_a_process_that_searched_before(corpus_kb):
+    """The unit cap knows a unit by its chunk: units a second night writes (new chunks) are units for the
+    cap and the kind filter in the process that searched after the first night."""
+    kb = corpus_kb
+    with open(QUESTIONS, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in rows if r["split"] == "train"]
+    kb.label(train[: len(train) // 2], split="train")
+    first = kb.writeback()
+    assert first["written"] > 0
+    asked = [r["query"] for r in rows]
+    for text in asked:
+        kb.search(text, k=10, log=False)
+    kb.label(train[len(train) // 2:], split="train")
+    assert kb.writeback()["written"] > 0
+    for text in asked:
+        assert "unit" not in {h.kind for h in kb.search(text, k=10, log=False, max_units=0).hits}, text
+        assert len([h for h in kb.search(text, k=10, log=False).hits if h.kind == "unit"]) <= 1, text
 
 
 def test_cli_wrong_feedback_says_what_it_did_to_units(unit_kb):

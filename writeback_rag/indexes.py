@@ -435,7 +435,8 @@ class ChunkKinds:
         self.codes = np.zeros(0, dtype=np.int8)
         self.counts = {k: 0 for k in self.CODES}
         self.seq = -1
-        self._masks, self._units = {}, None
+        self._masks = {}  # kinds -> boolean mask over chunk ids
+        self._units = None  # the unit chunks' ids (is_unit)
 
     def add(self, rows):
         """(chunk id, kind, ...) rows of live chunks."""
@@ -451,7 +452,7 @@ class ChunkKinds:
         self.codes[ids] = codes
         for kind, code in self.CODES.items():
             self.counts[kind] += int((codes == code).sum())
-        self._masks, self._units = {}, None
+        self._changed()
 
     def remove(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -460,7 +461,10 @@ class ChunkKinds:
             for kind, code in self.CODES.items():
                 self.counts[kind] -= int((self.codes[ids] == code).sum())
             self.codes[ids] = 0
-            self._masks, self._units = {}, None
+            self._changed()
+
+    def _changed(self):
+        self._masks, self._units = {}, None
 
     def mask(self, kinds):
         key = frozenset(kinds)
