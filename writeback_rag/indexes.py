@@ -436,7 +436,7 @@ class ChunkKinds:
         self.counts = {k: 0 for k in self.CODES}
         self.seq = -1
         self._masks = {}  # kinds -> boolean mask over chunk ids
-        self._units = None  # the unit chunks' ids (is_unit)
+        self._units = set()  # the live unit chunks' ids: is_unit is asked for every candidate of a search
 
     def add(self, rows):
         """(chunk id, kind, ...) rows of live chunks."""
@@ -452,7 +452,8 @@ class ChunkKinds:
         self.codes[ids] = codes
         for kind, code in self.CODES.items():
             self.counts[kind] += int((codes == code).sum())
-        self._changed()
+        self._units.update(ids[codes == self.CODES["unit"]].tolist())
+        self._masks = {}
 
     def remove(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -461,10 +462,8 @@ class ChunkKinds:
             for kind, code in self.CODES.items():
                 self.counts[kind] -= int((self.codes[ids] == code).sum())
             self.codes[ids] = 0
-            self._changed()
-
-    def _changed(self):
-        self._masks, self._units = {}, None
+            self._units.difference_update(ids.tolist())
+            self._masks = {}
 
     def mask(self, kinds):
         key = frozenset(kinds)
@@ -473,11 +472,7 @@ class ChunkKinds:
         return self._masks[key]
 
     def is_unit(self, chunk_id):
-        """Asked for every candidate of a search: a set of the unit chunks, made again after a change."""
-        units = self._units
-        if units is None:
-            units = self._units = frozenset(np.flatnonzero(self.codes == self.CODES["unit"]).tolist())
-        return chunk_id in units
+        return chunk_id in self._units
 
 
 def _size(index):

@@ -218,9 +218,6 @@ def connect(path, readonly=False):
     # 64 MiB page cache (allocated as used) instead of 2 MiB: a write batch touches term rows all over
     # their table, and a small cache spills them before the commit
     conn.execute("PRAGMA cache_size=-65536")
-    # reads through a memory map of the first 256 MiB (no read() call and copy per page: a search's hits
-    # are a few random pages); the file is never truncated (no VACUUM), which mapping needs
-    pass  # conn.execute("PRAGMA mmap_size=268435456")
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")

@@ -236,22 +236,30 @@ class _Pool:
         dn = dn if mode != "bm25" else {}
         return fuse(bm, dn, mode, "rrf", rrf_k, bm25_weight=bm25_weight), bm, dn
 
-    def ranked(self, mode, i, dn, bm25_weight, rrf_k, ranker=None):
-        """Question i's documents in the order a search in `mode` gives (with this ranker)."""
+    def ranked(self, mode, i, dn, bm25_weight, rrf_k, rankers=(None,)):
+        """Question i's documents in the order a search in `mode` gives, once per ranker (None: no ranker);
+        the ranking features are computed once for all of them."""
         f, bm, dn = self.lists(mode, i, dn, bm25_weight, rrf_k)
-        if ranker is not None:
-            cands, X = self.features(i, f, bm, dn, rrf_k)
-            f = ranking.reorder(ranker, f, cands, X)
-        return self.docs(sorted(f, key=lambda c: (-f[c], c)))
+        out, X = [], None
+        for ranker in rankers:
+            g = f
+            if ranker is not None:
+                if X is None:
+                    cands, X = self.features(i, f, bm, dn, rrf_k)
+                g = ranking.reorder(ranker, f, cands, X)
+            out.append(self.docs(sorted(g, key=lambda c: (-g[c], c))))
+        return out
 
-    def mode_score(self, mode, rows, dense_lists, bm25_weight, rrf_k, ranker=None):
-        """Mean nDCG@10 over `rows` of searches in `mode` (dense_lists: one per row, or None for bm25)."""
-        return float(np.mean([_ndcg10(self.ranked(mode, i, dn, bm25_weight, rrf_k, ranker), self.relevant[i])
-                              for i, dn in zip(rows, dense_lists or [None] * len(rows))]))
+    def mode_scores(self, mode, rows, dense_lists, bm25_weight, rrf_k, rankers=(None,)):
+        """Mean nDCG@10 over `rows` of searches in `mode`, one per ranker (dense_lists: one per row, or None
+        for bm25)."""
+        per = [[_ndcg10(docs, self.relevant[i]) for docs in self.ranked(mode, i, dn, bm25_weight, rrf_k, rankers)]
+               for i, dn in zip(rows, dense_lists or [None] * len(rows))]
+        return [float(np.mean(col)) for col in zip(*per)] if per else [float("nan")] * len(rankers)
 
     def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k, ranker=None):
         """Mean nDCG@10 over `rows` of hybrid RRF with these weights (and this ranker)."""
-        return self.mode_score("hybrid", rows, dense_lists, bm25_weight, rrf_k, ranker)
+        return self.mode_scores("hybrid", rows, dense_lists, bm25_weight, rrf_k, (ranker,))[0]
 
     def features(self, i, fused, bm, dn, rrf_k):
         """(candidates, ranking features) of question i's fused list, as a search computes them (its words'
@@ -348,8 +356,9 @@ def _mode_rankers(pool, current, adapter, choose, held, bm25_weight, rrf_k):
         new = ranking.fit(pool.ranker_examples(mode, choose, fit_lists, bm25_weight, rrf_k))
         old = current.rankers.get(mode)
         held_lists = pool.dense(searching, held) if mode == "dense" else None
-        now = pool.mode_score(mode, held, held_lists, bm25_weight, rrf_k, old)
-        cand = pool.mode_score(mode, held, held_lists, bm25_weight, rrf_k, new) if new is not None else now
+        # one pass over the held-out questions scores both rankers (their features are the same)
+        scores = pool.mode_scores(mode, held, held_lists, bm25_weight, rrf_k, (old,) if new is None else (old, new))
+        now, cand = scores[0], scores[-1]
         metrics[mode] = {"current": now, "candidate": cand}
         keep = new if new is not None and cand > now else old
         if keep is not None:
