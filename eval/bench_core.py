@@ -548,7 +548,7 @@ def stage_scifact_bm25(a):
 def stage_synth_build(a):
     from collections import Counter
 
-    import writeback_rag.changes as changesmod
+    import writeback_rag.store.changes as changesmod
     import writeback_rag.corpus as corpusmod
     import writeback_rag.index as indexmod
     import writeback_rag.indexes as indexesmod
@@ -665,7 +665,7 @@ def stage_synth_query(a):
     # the BM25 engine built from the store (one snapshot; reads and tokenizes every active chunk): what the
     # first bm25 query of a process pays when bm25.npz is missing, corrupt or too far behind the change log
     t0 = T()
-    eng = BM25(kb.conn, b["k1"], b["b"])
+    eng = BM25(kb.records, b["k1"], b["b"])
     res["bm25_load_s"] = T() - t0
     res["rss_after_bm25_mb"] = rss_mb()
     res["bm25_rss_delta_mb"] = res["rss_after_bm25_mb"] - res["rss_before_load_mb"]
@@ -793,7 +793,7 @@ def stage_synth_query(a):
 
 
 def stage_writeback(a):
-    import writeback_rag.changes as changesmod
+    import writeback_rag.store.changes as changesmod
     import writeback_rag.indexes as indexesmod
     from writeback_rag import KnowledgeBase
 
@@ -1271,7 +1271,7 @@ def write_report(R, md_path, json_path, png_path):
         add("")
         add("| BM25 engine | seconds | vs rebuild |")
         add("|---|---:|---:|")
-        add(f"| `writeback_rag.index.BM25(conn)`: rebuild from the store, one snapshot | {f(sq['bm25_load_s'], 2)} | 1.00 |")
+        add(f"| `writeback_rag.index.BM25(records)`: rebuild from the store, one snapshot | {f(sq['bm25_load_s'], 2)} | 1.00 |")
         add(f"| its part alone: reading the active chunk rows (tuple cursor) | {f(sq['sql_fetch_chunks_s'], 2)} | "
             f"{f(sq['sql_fetch_chunks_s'] / sq['bm25_load_s'], 2)} |")
         add(f"| its part alone: counting their terms (`bm25_tokens` + `Counter`) | {f(sq['tokenize_chunks_s'], 2)} | "

@@ -7,27 +7,47 @@ import os
 from conftest import ROOT
 
 PKG = os.path.join(ROOT, "writeback_rag")
-FRONT_ENDS = {"cli", "demo", "eval", "server", "mcp_server"}  # built on the facade: they may import it
+FRONT_ENDS = {"cli", "demo", "eval", "server", "mcp_server", "integrations"}  # built on the facade: may import it
+
+
+def modules():
+    """{dotted module name within the package: path}, subpackages included ("store", "store.changes")."""
+    out = {}
+    for folder, _, files in os.walk(PKG):
+        rel = os.path.relpath(folder, PKG)
+        prefix = "" if rel == "." else rel.replace(os.sep, ".") + "."
+        if "__pycache__" in rel:
+            continue
+        for name in sorted(files):
+            if name.endswith(".py"):
+                mod = prefix + name[:-3]
+                out[mod[:-len(".__init__")] if mod.endswith(".__init__") else mod] = os.path.join(folder, name)
+    return out
 
 
 def imports():
-    """{module: {imported sibling modules}} for every module of the package."""
+    """{module: {imported modules of the package}} for every module (a subpackage's modules by dotted name),
+    resolving relative imports; `from . import x` names module x where it is one."""
+    mods = modules()
     out = {}
-    for name in sorted(os.listdir(PKG)):
-        if not name.endswith(".py"):
-            continue
-        mod = name[:-3]
-        tree = ast.parse(open(os.path.join(PKG, name), encoding="utf-8").read())
+    for mod, path in mods.items():
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        package = "" if mod == "__init__" else mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
         deps = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
-                else:
-                    deps.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("writeback_rag"):
-                parts = node.module.split(".")
-                deps.add(parts[1] if len(parts) > 1 else "__init__")
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("writeback_rag"):
+                target = node.module.partition(".")[2]
+            else:
+                continue
+            for a in node.names:  # `from . import store` imports a module; `from .x import f` imports x
+                sub = f"{target}.{a.name}" if target else a.name
+                deps.add(sub if sub in mods else target or "__init__")
         out[mod] = deps - {mod}
     return out
 
@@ -35,6 +55,7 @@ def imports():
 def test_no_import_cycles():
     graph = imports()
     graph.pop("__init__")  # the package's public re-exports sit on top of everything
+    graph["store"] -= {"store.records"}  # store/__init__ re-exports Records at its end; records uses store's helpers
     for deps in graph.values():
         deps.discard("__init__")
     state, path = {}, []
@@ -57,9 +78,10 @@ def test_no_import_cycles():
 def test_library_never_imports_the_cli_or_the_facade_from_below():
     graph = imports()
     for mod, deps in graph.items():
-        if mod not in FRONT_ENDS:
+        top = mod.split(".")[0]
+        if top not in FRONT_ENDS:
             assert "cli" not in deps, f"{mod} imports the CLI"
-        if mod not in FRONT_ENDS | {"__init__", "kb"}:
+        if top not in FRONT_ENDS | {"__init__", "kb"}:
             assert "kb" not in deps and "__init__" not in deps, f"{mod} imports the KnowledgeBase facade"
 
 
@@ -74,3 +96,28 @@ def test_services_use_the_facade_only_through_public_names():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kb":
                 assert not node.attr.startswith("_"), f"{mod}.py line {node.lineno}: kb.{node.attr}"
+
+
+RETRIEVAL = {"index", "indexes", "milvus", "ranking", "filters"}  # the derived indexes and the ranking features
+
+
+def test_the_derived_indexes_read_the_records_only_through_store_records():
+    """No SQL in the retrieval layer: the indexes are handed a store.Records and never a connection's
+    execute(), so a second record store is a second class with Records' methods. The store package never
+    imports the retrieval layer: the two sit side by side."""
+    graph = imports()
+    for mod, path in modules().items():
+        if mod not in RETRIEVAL:
+            continue
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("execute", "executemany", "executescript", "cursor"):
+                raise AssertionError(f"{mod}.py line {node.lineno}: .{node.attr}() in the retrieval layer")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if getattr(node, "module", None) else [])
+                assert "sqlite3" not in names, f"{mod}.py line {node.lineno}: imports sqlite3"
+        assert not any(d == "store" or d.startswith("store.") for d in graph[mod]), \
+            f"{mod} imports the store package (it should be handed a Records)"
+    for mod, deps in graph.items():
+        if mod == "store" or mod.startswith("store."):
+            assert not deps & RETRIEVAL, f"{mod} imports {deps & RETRIEVAL}"

@@ -247,7 +247,7 @@ def test_replaying_a_removal_of_many_chunks_equals_an_engine_built_from_scratch(
     kb.delete(["long"])
     for q in ("lamp keeper", "gale rock beacon", "number7"):
         got = [(h.chunk_id, round(h.score, 5)) for h in reader.search(q, k=10, mode="bm25", log=False).hits]
-        engine = BM25(reader.conn, 1.2, 0.75)
+        engine = BM25(reader.records, 1.2, 0.75)
         want = [(int(i), round(float(s), 5)) for i, s in zip(*engine.search(q, 10))]
         assert got == want, q
     assert reader.check()["ok"]

@@ -91,7 +91,6 @@ def test_save_load_keeps_results_and_sequence_and_refuses_damage(kind, vectors, 
 # with its change-log sequence. An engine is a class with that interface; BM25 is the one we ship.
 
 from writeback_rag import KnowledgeBase  # noqa: E402
-from writeback_rag.changes import since  # noqa: E402
 from writeback_rag.index import BM25  # noqa: E402
 
 SPARSE = [BM25]
@@ -115,7 +114,7 @@ def ranked(engine, q, n=10, mask=None):
 
 @pytest.mark.parametrize("engine", SPARSE)
 def test_sparse_ranks_by_score_then_chunk_id(engine, store):
-    e = engine(store.conn)
+    e = engine(store.records)
     got = ranked(e, "lamp keeper gale", 20)
     assert len(got) == 20 and e.n_docs == 120
     assert got == sorted(got, key=lambda x: (-x[1], x[0]))
@@ -124,18 +123,16 @@ def test_sparse_ranks_by_score_then_chunk_id(engine, store):
 
 @pytest.mark.parametrize("engine", SPARSE)
 def test_sparse_replay_equals_a_fresh_build(engine, store):
-    e = engine(store.conn)
+    e = engine(store.records)
     store.ingest([{"id": "new", "text": "lamp lamp keeper zeppelin"}])
     store.delete([f"d{i}" for i in range(0, 120, 3)])
     store.ingest([{"id": "d1", "text": "gale gale gale rock"}])  # an update: remove + add
-    conn = store.conn
-    for seq, added, removed, postings, _ in since(conn, e.seq, store.generation):
+    records = store.records
+    for seq, added, removed, postings, _ in records.changes(e.seq, store.generation):
         e.remove(removed, postings)
-        e.add(conn, conn.execute(f"SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                 f"WHERE d.status='active' AND c.id IN ({','.join(map(str, added.tolist()))})"
-                                 ).fetchall() if len(added) else [])
+        e.add(records, records.chunks(["text", "title"], added.tolist()))
         e.seq = seq
-    fresh = engine(conn)
+    fresh = engine(records)
     assert e.n_docs == fresh.n_docs
     for q in ("lamp keeper", "zeppelin", "gale rock", "fog siren lens oil"):
         assert ranked(e, q) == ranked(fresh, q), q
@@ -143,7 +140,7 @@ def test_sparse_replay_equals_a_fresh_build(engine, store):
 
 @pytest.mark.parametrize("engine", SPARSE)
 def test_sparse_mask_restricts_and_a_short_mask_excludes_the_rest(engine, store):
-    e = engine(store.conn)
+    e = engine(store.records)
     allowed = [cid for cid, _ in ranked(e, "lamp", 40)][::2]
     mask = np.zeros(max(allowed) + 1, dtype=bool)
     mask[allowed] = True
@@ -154,7 +151,7 @@ def test_sparse_mask_restricts_and_a_short_mask_excludes_the_rest(engine, store)
 
 @pytest.mark.parametrize("engine", SPARSE)
 def test_sparse_save_load_keeps_results_and_sequence_and_refuses_damage(engine, store, tmp_path):
-    e = engine(store.conn)
+    e = engine(store.records)
     path = str(tmp_path / "sparse.npz")
     expect = {"model_id": "m", "kb_created": "1"}
     e.save(path, expect)

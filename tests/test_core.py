@@ -277,7 +277,7 @@ def _bm25_hits(kb, queries=("Fenwick Point keeper", "lighthouse stamps 1993", "G
 
 def _engine_hits(kb, k1=1.2, queries=("Fenwick Point keeper", "lighthouse stamps 1993", "Grey Heron lens")):
     """The same queries on an engine built from scratch from the store (what a replay must equal)."""
-    engine = BM25(kb.conn, k1, 0.75)
+    engine = BM25(kb.records, k1, 0.75)
     return [[(int(i), round(float(s), 5)) for i, s in zip(*engine.search(q, 10))] for q in queries]
 
 
@@ -350,7 +350,7 @@ def test_bm25_scores_equal_rank_bm25(kb):
     docs = [" ".join(rng.choice(vocab, size=rng.integers(3, 30), p=None)) for _ in range(80)]
     kb.ingest([{"id": f"d{i}", "text": t} for i, t in enumerate(docs)])
     ref = rank_bm25.BM25Okapi([bm25_tokens(t) for t in docs], k1=1.2, b=0.75)
-    engine = BM25(kb.conn, 1.2, 0.75)
+    engine = BM25(kb.records, 1.2, 0.75)
     for q in ["w1 w2 w3", "w5 w5 w40", "w59"]:
         ids, scores = engine.search(q, 80)
         got = {kb.conn.execute("SELECT doc_id FROM chunks WHERE id=?", (int(i),)).fetchone()[0]: s

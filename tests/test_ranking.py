@@ -173,6 +173,6 @@ def test_idf_comes_from_the_record_store_and_a_long_question_fits(kb):
 
     kb.ingest([{"id": "a", "text": "common rare"}, {"id": "b", "text": "common"}, {"id": "c", "text": "other"}])
     words = ["common", "rare", "unseen"] + [f"w{i}" for i in range(1500)]  # more than SQLite's 999 variables
-    w = idf(kb.conn, words, 3)
+    w = idf(kb.records, words, 3)
     assert len(w) == len(words)
     assert w["common"] < w["rare"] < w["unseen"] == w["w7"]

@@ -202,7 +202,7 @@ def test_stale_units_hidden_then_redistilled(small, backend):
     hits = small.search("Calder foundry Marrowick bells", k=5, mode="bm25", log=False).hits
     assert any(h.kind == "unit" for h in hits) and len({h.chunk_id for h in hits}) == len(hits)
     if backend == "embedded":
-        fresh = BM25(small.conn)
+        fresh = BM25(small.records)
         ids, scores = fresh.search("Calder foundry Marrowick bells", 50)
         want = dict(zip(ids.tolist(), scores.tolist()))
         assert all(h.bm25 == pytest.approx(want[h.chunk_id], rel=1e-5) for h in hits)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from . import store
-from .changes import Change, record, recount_terms
+from .store.changes import Change, record, recount_terms
 from .loaders import IngestReport, Problem, Record, _field_record, estimate, read_paths
 from .progress import progress as _progress
 from .text import chunk_text, content_hash, count_tokens, index_text, normalize_id
@@ -55,7 +55,7 @@ class Corpus:
                 self._term_ids = None  # ids inserted by a rolled-back transaction do not exist
                 raise
             if change:
-                self.indexes.refresh(conn)
+                self.indexes.refresh(store.Records(conn))
 
     @property
     def embedder(self):
@@ -226,7 +226,7 @@ class Corpus:
             if pending:
                 commit_window()
             bar.close()
-            self.indexes.save_if_due(conn)  # a big ingest leaves files the next process loads, not rebuilds
+            self.indexes.save_if_due(store.Records(conn))  # a big ingest leaves files the next process loads, not rebuilds
         return report
 
     def _embed(self, pending):
@@ -297,7 +297,7 @@ class Corpus:
             with self.changing(conn) as change:
                 for doc_id in ids:
                     n += self.remove(conn, doc_id, change)
-            self.indexes.save_if_due(conn)
+            self.indexes.save_if_due(store.Records(conn))
         return n
 
     def remove(self, conn, doc_id, change):
@@ -350,6 +350,6 @@ class Corpus:
                 change.rebuild_all()
                 gen = record(conn, change)
             self.indexes.reset()
-            self.indexes.catch_up(conn)  # rebuilds both (the change resets them) and saves their files
+            self.indexes.catch_up(store.Records(conn))  # rebuilds both (the change resets them) and saves their files
             return {"chunks": self.indexes.dense.count, "generation": gen}
 

@@ -3,7 +3,7 @@
 A Filter says which chunks a search may return: by kind (source documents, knowledge units) and by
 predicates on their documents (id or source glob, metadata values). The kind is known to every index
 itself, so it is evaluated there with no query to the records; document predicates are evaluated by the
-record store (`where_sql`), once per search and only when given. A remote engine receives the same
+record store (`store.Records.ids`), once per search and only when given. A remote engine receives the same
 expression to translate into its own filter language."""
 
 from dataclasses import dataclass
@@ -46,17 +46,3 @@ class Filter:
     def on_records(self):
         """Whether it has predicates on documents (beyond kind)."""
         return bool(self.doc_globs or self.source_globs or self.meta)
-
-    def where_sql(self):
-        """(SQL condition on documents `d`, arguments) for the document predicates."""
-        clauses, args = [], []
-        for g in self.doc_globs:
-            clauses.append("d.id GLOB ?")
-            args.append(g)
-        for g in self.source_globs:
-            clauses.append("d.source GLOB ?")
-            args.append(g)
-        for key, value in self.meta:
-            clauses.append("CAST(json_extract(d.meta, ?) AS TEXT)=?")
-            args += ["$." + key, value]
-        return " AND ".join(clauses) or "1", args

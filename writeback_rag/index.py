@@ -184,8 +184,9 @@ class BM25:
     AVGDL_DRIFT = 1e-3
     MERGE_EXTRA = 8  # a term's appended segments are merged into one beyond this many
 
-    def __init__(self, conn=None, k1=1.2, b=0.75, epsilon=0.25, seq=0):
-        """The engine over every active chunk in `conn` (read in one snapshot); empty without a conn."""
+    def __init__(self, records=None, k1=1.2, b=0.75, epsilon=0.25, seq=0):
+        """The engine over every live chunk of `records` (a store.Records, read in one snapshot); empty
+        without one."""
         self.k1, self.b, self.epsilon, self.seq = float(k1), float(b), epsilon, int(seq)
         self.term_ids = {}                                   # term -> term id (SQLite's)
         self.df = np.zeros(1, dtype=np.int64)                # per term id: live chunks holding it
@@ -203,24 +204,18 @@ class BM25:
         self._mean_idf = None
         self._local = threading.local()
         self._wkey, self._version = None, 0  # (k1, b, average length) the weights use; bumped with it
-        if conn is not None:
-            conn.execute("BEGIN")  # one snapshot: the chunks and the sequence number they match
-            try:
-                self.build(conn)
-            finally:
-                conn.execute("COMMIT")
+        if records is not None:
+            with records.snapshot():  # the chunks and the sequence number they match
+                self.build(records)
 
     # -- building and replaying
 
-    def build(self, conn):
-        """Index every active chunk, in the caller's snapshot of the store."""
-        from .changes import head
-
-        self.seq = head(conn)
-        self.term_ids = {t: i for i, t in conn.execute("SELECT id, term FROM terms")}
-        rows = conn.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                            "WHERE d.status='active' ORDER BY c.id").fetchall()
-        cids, lens, tids, tfs = self._tokenize(conn, rows)
+    def build(self, records):
+        """Index every live chunk, in the caller's snapshot of the records."""
+        self.seq = records.head()
+        self.term_ids = records.terms()
+        rows = records.chunks(["text", "title"])
+        cids, lens, tids, tfs = self._tokenize(records, rows)
         counts_per_chunk = np.array([len(x) for x in tids], dtype=np.int64)
         self._grow_chunks(int(cids.max()) if len(cids) else 0)
         self.doc_len[cids] = lens
@@ -235,15 +230,13 @@ class BM25:
             uniq, counts = np.unique(tid, return_counts=True)
             self._set_base(uniq, counts, ids, tf)
 
-    def _tokenize(self, conn, rows):
+    def _tokenize(self, records, rows):
         """(chunk ids, lengths, [term ids per chunk], [tfs per chunk]) for (id, text, title) rows; terms this
         engine has not met are looked up in the store's dictionary (the writer registered them)."""
-        from .changes import term_ids
-
         counted = [Counter(bm25_tokens(index_text(r[2], r[1]))) for r in rows]
         new = {t for c in counted for t in c if t not in self.term_ids}
         if new:
-            term_ids(conn, self.term_ids, new)
+            records.term_ids(self.term_ids, new)
         cids = np.array([r[0] for r in rows], dtype=np.int64)
         lens = np.array([sum(c.values()) for c in counted], dtype=np.float32)
         get = self.term_ids.get
@@ -289,13 +282,13 @@ class BM25:
             self.df = np.concatenate([self.df, np.zeros(n - len(self.df), np.int64)])
             self._wver = np.concatenate([self._wver, np.full(n - len(self._wver), -1, np.int64)])
 
-    def add(self, conn, rows):
+    def add(self, records, rows):
         """Make chunks live: (chunk id, text, title) rows of active chunks; those already live are skipped.
-        `conn` is the store whose term dictionary names the terms this engine has not met."""
+        `records`' term dictionary names the terms this engine has not met."""
         rows = [r for r in rows if int(r[0]) >= len(self.alive) or not self.alive[int(r[0])]]
         if not rows:
             return
-        cids, lens, tids, tfs = self._tokenize(conn, rows)
+        cids, lens, tids, tfs = self._tokenize(records, rows)
         self._grow_chunks(int(cids.max()))
         if self._n_dead and (self.doc_len[cids] > 0).any():
             self.compact()  # a chunk coming back (a restored unit): drop its old postings first

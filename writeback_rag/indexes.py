@@ -4,9 +4,10 @@ the kind of each live chunk that filters and the unit cap read).
 Each index records the change-log sequence number it reflects. `catch_up` reads the log's tail and the rows
 it points to once, in one snapshot, and applies each change to every index behind it, whoever made the
 change. An index is loaded from its saved file, or rebuilt from the store (with a notice) only when the file
-is missing, corrupt or too far behind. Writers never touch an index: they commit a Change (changes.py), and
+is missing, corrupt or too far behind. Writers never touch an index: they commit a Change (store/changes.py), and
 the next search catches up. Files are saved when enough has changed since the last save (a small write
-never rewrites whole files; a reader replays the short tail)."""
+never rewrites whole files; a reader replays the short tail). Every read of the records goes through a
+`store.Records` the caller hands in: no SQL here."""
 
 import json
 import os
@@ -14,7 +15,6 @@ import threading
 
 import numpy as np
 
-from . import changes
 from .filters import KINDS
 from .index import BM25, DenseIndex
 from .text import bm25_tokens, index_text
@@ -53,29 +53,29 @@ class Indexes:
 
     # -- catching up
 
-    def catch_up(self, conn, dense=True, bm25=True, kinds=True):
+    def catch_up(self, records, dense=True, bm25=True, kinds=True):
         """Bring the asked-for indexes (and the chunk kinds, which searches need) to the newest committed
         change; returns it."""
         with self.lock:
-            head = changes.head(conn)
+            head = records.head()
             names = ["kinds"] * kinds + ["dense"] * dense + ["bm25"] * bm25
             if any(getattr(self, n) is None or getattr(self, n).seq != head for n in names):
-                self._open(conn, names, head)
+                self._open(records, names, head)
                 behind = [n for n in names if getattr(self, n).seq != head]
                 if behind:
-                    self._replay(conn, behind, head)
+                    self._replay(records, behind, head)
             if bm25 and self.bm25 is not None:  # k1 and b apply at query time: a changed setting needs no rebuild
                 self.bm25.k1, self.bm25.b = float(self.config["bm25"]["k1"]), float(self.config["bm25"]["b"])
             return head
 
-    def refresh(self, conn):
+    def refresh(self, records):
         """After this process commits: the indexes it has loaded apply the change now (none is loaded by
         a write alone), so the first search after a write costs what any search costs."""
         with self.lock:
             if self.dense is not None or self.bm25 is not None:
-                self.catch_up(conn, dense=self.dense is not None, bm25=self.bm25 is not None)
+                self.catch_up(records, dense=self.dense is not None, bm25=self.bm25 is not None)
 
-    def _open(self, conn, names, head):
+    def _open(self, records, names, head):
         """Load what is not in memory; rebuild what cannot catch up by replaying (with a notice why)."""
         behind = {}  # seq -> pending(): the indexes are usually at one sequence, so the log is asked once
         for name in names:
@@ -85,43 +85,40 @@ class Indexes:
                 if index is None and why != "missing":  # a missing file is normal (new KB, cache removed)
                     self._notify(f"{self._label(name)} {why}; rebuilding from the store")
             if index is not None:
-                why = self._behind(conn, index, head, behind)
+                why = self._behind(records, index, head, behind)
                 if why is None:
                     setattr(self, name, index)
                     continue
                 if why != "reset by reindex":
                     self._notify(f"{self._label(name)} {why}; rebuilding from the store")
-            setattr(self, name, self._build(conn, name))
+            setattr(self, name, self._build(records, name))
 
-    def _behind(self, conn, index, head, memo):
+    def _behind(self, records, index, head, memo):
         """None when replaying (index.seq, head] is cheaper than a rebuild, else why not."""
         seq = index.seq
         if seq < 0 or seq > head:
             return "from another history"
         if seq not in memo:
-            memo[seq] = changes.pending(conn, seq, head)
+            memo[seq] = records.pending(seq, head)
         n, touched, reset = memo[seq]
         if reset:
             return "reset by reindex"
         if touched > max(REPLAY_LIMIT, _size(index)):
             return f"{touched} chunks behind"
-        if isinstance(index, DenseIndex) and not index.can_remove and n and _removes(conn, seq, head):
+        if isinstance(index, DenseIndex) and not index.can_remove and n and records.removes(seq, head):
             return "an HNSW graph cannot remove vectors"
         return None
 
-    def _replay(self, conn, names, head):
+    def _replay(self, records, names, head):
         """The log's tail after the oldest of `names`, and the rows its added chunks point to, read in one
         snapshot; each change applied, in order, to every index that has not applied it."""
         start = min(getattr(self, n).seq for n in names)
-        conn.execute("BEGIN")
-        try:
-            tail = changes.since(conn, start, head)
+        with records.snapshot():
+            tail = records.changes(start, head)
             added = sorted({int(c) for entry in tail for c in entry[1]})
-            cols = "c.id, d.kind, " + ("c.text, d.title" if "bm25" in names else "NULL, NULL") \
-                + (", c.embedding" if "dense" in names else "")  # only what the indexes behind need
-            rows = {r[0]: r for r in changes.active_rows(
-                conn, f"SELECT {cols} FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                      "WHERE d.status='active' AND c.id IN", added)}
+            fields = ["kind"] + ["text", "title"] * ("bm25" in names) + ["vector"] * ("dense" in names)
+            rows = {r[0]: r for r in records.chunks(fields, added)}  # only what the indexes behind need
+            at = {f: i + 1 for i, f in enumerate(fields)}
             for seq, add, removed, postings, _ in tail:
                 live = [rows[c] for c in add.tolist() if c in rows]  # chunks removed since are skipped
                 for name in names:
@@ -133,35 +130,30 @@ class Indexes:
                         index.add(live)
                     elif name == "bm25":
                         index.remove(removed, postings)
-                        index.add(conn, [(r[0], r[2], r[3]) for r in live])
+                        index.add(records, [(r[0], r[at["text"]], r[at["title"]]) for r in live])
                     else:
                         index.remove(removed)
                         if live:
-                            index.add([r[0] for r in live], np.frombuffer(b"".join(r[4] for r in live),
-                                                                           dtype=np.float32).reshape(len(live), -1))
+                            v = at["vector"]
+                            index.add([r[0] for r in live], np.frombuffer(b"".join(r[v] for r in live),
+                                                                          dtype=np.float32).reshape(len(live), -1))
                     index.seq = seq
             for name in names:
                 getattr(self, name).seq = head
-        finally:
-            conn.execute("COMMIT")
 
-    def _build(self, conn, name):
+    def _build(self, records, name):
         """One index from the store, in one snapshot at the head it reads; saved when it has a file."""
-        conn.execute("BEGIN")
-        try:
-            seq = changes.head(conn)
+        with records.snapshot():
+            seq = records.head()
             if name == "kinds":
                 index = ChunkKinds()
-                index.add(conn.execute("SELECT c.id, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                       "WHERE d.status='active'").fetchall())
+                index.add(records.chunks(["kind"]))
             elif name == "bm25":
                 b = self.config["bm25"]
                 index = BM25(None, b["k1"], b["b"])
-                index.build(conn)
+                index.build(records)
             else:
-                index = self._build_dense(conn)
-        finally:
-            conn.execute("COMMIT")
+                index = self._build_dense(records)
         index.seq = seq
         if name == "bm25":
             self._save(index, self.bm25_path, self._identity())
@@ -169,17 +161,14 @@ class Indexes:
             self._save(index, self.dense_path, self._dense_expect())
         return index
 
-    def _build_dense(self, conn):
-        ids, vecs = [], []
-        for cid, blob in conn.execute("SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                      "WHERE d.status='active' ORDER BY c.id"):
-            ids.append(cid)
-            vecs.append(blob)
-        dim = len(vecs[0]) // 4 if vecs else self._dim()
+    def _build_dense(self, records):
+        rows = records.chunks(["vector"])
+        dim = len(rows[0][1]) // 4 if rows else self._dim()
         cfg = self.config["dense"]
         d = DenseIndex(dim, cfg["index"], cfg["hnsw_m"])
-        if ids:
-            d.add(np.asarray(ids, dtype=np.int64), np.frombuffer(b"".join(vecs), dtype=np.float32).reshape(len(ids), dim))
+        if rows:
+            d.add(np.asarray([r[0] for r in rows], dtype=np.int64),
+                  np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim))
         return d
 
     def _load(self, name):
@@ -227,21 +216,21 @@ class Indexes:
         except OSError as e:
             self._notify(f"cannot save {path} ({e.strerror}); the index is kept in memory")
 
-    def save_if_due(self, conn):
+    def save_if_due(self, records):
         """Save each index whose file is far behind the log (catching it up first): big writes leave files
         that the next process can load and replay cheaply; small writes rewrite nothing."""
-        head = changes.head(conn)
+        head = records.head()
         for name, path in (("dense", self.dense_path), ("bm25", self.bm25_path)):
             if name == "dense" and not self.saves_dense:
                 continue
             saved = _saved_seq(path)
-            n, touched, reset = changes.pending(conn, saved, head) if saved >= 0 else (1, 1 << 40, True)
+            n, touched, reset = records.pending(saved, head) if saved >= 0 else (1, 1 << 40, True)
             if not n:
                 continue
             index = getattr(self, name)
             if reset or touched >= max(SAVE_AFTER, _size(index) // 20 if index is not None else 0):
                 with self.lock:
-                    self.catch_up(conn, dense=name == "dense", bm25=name == "bm25", kinds=False)
+                    self.catch_up(records, dense=name == "dense", bm25=name == "bm25", kinds=False)
                     index = getattr(self, name)
                     if getattr(index, "saved_seq", None) != index.seq:
                         self._save(index, path, self._dense_expect() if name == "dense" else self._identity())
@@ -249,7 +238,7 @@ class Indexes:
     def close(self):
         """Let go of what the indexes hold outside this process (nothing, for local ones)."""
 
-    def drop(self, conn):
+    def drop(self, records):
         """Remove the saved files (after the KB moved its indexes to another backend)."""
         with self.lock:
             self.dense = self.bm25 = None
@@ -263,23 +252,23 @@ class Indexes:
 
     # -- searching (what kb.search asks of any backend)
 
-    def candidates(self, conn, query, qvec, n, where, sparse=True, dense=True):
+    def candidates(self, records, query, qvec, n, where, sparse=True, dense=True):
         """Top-n (chunk ids, scores) per retriever within the Filter `where`, evaluated once for both:
         (BM25 ids, scores) or None, (dense ids, cosines) or None."""
         with self.lock:  # a replay in another thread never runs under a search
-            mask = self.mask(conn, where)
+            mask = self.mask(records, where)
             return (self.bm25.search(query, n, mask) if sparse else None,
                     self.dense.search(qvec, n, mask) if dense else None)
 
-    def scores(self, conn, query, qvec, n, where, sparse=True, dense=True):
+    def scores(self, records, query, qvec, n, where, sparse=True, dense=True):
         """candidates() as ({chunk id: BM25 score}, {chunk id: cosine}); a retriever not asked for gives {}."""
-        bm, dn = self.candidates(conn, query, qvec, n, where, sparse=sparse, dense=dense)
+        bm, dn = self.candidates(records, query, qvec, n, where, sparse=sparse, dense=dense)
         return ({} if bm is None else dict(zip(bm[0].tolist(), bm[1].tolist())),
                 {} if dn is None else dict(zip(dn[0].tolist(), dn[1].tolist())))
 
     # -- checking
 
-    def verify(self, conn, sample=200, seed=0):
+    def verify(self, records, sample=200, seed=0):
         """Every index against the records: (problems, notes, counts). The saved files first, as found; then
         this process's indexes, after replaying the log (the replay itself is under test)."""
         problems, notes = [], []
@@ -288,7 +277,7 @@ class Indexes:
                 if self.saves_dense else (None, "missing")
             b = self.config["bm25"]
             e2, why2 = BM25.load(self.bm25_path, self._identity(), b["k1"], b["b"])
-            gen, active = self._active_at_head(conn)
+            gen, active = self._active_at_head(records)
             repair = "repair with: reindex (CLI: wbrag reindex)"
             counts = {"generation": gen, "active_chunks": int(len(active))}
             if saved is None and why != "missing":
@@ -299,7 +288,7 @@ class Indexes:
                                                                        saved.seq == gen else None)):
                 if dense is None:
                     continue
-                problems += self._check_dense(conn, dense, active, label, sample, seed, repair)
+                problems += self._check_dense(records, dense, active, label, sample, seed, repair)
                 counts["dense_vectors" if label == "in memory" else "dense_file_vectors"] = int(dense.count)
             counts["indexed_chunks"] = counts["dense_vectors"]
             engine = self.bm25
@@ -312,55 +301,44 @@ class Indexes:
                 problems.append(f"BM25 arrays file: {why2}; it is rebuilt from the chunks on next use")
             elif e2 is not None and e2.seq == gen and not np.array_equal(np.flatnonzero(e2.alive), active):
                 problems.append(f"BM25 arrays file claims change {gen} but covers other chunks; " + repair)
-            problems += self._check_terms(conn, engine, active, sample, seed, repair)
+            problems += self._check_terms(records, engine, active, sample, seed, repair)
         return problems, notes, counts
 
-    def _active_at_head(self, conn):
+    def _active_at_head(self, records):
         """(sequence, active chunk ids) in one snapshot at the sequence the indexes reached."""
         for _ in range(5):
-            self.catch_up(conn)
-            conn.execute("BEGIN")
-            try:
-                gen = changes.head(conn)
-                active = np.array([r[0] for r in conn.execute(
-                    "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' "
-                    "ORDER BY c.id")], dtype=np.int64)
-            finally:
-                conn.execute("COMMIT")
+            self.catch_up(records)
+            with records.snapshot():
+                gen = records.head()
+                active = np.array([r[0] for r in records.chunks([])], dtype=np.int64)
             if gen == self.dense.seq == self.bm25.seq:
                 break
         return gen, active
 
     @staticmethod
-    def _check_terms(conn, engine, active, sample, seed, repair):
+    def _check_terms(records, engine, active, sample, seed, repair):
         """A sample of chunks: the engine's lengths are those of their text; a sample of terms: the stored
         document frequencies (active sources) are what the engine holds."""
-        conn.execute("BEGIN")  # the records at the change the engine reached (or no verdict)
-        try:
-            if changes.head(conn) != engine.seq:
+        with records.snapshot():  # the records at the change the engine reached (or no verdict)
+            if records.head() != engine.seq:
                 return []
-            return Indexes._check_terms_at(conn, engine, active, sample, seed, repair)
-        finally:
-            conn.execute("COMMIT")
+            return Indexes._check_terms_at(records, engine, active, sample, seed, repair)
 
     @staticmethod
-    def _check_terms_at(conn, engine, active, sample, seed, repair):
+    def _check_terms_at(records, engine, active, sample, seed, repair):
         out = []
         rng = np.random.default_rng(seed)
         some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
-        rows = changes.active_rows(conn, "SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                 "WHERE c.id IN", some.tolist())
+        rows = records.chunks(["text", "title"], some.tolist())
         bad = [r[0] for r in rows if r[0] >= len(engine.doc_len)
                or engine.doc_len[r[0]] != len(bm25_tokens(index_text(r[2], r[1])))]
         if bad:
             out.append(f"BM25 engine: {len(bad)} of {len(rows)} sampled chunks have other lengths than their "
                        f"text (e.g. {bad[:5]}); " + repair)
-        sources = np.array([r[0] for r in conn.execute(
-            "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source' AND "
-            "d.status='active'")], dtype=np.int64)
+        sources = np.array([r[0] for r in records.chunks([], kind="source")], dtype=np.int64)
         is_source = np.zeros(len(engine.alive), dtype=bool)
         is_source[sources[sources < len(is_source)]] = True
-        terms = conn.execute("SELECT id, term, df FROM terms ORDER BY random() LIMIT ?", (sample,)).fetchall()
+        terms = records.sample_terms(sample)
         wrong = []
         for tid, term, df in terms:
             ids, _ = engine._postings(tid) if tid < len(engine.df) else (np.zeros(0, np.int64), None)
@@ -373,7 +351,7 @@ class Indexes:
         return out
 
     @staticmethod
-    def _check_dense(conn, dense, active, label, sample, seed, repair):
+    def _check_dense(records, dense, active, label, sample, seed, repair):
         import faiss
 
         out = []
@@ -387,8 +365,7 @@ class Indexes:
         some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
         bad = 0
         for cid in np.intersect1d(some, ids).tolist():
-            blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
-            if not np.allclose(dense.index.reconstruct(cid), np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+            if not np.allclose(dense.index.reconstruct(cid), records.vector(cid), atol=1e-5):
                 bad += 1
         if bad:
             out.append(f"dense index ({label}): {bad} of {len(some)} sampled vectors differ from the stored "
@@ -398,27 +375,24 @@ class Indexes:
 
     # -- filters
 
-    def record_ids(self, conn, where):
+    def record_ids(self, records, where):
         """Live chunk ids whose documents pass `where`'s document predicates. One query per search: the
         answer is kept for the log's head, so a search's parts (sources, units) and its deeper passes share it."""
-        key = (where.doc_globs, where.source_globs, where.meta, changes.head(conn))
+        key = (where.doc_globs, where.source_globs, where.meta, records.head())
         memo = self._records
         if memo is None or memo[0] != key:
-            cond, args = where.where_sql()
-            ids = np.array([r[0] for r in conn.execute(
-                "SELECT c.id FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND " + cond,
-                args)], dtype=np.int64)
+            ids = records.ids(where)
             memo = self._records = (key, ids)
         return memo[1]
 
-    def mask(self, conn, where):
+    def mask(self, records, where):
         """A Filter as a boolean mask over chunk ids for the local engines, or None when it lets every live
         chunk through. Kinds come from this process's own table; document predicates from the store."""
         if where.kinds >= set(KINDS) and not where.on_records:
             return None
         m = self.kinds.mask(where.kinds)
         if where.on_records:
-            ids = self.record_ids(conn, where)
+            ids = self.record_ids(records, where)
             chosen = np.zeros(len(m), dtype=bool)
             chosen[ids[ids < len(m)]] = True
             m = m & chosen
@@ -478,11 +452,6 @@ class ChunkKinds:
 def _size(index):
     return index.count if isinstance(index, DenseIndex) else index.n_docs if isinstance(index, BM25) \
         else int(len(index.codes))
-
-
-def _removes(conn, seq, head):
-    return conn.execute("SELECT 1 FROM changes WHERE seq>? AND seq<=? AND length(removed) > 0 LIMIT 1",
-                        (int(seq), int(head))).fetchone() is not None
 
 
 def _saved_seq(path):

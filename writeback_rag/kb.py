@@ -16,7 +16,7 @@ from . import ranking, store
 from .backends import CachedEmbedder, embedder_model_id, get_embedder
 from .filters import Filter
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, storage_error, translating
-from .changes import head
+from .store.changes import head
 from .corpus import Corpus
 from .indexes import backend as index_backend
 from .loaders import IngestReport
@@ -72,14 +72,6 @@ _storage_guard.__doc__ = "sqlite3 and OS failures below a public method become o
 
 # a hit's chunk and its document's header in one statement (the header from its covering index: a
 # document's row also holds its whole text)
-_HITS = ("SELECT c.id, c.doc_id, c.text, d.title, d.kind, d.source, d.meta FROM chunks c "
-         "JOIN documents d INDEXED BY documents_header ON d.id=c.doc_id WHERE c.id IN ({})")
-
-
-def _select_in(sql, n):
-    return sql.format(",".join("?" * n))
-
-
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
@@ -238,7 +230,7 @@ class KnowledgeBase:
         """Save any index file that has fallen far behind the log, then close the connections."""
         if not getattr(self, "_closed", False) and not self.readonly:
             try:
-                self._indexes.save_if_due(self.conn)
+                self._indexes.save_if_due(self.records)
             except (sqlite3.Error, OSError):
                 pass  # read-only or damaged: the files are only caches of the store
         self._closed = True
@@ -257,6 +249,13 @@ class KnowledgeBase:
         if getattr(self, "_closed", False):
             raise InputError(f"{self.path}: this KnowledgeBase is closed; open it again")
         return self._conns.get()
+
+    @property
+    def records(self) -> store.Records:
+        """This thread's connection as the derived indexes read it (store.Records)."""
+        if getattr(self, "_closed", False):
+            raise InputError(f"{self.path}: this KnowledgeBase is closed; open it again")
+        return self._conns.records()
 
     @property
     def embedder(self):
@@ -306,7 +305,7 @@ class KnowledgeBase:
 
     def _ensure_indexes(self, need_dense=True, need_bm25=True):
         """Bring the asked-for indexes to the newest commit (a replay of the change log); returns it."""
-        return self._indexes.catch_up(self.conn, dense=need_dense, bm25=need_bm25)
+        return self._indexes.catch_up(self.records, dense=need_dense, bm25=need_bm25)
 
     @property
     def _dense(self):
@@ -345,7 +344,7 @@ class KnowledgeBase:
         if re_embed or moved is not None:
             cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
         if moved is not None and type(old) is not type(self._indexes):
-            old.drop(self.conn)
+            old.drop(self.records)
         return dict(out, backend=self.config["index"]["backend"])
 
     @_storage_guard
@@ -356,7 +355,7 @@ class KnowledgeBase:
         missing or extra, vectors that differ from the stored ones, lengths or term statistics that differ from the text); each says
         how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
         conn = self.conn
-        problems, notes, counts = self._indexes.verify(conn, sample, seed)
+        problems, notes, counts = self._indexes.verify(self.records, sample, seed)
         orphans = conn.execute("SELECT COUNT(*) FROM documents d WHERE d.kind='unit' AND NOT EXISTS "
                                "(SELECT 1 FROM units u WHERE u.id=d.id)").fetchone()[0]
         if orphans:
@@ -454,13 +453,13 @@ class KnowledgeBase:
 
     def _candidates(self, query, qv, mode, where, n):
         """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
-        return self._indexes.scores(self.conn, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
+        return self._indexes.scores(self.records, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
                                     dense=mode in ("dense", "hybrid"))
 
     def _rerank(self, ranker, query, fused, bm, dn, rrf_k):
         """The learned ranker's order of the top source candidates, within the slots they held (ranking.py)."""
         kinds = self._indexes.kinds
-        cands, X = ranking.inputs(self.conn, query, fused, bm, dn, rrf_k, sum(kinds.counts.values()), kinds.is_unit)
+        cands, X = ranking.inputs(self.records, query, fused, bm, dn, rrf_k, sum(kinds.counts.values()), kinds.is_unit)
         return ranking.reorder(ranker, fused, cands, X)
 
     def _top(self, fused, k, cap, units):
@@ -504,9 +503,7 @@ class KnowledgeBase:
         rows = kept[1]
         missing = [cid for cid, _ in top if cid not in rows]
         if missing:
-            cur = self.conn.cursor()
-            cur.row_factory = None  # plain tuples: this runs for every search
-            for r in cur.execute(_select_in(_HITS, len(missing)), missing):
+            for r in self.records.hits(missing):
                 rows[r[0]] = r
         out = []
         for cid, score in top:

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from . import changes, store
+
 from .errors import WbragError, translating
 from .filters import KINDS
 from .indexes import Indexes
@@ -264,30 +264,30 @@ class MilvusIndexes(Indexes):
 
     # -- catching up
 
-    def catch_up(self, conn, dense=True, bm25=True, kinds=True):
+    def catch_up(self, records, dense=True, bm25=True, kinds=True):
         with self.lock:
-            head = super().catch_up(conn, dense=False, bm25=False, kinds=kinds)  # the chunk kinds, in memory
+            head = super().catch_up(records, dense=False, bm25=False, kinds=kinds)  # the chunk kinds, in memory
             if dense or bm25:
                 remote = self._collection()
                 if remote.seq != head or self.dense is None:
-                    remote.seq = _stored_seq(conn)
+                    remote.seq = records.position(self.META)
                     if remote.seq != head or self.dense is None:
-                        self._sync(conn, remote, head)
+                        self._sync(records, remote, head)
                 self.dense = self.bm25 = remote
             return head
 
-    def refresh(self, conn):
+    def refresh(self, records):
         """After a commit: replay it into the collection now. A write is never failed by Milvus: the records
         have it, and the next search replays what is missing (with the error, if the server is still away)."""
         try:
-            super().refresh(conn)
+            super().refresh(records)
         except WbragError as e:
             self._notify(f"{e}; the write is stored and reaches Milvus on the next search")
 
-    def _sync(self, conn, remote, head):
+    def _sync(self, records, remote, head):
         """Replay the tail (or rebuild) under the KB's Milvus lock: one process at a time writes."""
         with _file_lock(self.lock_path, self.readonly):
-            seq = _stored_seq(conn)
+            seq = records.position(self.META)
             state = remote.state()
             if state == "foreign":
                 raise WbragError(f"Milvus collection {remote.name!r} belongs to something else; set another "
@@ -295,53 +295,41 @@ class MilvusIndexes(Indexes):
             why = None
             if state == "missing":
                 why = "missing" if seq < 0 else "missing from Milvus"
-            elif seq < 0 or seq > changes.head(conn):
+            elif seq < 0 or seq > records.head():
                 why = "from another history"
             else:
-                n, touched, reset = changes.pending(conn, seq, changes.head(conn))
+                n, touched, reset = records.pending(seq, records.head())
                 if reset:
                     why = "reset"
             if why is None:
-                remote.seq = self._replay_remote(conn, remote, seq)
+                remote.seq = self._replay_remote(records, remote, seq)
             else:
                 if why not in ("missing", "reset"):
                     self._notify(f"Milvus collection {remote.name} {why}; rebuilding from the store")
-                remote.seq = self._rebuild_remote(conn, remote)
+                remote.seq = self._rebuild_remote(records, remote)
             if not self.readonly:
-                with store.transaction(conn):
-                    store.set_meta(conn, self.META, remote.seq)
+                records.set_position(self.META, remote.seq)
 
-    _ROWS = ("SELECT c.id, d.kind, d.id, d.source, c.text, d.title, c.embedding FROM chunks c "
-             "JOIN documents d ON d.id=c.doc_id WHERE d.status='active'")
+    _FIELDS = ["kind", "doc", "source", "text", "title", "vector"]  # what a row of the collection holds
 
-    def _replay_remote(self, conn, remote, seq):
-        conn.execute("BEGIN")
-        try:
-            head = changes.head(conn)
-            tail = changes.since(conn, seq, head)
+    def _replay_remote(self, records, remote, seq):
+        with records.snapshot():
+            head = records.head()
+            tail = records.changes(seq, head)
             added = sorted({int(c) for entry in tail for c in entry[1]})
             removed = sorted({int(c) for entry in tail for c in entry[2]})
-            rows = changes.active_rows(conn, self._ROWS + " AND c.id IN", added)
-        finally:
-            conn.execute("COMMIT")
+            rows = records.chunks(self._FIELDS, added)
         remote.delete(removed)  # then the chunks live at the head (a chunk removed and restored comes back)
         remote.insert(rows)
         return head
 
-    def _rebuild_remote(self, conn, remote):
+    def _rebuild_remote(self, records, remote):
         remote.drop()
         remote.create()
-        conn.execute("BEGIN")
-        try:
-            head = changes.head(conn)
-            cur = conn.execute(self._ROWS + " ORDER BY c.id")
-            while True:
-                rows = cur.fetchmany(BATCH)
-                if not rows:
-                    break
+        with records.snapshot():
+            head = records.head()
+            for rows in records.scan(self._FIELDS, BATCH):
                 remote.insert(rows, missing_only=False)  # a new, empty collection
-        finally:
-            conn.execute("COMMIT")
         return head
 
     def reset(self):
@@ -355,27 +343,26 @@ class MilvusIndexes(Indexes):
             self._client.close()
             self._client = self.remote = None
 
-    def save_if_due(self, conn):
+    def save_if_due(self, records):
         """Nothing to save: Milvus persists the collection, the records persist the sequence."""
 
-    def drop(self, conn):
+    def drop(self, records):
         """Remove this KB's collection (after the KB moved to another backend) and forget its sequence."""
         with self.lock:
             self._collection().drop()
-            with store.transaction(conn):
-                store.set_meta(conn, self.META, -1)
+            records.set_position(self.META, -1)
 
     # -- searching
 
-    def candidates(self, conn, query, qvec, n, where, sparse=True, dense=True):
-        expr = self.expression(conn, where)
+    def candidates(self, records, query, qvec, n, where, sparse=True, dense=True):
+        expr = self.expression(records, where)
         terms = _terms(query) if sparse else ""
         nothing = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
         return ((self.remote.search(terms, "sparse", "BM25", n, expr) if terms else nothing) if sparse else None,
                 self.remote.search(np.asarray(qvec, dtype=np.float32).tolist(), "vector", "IP", n, expr)
                 if dense else None)
 
-    def expression(self, conn, where):
+    def expression(self, records, where):
         """A Filter in Milvus's filter language: kinds and simple globs pushed down as they are; a document
         predicate Milvus cannot say the same way (metadata, ? or [] globs) as the ids the records allow; None
         when no chunk can match."""
@@ -391,7 +378,7 @@ class MilvusIndexes(Indexes):
                 else:
                     rest.append(g)
         if where.meta or rest:
-            ids = self.record_ids(conn, where).tolist()
+            ids = self.record_ids(records, where).tolist()
             if not ids:
                 return None  # nothing can match (and Milvus refuses `id in []`)
             parts.append("id in [" + ",".join(str(int(i)) for i in ids) + "]")
@@ -399,10 +386,10 @@ class MilvusIndexes(Indexes):
 
     # -- checking
 
-    def verify(self, conn, sample=200, seed=0):
+    def verify(self, records, sample=200, seed=0):
         problems, notes = [], []
         with self.lock:
-            gen, active = self._active_at_head(conn)
+            gen, active = self._active_at_head(records)
             remote = self.remote
             repair = "repair with: reindex (CLI: wbrag reindex)"
             held = remote.ids()
@@ -423,8 +410,7 @@ class MilvusIndexes(Indexes):
                 got = remote.vectors(some.tolist())
                 bad = 0
                 for cid, vec in got.items():
-                    blob = conn.execute("SELECT embedding FROM chunks WHERE id=?", (cid,)).fetchone()[0]
-                    if not np.allclose(vec, np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+                    if not np.allclose(vec, records.vector(cid), atol=1e-5):
                         bad += 1
                 if bad:
                     problems.append(f"Milvus collection {remote.name}: {bad} of {len(got)} sampled vectors differ "
@@ -444,11 +430,6 @@ def _terms(text):
     if len(out.encode("utf-8")) > MAX_TERMS:
         out = out.encode("utf-8")[:MAX_TERMS].decode("utf-8", "ignore").rsplit(" ", 1)[0]
     return out
-
-
-def _stored_seq(conn):
-    v = store.get_meta(conn, MilvusIndexes.META)
-    return int(v) if v not in (None, "") else -1
 
 
 @contextlib.contextmanager

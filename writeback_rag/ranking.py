@@ -80,25 +80,12 @@ def loads(text):
     return {m: r for m, r in out.items() if r is not None}
 
 
-def idf(conn, words, n_chunks):
+def idf(records, words, n_chunks):
     """{word: BM25 IDF} from the record store's document frequencies (a word it has never seen counts as rare)."""
     words = sorted(set(words))
-    df = {}
-    for i in range(0, len(words), 500):  # a long question stays under SQLite's limit on bound variables
-        part = words[i:i + 500]
-        df.update(conn.execute(f"SELECT term, df FROM terms WHERE term IN ({','.join('?' * len(part))})", part))
+    df = records.df(words)
     n = max(int(n_chunks), 1)
     return {w: math.log(1 + (n - df.get(w, 0) + 0.5) / (df.get(w, 0) + 0.5)) for w in words}
-
-
-def passages(conn, ids):
-    """{chunk id: (title, text)} of these chunks."""
-    ids = list(ids)
-    if not ids:
-        return {}
-    return {r[0]: (r[1] or "", r[2]) for r in conn.execute(
-        "SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id=c.doc_id "
-        f"WHERE c.id IN ({','.join('?' * len(ids))})", ids)}
 
 
 @functools.lru_cache(maxsize=2048)
@@ -116,7 +103,7 @@ def _parse(title, text):
 
 def features(query, cands, fused, bm, dn, texts, weights, rrf_k):
     """(len(cands), len(FEATURES)) array for candidates `cands` (in fused order) of one question. `fused`,
-    `bm`, `dn`: {chunk id: score} of the fusion and each retriever's list; `texts`: passages(); `weights`:
+    `bm`, `dn`: {chunk id: score} of the fusion and each retriever's list; `texts`: store.Records.passages(); `weights`:
     idf() of the question's words."""
     words = frozenset(bm25_tokens(query))
     total = sum(weights.get(w, 0.0) for w in words) or 1.0
@@ -170,7 +157,7 @@ def candidates(fused, is_unit=None):
     return list(itertools.islice((c for c in order if is_unit is None or not is_unit(c)), DEPTH))
 
 
-def inputs(conn, query, fused, bm, dn, rrf_k, n_chunks, is_unit=None, weights=None):
+def inputs(records, query, fused, bm, dn, rrf_k, n_chunks, is_unit=None, weights=None):
     """(candidates, features) of one question's lists, read from the store: what a search reranks and what a
     ranker learns from are built alike. Units are left out of the candidates and of the retrievers' ranks;
     `weights`: idf() of the question's words, when the caller has them."""
@@ -178,8 +165,8 @@ def inputs(conn, query, fused, bm, dn, rrf_k, n_chunks, is_unit=None, weights=No
     if is_unit is not None:
         bm, dn = ({c: s for c, s in d.items() if not is_unit(c)} for d in (bm, dn))
     if weights is None:
-        weights = idf(conn, bm25_tokens(query), n_chunks)
-    return cands, features(query, cands, fused, bm, dn, passages(conn, cands), weights, rrf_k)
+        weights = idf(records, bm25_tokens(query), n_chunks)
+    return cands, features(query, cands, fused, bm, dn, records.passages(cands), weights, rrf_k)
 
 
 def reorder(ranker, fused, cands, X):

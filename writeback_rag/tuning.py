@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ranking, store
-from .changes import Change, active_rows
-from .changes import record as record_change
+from .store.changes import Change
+from .store.changes import record as record_change
 from .errors import InputError
 from .filters import Filter
 from .text import bm25_tokens
@@ -183,9 +183,9 @@ class _Pool:
     """Candidate lists and chunk vectors of the feedback questions (cost grows with feedback, not corpus)."""
 
     def __init__(self, kb, exs, depth):
-        self.conn, self.depth = kb.conn, depth
+        self.conn, self.records, self.depth = kb.conn, kb.records, depth
         self.indexes = kb.corpus.indexes
-        self.indexes.catch_up(self.conn)
+        self.indexes.catch_up(self.records)
         self.where = Filter.parse(None, include_units=False)  # sources only: what a tuning ranks
         self.texts = [t for t, _ in exs]
         self.relevant = [set(d) for _, d in exs]
@@ -201,18 +201,15 @@ class _Pool:
             self.pos.append(ids)
 
     def _search(self, text, qv, sparse=False):
-        return self.indexes.scores(self.conn, text, qv, self.depth, self.where, sparse=sparse, dense=qv is not None)
+        return self.indexes.scores(self.records, text, qv, self.depth, self.where, sparse=sparse, dense=qv is not None)
 
     def dense(self, tuning, rows, mode="dense"):
         qs = tuning.query_vector(self.q[rows], mode)
         return [self._search(self.texts[i], q)[1] for i, q in zip(rows, qs)]
 
-    _SQL = "SELECT c.id, {} FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active' AND c.id IN"
-
     def fetch(self, ids):
         """Stored vectors of these chunks, for training (a chunk deleted meanwhile stays absent)."""
-        for cid, blob in active_rows(self.conn, self._SQL.format("c.embedding"),
-                                     [c for c in dict.fromkeys(ids) if c not in self.vec]):
+        for cid, blob in self.records.chunks(["vector"], [c for c in dict.fromkeys(ids) if c not in self.vec]):
             self.vec[cid] = np.frombuffer(blob, dtype=np.float32)
 
     def vectors(self, ids):
@@ -221,8 +218,7 @@ class _Pool:
 
     def docs(self, ranked):
         """Document ids in the order of their best chunk (ranked lists are scored often: ids only, cached)."""
-        self.doc_of.update(active_rows(self.conn, self._SQL.format("c.doc_id"),
-                                       [c for c in dict.fromkeys(ranked) if c not in self.doc_of]))
+        self.doc_of.update(self.records.chunks(["doc"], [c for c in dict.fromkeys(ranked) if c not in self.doc_of]))
         return list(dict.fromkeys(self.doc_of[c] for c in ranked if c in self.doc_of))
 
     def dense_score(self, rows, dense_lists):
@@ -266,8 +262,8 @@ class _Pool:
         idf kept per question; passages' texts read each time: across many questions they would approach
         the corpus)."""
         if i not in self.weights:
-            self.weights[i] = ranking.idf(self.conn, bm25_tokens(self.texts[i]), self.n_chunks)
-        return ranking.inputs(self.conn, self.texts[i], fused, bm, dn, rrf_k, self.n_chunks, weights=self.weights[i])
+            self.weights[i] = ranking.idf(self.records, bm25_tokens(self.texts[i]), self.n_chunks)
+        return ranking.inputs(self.records, self.texts[i], fused, bm, dn, rrf_k, self.n_chunks, weights=self.weights[i])
 
     def ranker_examples(self, mode, rows, dense_lists, bm25_weight, rrf_k):
         """[(features, relevant or not)] per question of searches in `mode`: what its ranker learns from."""

@@ -78,7 +78,7 @@ class _source_idf:
 
     def __call__(self, term):
         if term not in self.cache:
-            # the store keeps each term's frequency over the active source chunks (changes.py)
+            # the store keeps each term's frequency over the active source chunks (store/changes.py)
             df = self.conn.execute("SELECT df FROM terms WHERE term=?", (term,)).fetchone()
             df = df[0] if df else 0
             raw = math.log(self.n - df + 0.5) - math.log(df + 0.5) if df else 1.0
@@ -350,7 +350,7 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
             conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
                          (time.time(), top, json.dumps({**counts, "tuning": learned["status"], "unit_use": judged}),
                           run_id))
-        kb.corpus.indexes.save_if_due(conn)
+        kb.corpus.indexes.save_if_due(store.Records(conn))
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
             "units": written, **{k: counts.get(k, 0) for k in COUNTS}, "tuning": learned, "unit_use": judged}
 

@@ -1,4 +1,7 @@
-"""SQLite store: the single source of truth; every index is derived from it."""
+"""SQLite store: the single source of truth; every index is derived from it.
+
+The package holds the connection, the migrations and the change log (`changes`); `Records` (records.py) is
+what the derived indexes read from it."""
 
 import os
 import sqlite3
@@ -290,9 +293,15 @@ class Connections:
         if conn is None:
             conn = connect(self.path, self.readonly)
             self._local.conn = conn
+            self._local.records = Records(conn)
             with self._lock:
                 self._all.append(conn)
         return conn
+
+    def records(self):
+        """This thread's connection as the indexes read it."""
+        self.get()
+        return self._local.records
 
     def close(self):
         with self._lock:
@@ -307,3 +316,6 @@ class Connections:
 
 def now():
     return time.time()
+
+
+from .records import Records  # noqa: E402  (it reads the change log, which uses the helpers above)

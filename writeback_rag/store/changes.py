@@ -14,8 +14,8 @@ from collections import Counter
 
 import numpy as np
 
-from . import store
-from .text import bm25_tokens, index_text
+from .. import store
+from ..text import bm25_tokens, index_text
 
 _BATCH = 500  # ids per IN (...) list: under SQLite's host-parameter limit
 
