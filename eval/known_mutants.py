@@ -15,7 +15,7 @@ MUTANTS = [
     ("weighted-fusion weights swapped", "writeback_rag/tuning.py",
      "for scores, w in ((bm, 1 - dense_weight), (dn, dense_weight)):",
      "for scores, w in ((bm, dense_weight), (dn, 1 - dense_weight)):"),
-    ("doc filter ignored", "writeback_rag/filters.py",
+    ("doc filter ignored", "writeback_rag/store/records.py",
      '            clauses.append("d.id GLOB ?")\n            args.append(g)', "            pass"),
     ("kind filter ignored", "writeback_rag/indexes.py",
      "np.isin(self.codes, [self.CODES[k] for k in key])", "np.isin(self.codes, list(self.CODES.values()))"),

@@ -2,6 +2,7 @@
 distributed engine next): add, search, filtered search, remove where supported, save and load with the
 change-log sequence, and refusal of a damaged file."""
 
+import json
 import os
 
 import numpy as np
@@ -163,3 +164,115 @@ def test_sparse_save_load_keeps_results_and_sequence_and_refuses_damage(engine, 
         f.seek(os.path.getsize(path) // 2)
         f.write(b"\xff" * 64)
     assert engine.load(path, expect)[0] is None
+
+
+# ---- record store ------------------------------------------------------------------------------------
+# What the derived indexes read from the records (store.Records), run unchanged against every record store:
+# a factory turns a KnowledgeBase into the Records over its records. SQLite's is the one we ship.
+
+from writeback_rag.filters import Filter  # noqa: E402
+
+RECORDS = [pytest.param(lambda kb: kb.records, id="sqlite")]
+
+
+def live(records):
+    return [r[0] for r in records.chunks([])]
+
+
+@pytest.mark.parametrize("records_of", RECORDS)
+def test_records_log_every_change_in_order_and_say_how_far_behind(records_of, store):
+    r = records_of(store)
+    h0, before = r.head(), live(r)
+    store.ingest([{"id": "new1", "text": "lamp zeppelin"}, {"id": "new2", "text": "fog zeppelin"}])
+    h1 = r.head()
+    added = sorted(set(live(r)) - set(before))
+    assert h1 > h0 and len(added) == 2
+    tail = r.changes(h0, h1)
+    assert [c[0] for c in tail] == sorted(c[0] for c in tail) and tail[-1][0] == h1
+    assert sorted(int(i) for c in tail for i in c[1]) == added and not any(len(c[2]) for c in tail)
+    assert r.pending(h0, h1)[:2] == (len(tail), 2) and not r.removes(h0, h1)
+    store.delete(["new1"])
+    h2 = r.head()
+    gone = sorted(int(i) for c in r.changes(h1, h2) for i in c[2])
+    assert gone == [added[0]] and added[0] not in live(r) and r.removes(h1, h2) and not r.removes(h0, h1)
+    assert r.changes(h2, h2) == [] and r.pending(h2, h2)[0] == 0
+
+
+@pytest.mark.parametrize("records_of", RECORDS)
+def test_records_give_the_asked_fields_of_live_chunks(records_of, store):
+    r = records_of(store)
+    store.ingest([{"id": "m1", "title": "Keeper", "text": "lamp oil", "metadata": {"lang": "en"}}])
+    store.delete(["d3"])
+    ids = live(r)
+    assert ids == sorted(ids) and len(ids) == 120
+    (cid, kind, text, title, doc, source, vec), = r.chunks(["kind", "text", "title", "doc", "source", "vector"],
+                                                          [ids[-1]])
+    assert (kind, text, title, doc, source) == ("source", "lamp oil", "Keeper", "m1", store.document("m1")["source"])
+    assert np.allclose(np.frombuffer(vec, dtype=np.float32), r.vector(cid))
+    assert r.passages([cid]) == {cid: ("Keeper", "lamp oil")}
+    hit, = r.hits([cid])
+    assert hit[:6] == (cid, "m1", "lamp oil", "Keeper", "source", source) and json.loads(hit[6]) == {"lang": "en"}
+    assert r.chunks(["kind"], [10 ** 9]) == []  # unknown and removed chunks are not live
+    assert [x[0] for x in r.chunks([], list(range(1, 10 ** 4)))] == ids  # any number of ids
+    assert r.chunks([], kind="unit") == [] and len(r.chunks([], kind="source")) == 120
+    batches = list(r.scan(["kind"], 50))
+    assert [len(b) for b in batches] == [50, 50, 20] and [x[0] for b in batches for x in b] == ids
+
+
+@pytest.mark.parametrize("records_of", RECORDS)
+def test_records_evaluate_a_filters_document_predicates(records_of, store, tmp_path):
+    r = records_of(store)
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"id": "m1", "text": "lamp", "metadata": {"lang": "en", "n": 3}}))
+    (folder / "b.jsonl").write_text(json.dumps({"id": "m2", "text": "lamp", "metadata": {"lang": "fr"}}))
+    store.ingest(str(folder))
+    (m1, d1), (m2, d2) = r.chunks(["doc"])[-2:]
+    assert {d1, d2} == {"m1", "m2"}
+    if d1 == "m2":
+        m1, m2 = m2, m1
+    assert r.ids(Filter.parse({"doc": "m*"})).tolist() == sorted([m1, m2])
+    assert r.ids(Filter.parse({"source": "b.jsonl"})).tolist() == [m2]
+    assert r.ids(Filter.parse({"lang": "en"})).tolist() == [m1]
+    assert r.ids(Filter.parse({"meta.n": 3})).tolist() == [m1]
+    assert r.ids(Filter.parse({"doc": "d1?", "kind": "unit"})).tolist() == \
+        [c for c, d in r.chunks(["doc"]) if len(d) == 3 and d.startswith("d1")]  # kinds are the index's business
+    assert r.ids(Filter.parse({"lang": "de"})).tolist() == []
+
+
+@pytest.mark.parametrize("records_of", RECORDS)
+def test_records_snapshot_holds_one_state_while_another_process_writes(records_of, store, tmp_path):
+    r = records_of(store)
+    other = KnowledgeBase.open(tmp_path / "kb", notify=lambda m: None)
+    try:
+        with r.snapshot():
+            h, n = r.head(), len(live(r))
+            other.ingest([{"id": "late", "text": "storm"}])
+            assert r.head() == h and len(live(r)) == n
+        assert r.head() > h and len(live(r)) == n + 1
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("records_of", RECORDS)
+def test_records_term_dictionary_counts_source_chunks(records_of, store):
+    r = records_of(store)
+    store.ingest([{"id": "z1", "text": "zeppelin zeppelin"}, {"id": "z2", "text": "zeppelin lamp"}])
+    terms = r.terms()
+    assert "zeppelin" in terms and len(set(terms.values())) == len(terms)
+    cache = {}
+    got = r.term_ids(cache, {"zeppelin", "nosuchterm"})
+    assert got == {"zeppelin": terms["zeppelin"]} and cache["zeppelin"] == terms["zeppelin"]
+    assert r.df(["zeppelin", "nosuchterm"]) == {"zeppelin": 2}
+    store.delete(["z1"])
+    assert r.df(["zeppelin"]) == {"zeppelin": 1}
+    sample = r.sample_terms(5)
+    assert len(sample) == 5 and all(terms[t] == i and r.df([t]) == {t: df} for i, t, df in sample)
+
+
+@pytest.mark.parametrize("records_of", RECORDS)
+def test_records_keep_the_position_an_outside_index_reached(records_of, store):
+    r = records_of(store)
+    assert r.position("some_index") == -1
+    r.set_position("some_index", 7)
+    assert r.position("some_index") == 7 and records_of(store).position("other") == -1

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from . import store
+from .store import documents
 from .store.changes import Change, record, recount_terms
 from .loaders import IngestReport, Problem, Record, _field_record, estimate, read_paths
 from .progress import progress as _progress
@@ -92,12 +93,11 @@ class Corpus:
         seen = {normalize_id(r.id) for r in records}
         conn = self.conn
         under = root.rstrip(os.sep) + os.sep
-        stored = conn.execute("SELECT id, source FROM documents WHERE kind='source' AND (source=? OR "
-                              "substr(source, 1, ?)=?)", (root, len(under), under)).fetchall()
+        stored = documents.sources_under(conn, root, under)
         gone = [r["id"] for r in stored if r["id"] not in seen and r["source"] not in failed]
         if dry_run:
             report = IngestReport(skipped=problems, dry_run=True, deleted=len(gone))
-            hashes = {r["id"]: r["hash"] for r in conn.execute("SELECT id, hash FROM documents")}
+            hashes = documents.hashes(conn)
             for r in records:
                 h = hashes.get(normalize_id(r.id))
                 if h is None:
@@ -212,13 +212,13 @@ class Corpus:
                     bar.update(1, skipped=1)
                     continue
                 h = content_hash(rec.title, rec.text, json.dumps(rec.meta, sort_keys=True))
-                row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
-                if row and row["hash"] == h:
+                old_hash = documents.stored_hash(conn, rec.id)
+                if old_hash == h:
                     report.unchanged += 1
                     bar.update(1, unchanged=1)
                     continue
                 chunks = chunk_text(rec.text, self.config["chunking"]["size"], self.config["chunking"]["overlap"])
-                pending.append((rec, h, chunks, row is not None, None))
+                pending.append((rec, h, chunks, old_hash is not None, None))
                 pending_chunks += len(chunks)
                 if pending_chunks >= window:
                     commit_window()
@@ -253,29 +253,22 @@ class Corpus:
         for rec, h, chunks, _, provenance in pending:
             # whether it exists is decided here, in the write transaction: another writer may have
             # stored the same document since it was read (two ingests of one file at once)
-            row = conn.execute("SELECT hash FROM documents WHERE id=?", (rec.id,)).fetchone()
-            exists = row is not None
-            if exists and row[0] == h and provenance is None:
+            old_hash = documents.stored_hash(conn, rec.id)
+            exists = old_hash is not None
+            if exists and old_hash == h and provenance is None:
                 report.unchanged += 1
                 i += len(chunks)
                 continue
             if exists:
-                old = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (rec.id,))]
+                old = documents.chunk_ids(conn, rec.id)
                 change.remove(conn, old)
-                conn.execute("DELETE FROM chunks WHERE doc_id=?", (rec.id,))
+                documents.delete_chunks(conn, rec.id)
                 self.on_source_changed(self, conn, rec.id, change)
-            conn.execute(
-                "INSERT INTO documents(id, kind, title, text, source, meta, hash, status, created, updated) "
-                "VALUES (?,?,?,?,?,?,?, 'active', ?, ?) ON CONFLICT(id) DO UPDATE SET title=excluded.title, "
-                "text=excluded.text, source=excluded.source, meta=excluded.meta, hash=excluded.hash, "
-                "status='active', updated=excluded.updated",
-                (rec.id, kind, rec.title, rec.text, rec.source, json.dumps(rec.meta), h, t, t))
+            documents.put(conn, rec.id, kind, rec.title, rec.text, rec.source, rec.meta, h, t)
             added = []
             for seq, c in enumerate(chunks):
-                cur = conn.execute("INSERT INTO chunks(doc_id, seq, text, n_tokens, bm25_len, embedding, model) "
-                                   "VALUES (?,?,?,?,0,?,?)",
-                                   (rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id))
-                added.append((cur.lastrowid, texts[i], kind))
+                chunk_id = documents.add_chunk(conn, rec.id, seq, c, count_tokens(c), vecs[i].tobytes(), emb.model_id)
+                added.append((chunk_id, texts[i], kind))
                 i += 1
             change.add(conn, added)
             if exists:
@@ -284,8 +277,7 @@ class Corpus:
                 report.added += 1
             report.chunks += len(chunks)
             if provenance is not None:  # a knowledge unit: its provenance commits with it
-                conn.execute("INSERT INTO units(id, query_ids, feedback_ids, source_doc_ids, source_chunk_ids, "
-                             "distiller, model, run_id, created, anchor) VALUES (?,?,?,?,?,?,?,?,?,?)", provenance)
+                documents.add_provenance(conn, provenance)
         store.set_meta(conn, "dim", emb.dim)
 
     def delete(self, ids):
@@ -303,26 +295,23 @@ class Corpus:
     def remove(self, conn, doc_id, change):
         """Delete one document (a unit: with its provenance) inside the caller's transaction; the units
         drawn from it go stale. Returns 1 if it existed."""
-        if not conn.execute("SELECT 1 FROM documents WHERE id=?", (doc_id,)).fetchone():
+        if not documents.exists(conn, doc_id):
             return 0
-        change.remove(conn, [r[0] for r in conn.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))])
+        change.remove(conn, documents.chunk_ids(conn, doc_id))
         self.on_source_changed(self, conn, doc_id, change)
-        conn.execute("DELETE FROM units WHERE id=?", (doc_id,))
-        conn.execute("DELETE FROM chunks WHERE doc_id=?", (doc_id,))
-        conn.execute("DELETE FROM documents WHERE id=?", (doc_id,))
+        documents.delete(conn, doc_id)
         return 1
 
     def set_status(self, conn, doc_id, status, change):
         """Take a document's chunks out of (or back into) both indexes inside the caller's transaction;
         the caller records `change` in the same transaction."""
-        cur = conn.execute("SELECT status, title FROM documents WHERE id=?", (doc_id,)).fetchone()
+        cur = documents.status_and_title(conn, doc_id)
         if cur is None or cur["status"] == status:
             return
-        rows = conn.execute("SELECT c.id, c.text, d.kind FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                            "WHERE c.doc_id=?", (doc_id,)).fetchall()
+        rows = documents.chunks(conn, doc_id)
         if cur["status"] == "active":  # out of the indexes while its rows still say what was indexed
             change.remove(conn, [r["id"] for r in rows])
-        conn.execute("UPDATE documents SET status=?, updated=? WHERE id=?", (status, time.time(), doc_id))
+        documents.set_status(conn, doc_id, status)
         if status == "active":
             change.add(conn, [(r["id"], index_text(cur["title"], r["text"]), r["kind"]) for r in rows])
 
@@ -333,14 +322,13 @@ class Corpus:
             conn = self.conn
             if re_embed:
                 emb = self.embedder
-                rows = conn.execute("SELECT c.id, c.text, d.title FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                    "ORDER BY c.id").fetchall()
+                rows = documents.chunks_to_embed(conn)
                 for start in _progress(range(0, len(rows), 256), show_progress, "re-embedding"):
                     part = rows[start:start + 256]
                     vecs = emb.encode([index_text(r["title"], r["text"]) for r in part])  # as ingest embeds them
                     with store.transaction(conn):
-                        conn.executemany("UPDATE chunks SET embedding=?, model=? WHERE id=?",
-                                         [(v.tobytes(), emb.model_id, r["id"]) for r, v in zip(part, vecs)])
+                        documents.set_embeddings(conn, [(v.tobytes(), emb.model_id, r["id"])
+                                                        for r, v in zip(part, vecs)])
                 with store.transaction(conn):
                     store.set_meta(conn, "model_id", emb.model_id)
                     store.set_meta(conn, "dim", emb.dim)

@@ -7,6 +7,9 @@ import time
 from collections import Counter
 
 from . import store
+from .store import feedback as feedback_records
+from .store import runs
+from .store import units as unit_records
 from .progress import progress as _progress
 from .errors import InputError, LLMError, UnknownQuery
 from .text import contains_answer, normalize_answer, normalize_id
@@ -21,20 +24,17 @@ def add_feedback(kb, query_id, correct, docs=(), answer=None, source="user", gol
         qid = int(query_id)
     except (TypeError, ValueError):
         raise UnknownQuery(f"query id must be a number, got {query_id!r}") from None
-    if not conn.execute("SELECT 1 FROM queries WHERE id=?", (qid,)).fetchone():
+    if not feedback_records.query_exists(conn, qid):
         raise UnknownQuery(f"unknown query id {qid}", cli=f"list logged queries with: wbrag log --kb {kb.path}",
                            api="list logged queries with kb.queries()")
-    hit_docs = [r[0] for r in conn.execute("SELECT doc_id FROM hits WHERE query_id=? ORDER BY rank", (qid,))]
+    hit_docs = feedback_records.hit_doc_ids(conn, qid)
     docs = list(dict.fromkeys(normalize_id(d) for d in ([docs] if isinstance(docs, str) else (docs or []))))
     for d in docs:
         if d not in hit_docs:
             raise InputError(f"document {d!r} was not among the hits of query {qid} ({', '.join(hit_docs) or 'none'}); "
                              "feedback can only name retrieved documents")
     with kb.corpus.changing(conn) as change:
-        cur = conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts) VALUES (?,?,?,?,?,?,?)",
-                           (qid, 1 if correct else 0, json.dumps(docs), answer, json.dumps(list(gold or [])),
-                            source, time.time()))
-        fid = cur.lastrowid
+        fid = feedback_records.record(conn, qid, 1 if correct else 0, docs, answer, list(gold or []), source)
         if not (correct or source == "label"):
             _count_against(kb, conn, docs, hit_docs, change)
     return fid
@@ -45,11 +45,10 @@ def _count_against(kb, conn, docs, hit_docs, change):
     units = [d for d in (docs or hit_docs) if d.startswith("unit:")]
     limit = int(kb.config["writeback"]["retire_after_wrong"])
     for u in units:
-        conn.execute("UPDATE units SET against=against+1 WHERE id=?", (u,))
-        row = conn.execute("SELECT against FROM units WHERE id=?", (u,)).fetchone()
-        if row and row[0] >= limit:
+        against = unit_records.count_against(conn, u)
+        if against is not None and against >= limit:
             kb.corpus.set_status(conn, u, "retired", change)
-            conn.execute("UPDATE units SET ended_by=NULL WHERE id=?", (u,))  # no rollback brings it back
+            unit_records.clear_end(conn, u)  # no rollback brings it back
 
 
 def _context(hits, limit_chars=1500):
@@ -76,7 +75,7 @@ def answer(kb, question, k=5, mode=None, source="api"):
     result = kb.search(question, k=k, mode=mode, source=source)
     text = generate(llm, question, _context(result.hits))
     with store.transaction(kb.conn):
-        kb.conn.execute("UPDATE queries SET answer=? WHERE id=?", (text, result.query_id))
+        feedback_records.set_answer(kb.conn, result.query_id, text)
     return {"query_id": result.query_id, "answer": text, "hits": result.hits}
 
 
@@ -275,21 +274,17 @@ def run_labelled(kb, path_or_examples, split="train", k=None, mode=None, show_pr
         j = judge(kb, ex, res.hits, llm)
         kept = [d for d, _, p in j["docs"] if p]
         with kb.corpus.lock, store.transaction(conn):
-            conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, doc_id, passed, s_nr, s_rag, s_doc, reason) "
-                         "VALUES (?,?,?,?,?,?,?,?,?)",
-                         (batch, res.query_id, "utility", None, int(j["useful"]), j["s_nr"], j["s_rag"], None,
-                          f"{j['judge']} judge: s_rag-s_nr={j['s_rag'] - j['s_nr']:.2f}"
-                          + ("" if j["useful"] else " (retrieval did not help)")))
+            runs.record_gate(conn, batch, res.query_id, "utility", j["useful"],
+                             f"{j['judge']} judge: s_rag-s_nr={j['s_rag'] - j['s_nr']:.2f}"
+                             + ("" if j["useful"] else " (retrieval did not help)"),
+                             scores=(j["s_nr"], j["s_rag"], None))
             for d, s, p in j["docs"]:
-                conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, doc_id, passed, s_nr, s_rag, s_doc, reason) "
-                             "VALUES (?,?,?,?,?,?,?,?,?)",
-                             (batch, res.query_id, "document", d, int(p), j["s_nr"], j["s_rag"], s,
-                              "carries the answer" if s - j["s_nr"] > kb.config["writeback"]["doc_margin"]
-                              else ("top-rank fallback" if p else "no gain alone")))
-            conn.execute("INSERT INTO feedback(query_id, correct, docs, answer, gold, source, ts, relevant) "
-                         "VALUES (?,?,?,?,?,?,?,?)",
-                         (res.query_id, int(j["useful"]), json.dumps(kept), j["pred"], json.dumps(ex["answers"]),
-                          "label", time.time(), json.dumps(ex["relevant"])))
+                runs.record_gate(conn, batch, res.query_id, "document", p,
+                                 "carries the answer" if s - j["s_nr"] > kb.config["writeback"]["doc_margin"]
+                                 else ("top-rank fallback" if p else "no gain alone"),
+                                 doc_id=d, scores=(j["s_nr"], j["s_rag"], s))
+            feedback_records.record_label(conn, res.query_id, int(j["useful"]), kept, j["pred"], ex["answers"],
+                                          "label", ex["relevant"])
         report["examples"] += 1
         report["useful"] += int(j["useful"])
         report["docs_kept"] += len(kept)

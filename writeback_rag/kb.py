@@ -16,6 +16,8 @@ from . import ranking, store
 from .backends import CachedEmbedder, embedder_model_id, get_embedder
 from .filters import Filter
 from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, storage_error, translating
+from .store import documents, querylog
+from .store import units as unit_records
 from .store.changes import head
 from .corpus import Corpus
 from .indexes import backend as index_backend
@@ -161,9 +163,8 @@ class KnowledgeBase:
         try:  # one read-only look first: nothing is written to a file that is not a KB
             conn = store.connect(db, readonly=True)
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                is_kb = version > 0 and conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+                version = store.version(conn)
+                is_kb = version > 0 and store.has_meta_table(conn)
                 built_with = store.get_meta(conn, "model_id") if is_kb else None
             finally:
                 conn.close()
@@ -354,10 +355,8 @@ class KnowledgeBase:
         Problems are states that give wrong results (an index that claims to be current and is not: chunks
         missing or extra, vectors that differ from the stored ones, lengths or term statistics that differ from the text); each says
         how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
-        conn = self.conn
         problems, notes, counts = self._indexes.verify(self.records, sample, seed)
-        orphans = conn.execute("SELECT COUNT(*) FROM documents d WHERE d.kind='unit' AND NOT EXISTS "
-                               "(SELECT 1 FROM units u WHERE u.id=d.id)").fetchone()[0]
+        orphans = unit_records.orphans(self.conn)
         if orphans:
             problems.append(f"{orphans} knowledge units have no provenance record; roll back their run")
         return {"ok": not problems, "problems": problems, "notes": notes, "counts": counts}
@@ -518,65 +517,37 @@ class KnowledgeBase:
     def _log(self, query, mode, k, params, latency, hits, source):
         conn = self.conn
         with store.transaction(conn):
-            cur = conn.execute("INSERT INTO queries(text, ts, mode, k, params, latency_ms, source) VALUES (?,?,?,?,?,?,?)",
-                               (query, time.time(), mode, k, json.dumps(params), latency, source))
-            qid = cur.lastrowid
-            conn.executemany("INSERT INTO hits(query_id, rank, chunk_id, doc_id, kind, bm25, dense, fused) "
-                             "VALUES (?,?,?,?,?,?,?,?)",
-                             [(qid, h.rank, h.chunk_id, h.doc_id, h.kind, h.bm25, h.dense, h.score) for h in hits])
-        return qid
+            return querylog.log(conn, query, mode, k, params, latency, hits, source)
 
     @_storage_guard
     def queries(self, last: int = 20, source: str | None = None) -> list[dict]:
         """The query log, newest first, each with its hits, feedback and gate decisions."""
-        conn = self.conn
-        sql = "SELECT * FROM queries" + (" WHERE source=?" if source else "") + " ORDER BY id DESC LIMIT ?"
-        rows = conn.execute(sql, ([source] if source else []) + [int(last)]).fetchall()
-        return [self.query_record(r["id"]) for r in rows]
+        return [self.query_record(qid) for qid in querylog.recent_ids(self.conn, last, source)]
 
     @_storage_guard
     def query_record(self, query_id: int) -> dict:
         """One logged query with its hits, feedback and gate decisions; UnknownQuery if there is none."""
-        conn = self.conn
-        q = conn.execute("SELECT * FROM queries WHERE id=?", (int(query_id),)).fetchone()
-        if q is None:
+        out = querylog.record(self.conn, query_id)
+        if out is None:
             from .errors import UnknownQuery
             raise UnknownQuery(f"unknown query id {query_id}", cli=f"list logged queries with: wbrag log --kb {self.path}",
                                api="list logged queries with kb.queries()")
-        out = dict(q)
-        out["params"] = json.loads(out["params"])
-        out["hits"] = [dict(h) for h in conn.execute("SELECT rank, chunk_id, doc_id, kind, bm25, dense, fused FROM hits "
-                                                     "WHERE query_id=? ORDER BY rank", (q["id"],))]
-        out["feedback"] = [dict(f, docs=json.loads(f["docs"]), gold=json.loads(f["gold"])) for f in
-                           conn.execute("SELECT * FROM feedback WHERE query_id=? ORDER BY id", (q["id"],))]
-        out["gates"] = [dict(g) for g in conn.execute("SELECT * FROM gate_decisions WHERE query_id=? ORDER BY id",
-                                                      (q["id"],))]
         return out
 
     @_storage_guard
     def document(self, doc_id: str) -> dict | None:
         """One document or unit as a dict (meta decoded), or None."""
-        row = self.conn.execute("SELECT * FROM documents WHERE id=?", (normalize_id(doc_id),)).fetchone()
+        row = documents.get(self.conn, normalize_id(doc_id))
         return dict(row, meta=json.loads(row["meta"])) if row else None
 
     @_storage_guard
     def stats(self) -> dict:
         """Counts of documents, chunks, units, queries, feedback and runs, with the model and generation."""
-        import sqlite_utils
-
-        db = sqlite_utils.Database(self.conn)
         return {
             "path": self.path,
             "model_id": self.model_id,
             "generation": self.generation,
-            "documents": db["documents"].count_where("kind='source'"),
-            "chunks": next(db.query("SELECT COUNT(*) AS n FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                                    "WHERE d.kind='source'"))["n"],
-            "units_active": db["documents"].count_where("kind='unit' AND status='active'"),
-            "units_inactive": db["documents"].count_where("kind='unit' AND status!='active'"),
-            "queries": db["queries"].count,
-            "feedback": db["feedback"].count,
-            "runs": db["runs"].count,
+            **store.counts(self.conn),
             "tuning": self._tuning.get(self.conn).id,
             "units_off": sorted(units_off(self.conn)),
             "dense_index": self.config["dense"]["index"],
@@ -663,23 +634,21 @@ class KnowledgeBase:
         unit_id = normalize_id(unit_id)
         conn = self.conn
         with self.corpus.changing(conn) as change:
-            row = conn.execute("SELECT status FROM documents WHERE id=? AND kind='unit'", (unit_id,)).fetchone()
-            if row is None:
+            was = unit_records.unit_status(conn, unit_id)
+            if was is None:
                 raise InputError(f"no knowledge unit {unit_id!r}", cli=f"list units with: wbrag units list --kb {self.path}",
                                  api="list units with kb.units()")
             if status == "active":
-                other = conn.execute("SELECT o.id FROM units u JOIN units o ON o.anchor=u.anchor AND o.id<>u.id "
-                                     "JOIN documents d ON d.id=o.id WHERE u.id=? AND d.status='active'",
-                                     (unit_id,)).fetchone()
+                other = unit_records.current_sibling(conn, unit_id)
                 if other is not None:
-                    raise InputError(f"unit {other[0]} is the current unit of the same source passage; "
+                    raise InputError(f"unit {other} is the current unit of the same source passage; "
                                      f"retire it before restoring {unit_id}")
             self.corpus.set_status(conn, unit_id, status, change)
             # by hand, not by a run: no rollback changes it back
-            conn.execute("UPDATE units SET ended_by=NULL WHERE id=?", (unit_id,))
+            unit_records.clear_end(conn, unit_id)
             if status == "active":
-                conn.execute("UPDATE units SET against=0 WHERE id=?", (unit_id,))
-        return row["status"]
+                unit_records.reset_against(conn, unit_id)
+        return was
 
     # ---- async (apps on an event loop) ---------------------------------------------------
 

@@ -18,6 +18,8 @@ import numpy as np
 from . import ranking, store
 from .store.changes import Change
 from .store.changes import record as record_change
+from .store import documents
+from .store import tunings as tuning_records
 from .errors import InputError
 from .filters import Filter
 from .text import bm25_tokens
@@ -92,9 +94,7 @@ class Active:
     def get(self, conn, head=None):
         if head is not None and head == self.head:
             return self.tuning
-        row = conn.execute("SELECT id FROM tunings WHERE status='adopted' AND model=(SELECT value FROM meta WHERE "
-                           "key='model_id') ORDER BY created DESC, id DESC LIMIT 1").fetchone()
-        key = row[0] if row else None
+        key = tuning_records.adopted_id(conn)
         if key != self.key:
             self.tuning, self.key = (load(conn, key) if key else UNTUNED), key
         self.head = head
@@ -102,7 +102,7 @@ class Active:
 
 
 def load(conn, tuning_id):
-    r = conn.execute("SELECT * FROM tunings WHERE id=?", (tuning_id,)).fetchone()
+    r = tuning_records.get(conn, tuning_id)
     if r is None:
         raise InputError(f"unknown tuning {tuning_id!r}")
     adapter = None
@@ -117,17 +117,13 @@ def list_tunings(conn):
     the canary's figures."""
     return [dict(r, metrics=json.loads(r["metrics"]), adapter=bool(r["adapter"]), hybrid_adapter=bool(r["hybrid_adapter"]),
                  ranker=sorted(ranking.loads(r["ranker"])))
-            for r in conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, hybrid_adapter, "
-                                  "adapter IS NOT NULL AS adapter, ranker, examples, holdout, "
-                                  "metrics, reason FROM tunings "
-                                  "ORDER BY created, id")]
+            for r in tuning_records.listing(conn)]
 
 
 def rollback(conn, run_id):
     """Inside a write transaction: a rolled-back run's tuning stops being used; the one adopted before it is
     used again. A change moves the log's head, so every process's searches see it (Active)."""
-    n = conn.execute("UPDATE tunings SET status='rolled-back' WHERE run_id=? AND status!='rolled-back'",
-                     (run_id,)).rowcount
+    n = tuning_records.roll_back(conn, run_id)
     if n:
         record_change(conn, Change())
     return n
@@ -145,9 +141,7 @@ def examples(conn):
     """(query text, [relevant live source doc ids]) per distinct question with positive evidence: the
     documents a user named as carrying a right answer, or that a labelled set names relevant."""
     rel = {}
-    for text, correct, docs, relevant in conn.execute(
-            "SELECT q.text, f.correct, f.docs, f.relevant FROM feedback f JOIN queries q ON q.id=f.query_id "
-            "ORDER BY f.id"):
+    for text, correct, docs, relevant in tuning_records.feedback_evidence(conn):
         key = _question(text)
         named = (json.loads(docs) if correct else []) + json.loads(relevant or "[]")
         if named:
@@ -158,7 +152,7 @@ def examples(conn):
         keep = []
         for d in docs:
             if d not in live:
-                row = conn.execute("SELECT kind, status FROM documents WHERE id=?", (d,)).fetchone()
+                row = tuning_records.document_state(conn, d)
                 live[d] = row is not None and row["kind"] == "source" and row["status"] == "active"
             if live[d]:
                 keep.append(d)
@@ -197,7 +191,7 @@ class _Pool:
         for docs in self.relevant:
             ids = []
             for d in docs:
-                ids += [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE doc_id=?", (d,))]
+                ids += documents.chunk_ids(self.conn, d)
             self.pos.append(ids)
 
     def _search(self, text, qv, sparse=False):
@@ -451,13 +445,10 @@ def record(conn, report, row):
     """Store a fit, before the night's units are judged with it (a run killed after this has the fit rolled
     back when the night is resumed, and fitted again)."""
     run_id, model, dim, adapter, rankers = row
-    conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, "
-                 "hybrid_adapter, adapter, ranker, examples, holdout, metrics, reason) "
-                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                 (report["id"], run_id, time.time(), report["status"], model, dim, report["bm25_weight"],
-                  report["rrf_k"], int(report["hybrid_adapter"]), None if adapter is None else adapter.tobytes(),
-                  ranking.dumps(rankers), report["examples"],
-                  report["holdout"], json.dumps(report["metrics"]), report["reason"]))
+    tuning_records.insert(conn, report["id"], run_id, time.time(), report["status"], model, dim,
+                          report["bm25_weight"], report["rrf_k"], int(report["hybrid_adapter"]),
+                          None if adapter is None else adapter.tobytes(), ranking.dumps(rankers),
+                          report["examples"], report["holdout"], json.dumps(report["metrics"]), report["reason"])
     record_change(conn, Change())  # searches read the adopted tuning again (Active)
 
 
@@ -507,8 +498,7 @@ def _answers(conn):
     """Known answers per question (a labelled set's gold answers, found or not; answers users confirmed
     right), by _question."""
     out = {}
-    for text, gold, answer, source, correct in conn.execute(
-            "SELECT q.text, f.gold, f.answer, f.source, f.correct FROM feedback f JOIN queries q ON q.id=f.query_id"):
+    for text, gold, answer, source, correct in tuning_records.labelled_answers(conn):
         got = json.loads(gold or "[]") + ([answer] if answer and correct and source != "label" else [])
         if got:
             out.setdefault(_question(text), []).extend(got)
@@ -542,11 +532,10 @@ def judge_units(kb, exs=None):
     _, held, wait = split(cfg, examples(conn) if exs is None else exs)
     if wait:
         return {"status": "skipped", "holdout": len(held), "reason": f"{wait}: units stay in use in every mode"}
-    units = conn.execute("SELECT u.id, u.query_ids, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
-                         "WHERE d.status='active'").fetchall()
+    units = tuning_records.active_units(conn)
     if not units:
         return {"status": "skipped", "holdout": len(held), "reason": "no active units to judge"}
-    texts = dict(conn.execute("SELECT id, text FROM queries WHERE id IN (SELECT DISTINCT query_id FROM feedback)"))
+    texts = tuning_records.feedback_query_texts(conn)
     made_from, credit = {}, {}
     for uid, qids, docs in units:
         credit[uid] = json.loads(docs)
@@ -606,7 +595,7 @@ def set_units_off(conn, modes):
 
 def restore_units_off(conn):
     """After a rollback: the verdict of the newest finished run still standing (none: units everywhere)."""
-    for (counts,) in conn.execute("SELECT counts FROM runs WHERE status='done' ORDER BY finished DESC, id DESC"):
+    for (counts,) in tuning_records.done_run_counts(conn):
         judged = json.loads(counts or "{}").get("unit_use")
         if judged and judged.get("status") == "judged":
             set_units_off(conn, judged["off"])

@@ -11,6 +11,7 @@ import uuid
 from collections import defaultdict
 
 from . import store, tuning
+from .store import runs, units
 from .errors import LLMError, LockBusy
 from .loaders import IngestReport, Record
 from .progress import progress as _progress
@@ -73,15 +74,14 @@ class _source_idf:
 
     def __init__(self, conn):
         self.conn, self.cache = conn, {}
-        self.n = conn.execute("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id "
-                              "WHERE d.kind='source' AND d.status='active'").fetchone()[0]
+        self.n = runs.source_chunk_count(conn)
 
     def __call__(self, term):
         if term not in self.cache:
             # the store keeps each term's frequency over the active source chunks (store/changes.py)
-            df = self.conn.execute("SELECT df FROM terms WHERE term=?", (term,)).fetchone()
-            df = df[0] if df else 0
-            raw = math.log(self.n - df + 0.5) - math.log(df + 0.5) if df else 1.0
+            df = runs.term_df(self.conn, term)
+            # another process may have added sources since n was counted: n is never below a term's df
+            raw = math.log(max(self.n, df) - df + 0.5) - math.log(df + 0.5) if df else 1.0
             self.cache[term] = max(raw, 0.01)
         return self.cache[term]
 
@@ -150,14 +150,10 @@ def faithful(text, docs, threshold):
 
 def mark_stale_units(corpus, conn, doc_id, change):
     """Units drawn from a changed or deleted source stop being returned (recorded in `change`)."""
-    needle = json.dumps(doc_id)  # instr, not LIKE: ids of any length, and '%' or '_' in an id match only itself
     # current units, and the versions a rollback could make current again (ended by a run)
-    for unit_id, sources in conn.execute("SELECT u.id, u.source_doc_ids FROM units u JOIN documents d ON d.id=u.id "
-                                         "WHERE (d.status='active' OR u.ended_by IS NOT NULL) "
-                                         "AND instr(u.source_doc_ids, ?) > 0", (needle,)).fetchall():
-        if doc_id in json.loads(sources):  # instr narrows; the JSON list decides
-            corpus.set_status(conn, unit_id, "stale", change)
-            conn.execute("UPDATE units SET ended_by=NULL WHERE id=?", (unit_id,))
+    for unit_id in units.drawn_from(conn, doc_id):
+        corpus.set_status(conn, unit_id, "stale", change)
+        units.clear_end(conn, unit_id)
 
 
 class Lock:
@@ -194,14 +190,13 @@ def rollback(kb, run_id):
     # under the write-back lock: a night running in another process works from the units it planned on,
     # so a rollback waits for it (LockBusy, try again later) instead of removing them under it
     with Lock(kb), kb.corpus.lock:
-        run = conn.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
-        if run is None:
+        if runs.status(conn, run_id) is None:
             from .errors import InputError
             raise InputError(f"unknown run {run_id!r}", cli=f"list runs with: wbrag runs --kb {kb.path}",
                              api="list runs with writeback.list_runs(kb)")
         with kb.corpus.changing(conn) as change:
             n = _undo_units(kb, conn, [run_id], change)
-            conn.execute("UPDATE runs SET status='rolled-back' WHERE id=?", (run_id,))
+            runs.mark_rolled_back(conn, run_id)
             tuning.rollback(conn, run_id)
             tuning.restore_units_off(conn)  # the units verdict of the run before it
     return n
@@ -210,22 +205,19 @@ def rollback(kb, run_id):
 def _undo_units(kb, conn, run_ids, change):
     """Remove the runs' units and make the versions they superseded or retired current again; returns how
     many units were removed."""
-    marks = ",".join("?" * len(run_ids))
-    units = [r[0] for r in conn.execute(f"SELECT id FROM units WHERE run_id IN ({marks})", run_ids)]
-    for u in units:
+    removed = units.of_runs(conn, run_ids)
+    for u in removed:
         kb.corpus.remove(conn, u, change)
-    for u, revived in conn.execute(f"SELECT id, revived FROM units WHERE json_extract(revived, '$.run') "
-                                   f"IN ({marks})", run_ids).fetchall():
+    for u, revived in units.revived_by(conn, run_ids):
         was = json.loads(revived)  # an earlier version it made current again goes back to what it was
         kb.corpus.set_status(conn, u, was["status"], change)
-        conn.execute("UPDATE units SET ended_by=?, revived=NULL WHERE id=?", (was["ended_by"], u))
-    for u, anchor in conn.execute(f"SELECT id, anchor FROM units WHERE ended_by IN ({marks})", run_ids).fetchall():
+        units.restore(conn, u, was["ended_by"])
+    for u, anchor in units.ended_by_runs(conn, run_ids):
         # current again, unless its passage has a current unit of a later run (rolled back out of order)
-        if not conn.execute("SELECT 1 FROM units o JOIN documents d ON d.id=o.id WHERE o.anchor=? AND o.id<>? "
-                            "AND d.status='active'", (anchor, u)).fetchone():
+        if not units.passage_has_current(conn, anchor, u):
             kb.corpus.set_status(conn, u, "active", change)
-    conn.execute(f"UPDATE units SET ended_by=NULL WHERE ended_by IN ({marks})", run_ids)
-    return len(units)
+    units.clear_ends(conn, run_ids)
+    return len(removed)
 
 
 # ---- the job --------------------------------------------------------------------------------
@@ -257,8 +249,7 @@ def _run(kb, distiller, dry_run, show_progress):
         if kb.config["retrieval"]["mode"] == "bm25" and not kb.config["learning"]["enabled"]:
             return _run_with_idf(kb, conn, distiller, dry_run, show_progress)  # nothing to embed
         # the slot checks search each question with feedback and the fit embeds them all: embedded once
-        questions = [r[0] for r in conn.execute("SELECT DISTINCT q.text FROM feedback f "
-                                                "JOIN queries q ON q.id=f.query_id")]
+        questions = runs.questions_with_feedback(conn)
         with kb.primed(questions):
             return _run_with_idf(kb, conn, distiller, dry_run, show_progress)
     finally:
@@ -274,26 +265,21 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
             # a run that died (kill -9) left status 'running': the lock proves it is not running now. What it
             # wrote is undone and decided again from the same state, so the night ends as if never
             # interrupted; its distilled texts are kept for reuse (an LLM is not asked twice)
-            dead = [r[0] for r in conn.execute("SELECT id FROM runs WHERE status='running'")]
+            dead = runs.running(conn)
             if dead:
-                marks = ",".join("?" * len(dead))
-                for r in conn.execute(f"SELECT u.anchor, u.query_ids, u.distiller, u.model, d.title, d.text FROM units u "
-                                      f"JOIN documents d ON d.id=u.id WHERE u.run_id IN ({marks})", dead):
+                for r in units.distilled_by(conn, dead):
                     done_before[(r["anchor"], r["query_ids"], r["distiller"])] = (r["title"], r["text"], r["model"])
                 _undo_units(kb, conn, dead, change)
                 for d in dead:
                     tuning.rollback(conn, d)  # a tuning it recorded before it died is fitted again
-                conn.execute(f"DELETE FROM gate_decisions WHERE run_id IN ({marks})", dead)
-                conn.execute(f"UPDATE runs SET status='interrupted' WHERE id IN ({marks})", dead)
-            conn.execute("INSERT INTO runs(id, started, status, distiller) VALUES (?,?,?,?)",
-                         (run_id, time.time(), "running", distiller))
-    watermark = conn.execute("SELECT COALESCE(MAX(watermark), 0) FROM runs WHERE status IN ('done','rolled-back')").fetchone()[0]
-    top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
-    qids = [r[0] for r in conn.execute("SELECT DISTINCT query_id FROM feedback WHERE id>? AND id<=? ORDER BY query_id",
-                                       (watermark, top))]
+                runs.delete_gates(conn, dead)
+                runs.mark_interrupted(conn, dead)
+            runs.start(conn, run_id, distiller)
+    watermark = runs.watermark(conn)
+    top = runs.last_feedback_id(conn)
+    qids = runs.queries_with_feedback(conn, watermark, top)
     # stale units: re-distil if their feedback still supports it
-    for row in conn.execute("SELECT u.query_ids FROM units u JOIN documents d ON d.id=u.id WHERE d.status='stale'"):
-        qids += json.loads(row[0])
+    qids += units.stale_query_ids(conn)
     qids = list(dict.fromkeys(qids))
     counts["examples"] = len(qids)
     # the feedback learning draws on, read once: the held-out slice, the fit and the units canary share it
@@ -308,8 +294,7 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
     # all of it decided before anything is written, so what this night writes never changes its decisions
     anchors = set(groups)
     if kb.config["writeback"]["earn_slot"]:
-        anchors |= {r[0] for r in conn.execute("SELECT DISTINCT u.anchor FROM units u JOIN documents d ON d.id=u.id "
-                                               "WHERE d.status='active' AND u.anchor IS NOT NULL")}
+        anchors |= set(units.active_anchors(conn))
     work = {a: night.prepare(a, groups.get(a, [])) for a in sorted(anchors)}
     moved = sorted((p for item in work.values() for p in item["moved"]), key=lambda p: p["query_id"])
     for p in moved:
@@ -347,9 +332,7 @@ def _run_with_idf(kb, conn, distiller, dry_run, show_progress):
                 tuning.set_units_off(conn, judged["off"])
             elif judged["status"] == "off":  # learning turned off: no verdict of an earlier night stays
                 tuning.set_units_off(conn, ())
-            conn.execute("UPDATE runs SET status='done', finished=?, watermark=?, counts=? WHERE id=?",
-                         (time.time(), top, json.dumps({**counts, "tuning": learned["status"], "unit_use": judged}),
-                          run_id))
+            runs.finish(conn, run_id, top, {**counts, "tuning": learned["status"], "unit_use": judged})
         kb.corpus.indexes.save_if_due(store.Records(conn))
     return {"run_id": None if dry_run else run_id, "dry_run": dry_run, "distiller": distiller,
             "units": written, **{k: counts.get(k, 0) for k in COUNTS}, "tuning": learned, "unit_use": judged}
@@ -359,8 +342,7 @@ def _fail(conn, run_id, counts, error):
     """A run that stopped on an error: marked failed with it, and the tuning it stored (if any) not used."""
     with store.transaction(conn):
         tuning.rollback(conn, run_id)
-        conn.execute("UPDATE runs SET status='failed', finished=?, counts=?, error=? WHERE id=?",
-                     (time.time(), json.dumps(counts), (str(error) or type(error).__name__)[:500], run_id))
+        runs.fail(conn, run_id, counts, error)
 
 
 def _plan(kb, conn, qid, run_id, counts, dry_run):
@@ -368,8 +350,8 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
     the source passage its unit consolidates on: the first kept document a labelled set or user named
     relevant, else the best-ranked kept one."""
     w = kb.config["writeback"]
-    q = conn.execute("SELECT id, text FROM queries WHERE id=?", (qid,)).fetchone()
-    events = conn.execute("SELECT * FROM feedback WHERE query_id=? ORDER BY id", (qid,)).fetchall()
+    q = runs.query(conn, qid)
+    events = runs.feedback_for(conn, qid)
     good = [e for e in events if e["correct"]]
     bad = [e for e in events if not e["correct"] and e["source"] != "label"]
     support = len(good) - len(bad)
@@ -377,14 +359,13 @@ def _plan(kb, conn, qid, run_id, counts, dry_run):
     def decide(gate, passed, reason, doc=None):
         if not dry_run:
             with store.transaction(conn):
-                conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, doc_id, passed, reason) VALUES (?,?,?,?,?,?)",
-                             (run_id, qid, gate, doc, int(passed), reason))
+                runs.record_gate(conn, run_id, qid, gate, passed, reason, doc_id=doc)
 
     if support < int(w["min_support"]):
         decide("utility", False, f"support {support} < min_support {w['min_support']} (correct {len(good)}, wrong {len(bad)})")
         return None
     counts["passed_utility"] += 1
-    hits = conn.execute("SELECT h.doc_id, h.kind, h.rank FROM hits h WHERE h.query_id=? ORDER BY h.rank", (qid,)).fetchall()
+    hits = runs.hits_for(conn, qid)
     retrieved = [h["doc_id"] for h in hits if h["kind"] == "source"]
     docs = [d for e in good for d in json.loads(e["docs"])]
     relevant = {d for e in good for d in json.loads(e["relevant"])}
@@ -458,8 +439,7 @@ class _Night:
     def prepare(self, anchor, new):
         """The passage's current units and every question its next version stands for (its current units'
         questions, planned again, that still need it, then the new ones), in query order."""
-        base = self.conn.execute("SELECT u.id, u.query_ids FROM units u JOIN documents d ON d.id=u.id "
-                                 "WHERE u.anchor=? AND d.status='active' ORDER BY u.created, u.id", (anchor,)).fetchall()
+        base = units.current_for(self.conn, anchor)
         known = {q for b in base for q in json.loads(b["query_ids"])}
         new = [p for p in new if p["query_id"] not in known]  # e.g. a stale unit's questions, already here
         plans = {p["query_id"]: p for p in new}
@@ -496,8 +476,7 @@ class _Night:
             if new and not self.dry_run:
                 _merge(conn, unit_id, [p["query_id"] for p in plans], [f for p in plans for f in p["feedback_ids"]])
             return None
-        old = conn.execute("SELECT d.status, u.ended_by FROM units u JOIN documents d ON d.id=u.id WHERE u.id=?",
-                           (unit_id,)).fetchone()
+        old = units.state(conn, unit_id)
         if old is not None and old["status"] == "retired" and old["ended_by"] is None:
             counts["rejected"] += 1  # retired for wrong answers: the same evidence does not bring it back
             for p in new:
@@ -511,11 +490,9 @@ class _Night:
                 with self.kb.corpus.changing(conn) as change:
                     self._end(conn, change, [b for b in base if b != unit_id])
                     if unit_id not in base:  # what it was is kept, so rolling this run back restores it
-                        conn.execute("UPDATE units SET revived=?, ended_by=NULL WHERE id=?",
-                                     (json.dumps({"run": self.run_id, "status": old["status"],
-                                                  "ended_by": old["ended_by"]}), unit_id))
+                        units.mark_revived(conn, unit_id, self.run_id, old["status"], old["ended_by"])
                         self.kb.corpus.set_status(conn, unit_id, "active", change)
-                    _merge_rows(conn, unit_id, [p["query_id"] for p in plans],
+                    units.merge(conn, unit_id, [p["query_id"] for p in plans],
                                 [f for p in plans for f in p["feedback_ids"]])
             return None if unit_id in base else {"unit_id": unit_id, "revived": True}
         counts["written"] += 1
@@ -564,7 +541,7 @@ class _Night:
         rec = Record(id=unit_id, title=title, text=text, source=f"writeback:{self.run_id}",
                      meta={"questions": [p["query"] for p in plans], "run": self.run_id, "sentences": carried})
         chunks = chunk_text(text, self.kb.config["chunking"]["size"], self.kb.config["chunking"]["overlap"]) or [text]
-        src_chunks = [r[0] for d in src_ids for r in conn.execute("SELECT id FROM chunks WHERE doc_id=? ORDER BY id", (d,))]
+        src_chunks = units.source_chunk_ids(conn, src_ids)
         provenance = (unit_id, json.dumps(qids), json.dumps([f for p in plans for f in p["feedback_ids"]]),
                       json.dumps(src_ids), json.dumps(src_chunks), distiller, model, self.run_id, time.time(), anchor)
         return unit_id, rec, chunks, provenance
@@ -572,10 +549,9 @@ class _Night:
     def _end(self, conn, change, ids, status="superseded"):
         for u in ids:
             # only a unit still current: one retired for wrong answers or gone stale since stays as it is
-            row = conn.execute("SELECT status FROM documents WHERE id=?", (u,)).fetchone()
-            if row is not None and row[0] == "active":
+            if units.status(conn, u) == "active":
                 self.kb.corpus.set_status(conn, u, status, change)
-                conn.execute("UPDATE units SET ended_by=? WHERE id=?", (self.run_id, u))
+                units.end(conn, u, self.run_id)
 
     def flush(self):
         """New unit versions (rows, chunks, term statistics, provenance) commit together with the ending of
@@ -613,37 +589,19 @@ def carried_sentences(text, docs, overlap=0.6):
 def _merge(conn, unit_id, qids, feedback_ids):
     """The unit's text is unchanged; the questions and feedback it stands for grow."""
     with store.transaction(conn):
-        _merge_rows(conn, unit_id, qids, feedback_ids)
-
-
-def _merge_rows(conn, unit_id, qids, feedback_ids):
-    row = conn.execute("SELECT query_ids, feedback_ids FROM units WHERE id=?", (unit_id,)).fetchone()
-    if row is None:  # removed since (a unit is deleted with its record)
-        return
-    qs = sorted(set(json.loads(row[0])) | set(qids))  # in query order, as a new version lists them
-    fs = list(dict.fromkeys(json.loads(row[1]) + list(feedback_ids)))
-    conn.execute("UPDATE units SET query_ids=?, feedback_ids=? WHERE id=?", (json.dumps(qs), json.dumps(fs), unit_id))
+        units.merge(conn, unit_id, qids, feedback_ids)
 
 
 def _gate(conn, run_id, qid, gate, passed, reason, dry_run):
     if not dry_run:
         with store.transaction(conn):
-            conn.execute("INSERT INTO gate_decisions(run_id, query_id, gate, passed, reason) VALUES (?,?,?,?,?)",
-                         (run_id, qid, gate, int(passed), reason))
+            runs.record_gate(conn, run_id, qid, gate, passed, reason)
 
 
 def list_units(kb, include_inactive=True, ids=None):
     """Units with their provenance, oldest first; `ids`: only those (a lookup, not a scan of every unit)."""
-    where, args = [] if include_inactive else ["d.status='active'"], []
-    if ids is not None:
-        ids = list(ids)
-        where.append(f"d.id IN ({','.join('?' * len(ids))})")
-        args += ids
-    rows = kb.conn.execute("SELECT d.id, d.title, d.text, d.status, u.* FROM units u JOIN documents d ON d.id=u.id "
-                           + (f"WHERE {' AND '.join(where)} " if where else "") + "ORDER BY u.created",
-                           args).fetchall()
     out = []
-    for r in rows:
+    for r in units.listing(kb.conn, include_inactive, ids):
         r = dict(r)
         for key in ("query_ids", "feedback_ids", "source_doc_ids", "source_chunk_ids"):
             r[key] = json.loads(r[key])
@@ -653,7 +611,5 @@ def list_units(kb, include_inactive=True, ids=None):
 
 
 def list_runs(kb):
-    import sqlite_utils
-
-    return [dict(r, counts=json.loads(r["counts"]))
-            for r in sqlite_utils.Database(kb.conn)["runs"].rows_where(order_by="started")]
+    """Every run, oldest first, its counts decoded."""
+    return [dict(r, counts=json.loads(r["counts"])) for r in runs.listing(kb.conn)]

@@ -229,8 +229,8 @@ def connect(path, readonly=False):
 
 def migrate(conn):
     """Apply pending migrations, each in its own transaction."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+    done = version(conn)
+    for number, sql in enumerate(MIGRATIONS[done:], start=done + 1):
         with transaction(conn):
             for statement in _statements(sql):
                 conn.execute(statement)
@@ -267,6 +267,30 @@ class transaction:
         else:
             self.conn.execute("ROLLBACK")
         return False
+
+
+def version(conn):
+    """The schema version (the number of migrations applied; 0 for an empty or foreign database)."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def has_meta_table(conn):
+    """Whether the database has our meta table (with version(), what tells a KB from another database)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+
+
+def counts(conn):
+    """What stats() reports of the records: sources, their chunks, units by status, queries, feedback, runs."""
+    one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+    return {
+        "documents": one("SELECT COUNT(*) FROM documents WHERE kind='source'"),
+        "chunks": one("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.kind='source'"),
+        "units_active": one("SELECT COUNT(*) FROM documents WHERE kind='unit' AND status='active'"),
+        "units_inactive": one("SELECT COUNT(*) FROM documents WHERE kind='unit' AND status!='active'"),
+        "queries": one("SELECT COUNT(*) FROM queries"),
+        "feedback": one("SELECT COUNT(*) FROM feedback"),
+        "runs": one("SELECT COUNT(*) FROM runs"),
+    }
 
 
 def get_meta(conn, key, default=None):
