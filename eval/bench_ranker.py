@@ -26,7 +26,7 @@ def main(argv=None):
     kb = KnowledgeBase.open(a.kb, notify=lambda m: None)
     texts = [e["query"] for e in load_beir(a.dataset, a.split, corpus=False)["examples"]][:a.queries]
     _use_cache(kb, texts, ("hybrid",))
-    active = kb._tuning
+    active = kb._search.tuning
     tuned = active.get(kb.conn)
     if "hybrid" not in tuned.rankers:
         sys.exit(f"{a.kb}: its adopted tuning has no reranker for hybrid search")

@@ -13,7 +13,9 @@ import time
 import numpy as np
 
 from . import store
+from .errors import InputError
 from .store import documents
+from .store import units as unit_records
 from .store.changes import Change, record, recount_terms
 from .loaders import IngestReport, Problem, Record, _field_record, estimate, read_paths
 from .progress import progress as _progress
@@ -80,8 +82,6 @@ class Corpus:
         documents. With dry_run nothing is written and the report says what would change."""
         root = os.path.abspath(path)
         if not os.path.isdir(root):
-            from .errors import InputError
-
             raise InputError(f"{path}: not a folder; sync keeps a KB in step with a folder of files")
         fields = {**{k: self.config["ingest"][k] for k in ("id_field", "title_field", "text_field")}, **(fields or {})}
         max_bytes = int(float(self.config["ingest"]["max_doc_mb"]) * 1e6)
@@ -315,6 +315,25 @@ class Corpus:
         if status == "active":
             change.add(conn, [(r["id"], index_text(cur["title"], r["text"]), r["kind"]) for r in rows])
 
+    def set_unit_status(self, unit_id, status, kb_path):
+        """Retire a unit by hand, or restore one (its count of wrong answers starts again); returns its previous
+        status. No run did it, so no rollback undoes it."""
+        conn = self.conn
+        with self.changing(conn) as change:
+            was = unit_records.unit_status(conn, unit_id)
+            if was is None:
+                raise InputError(f"no knowledge unit {unit_id!r}", cli=f"list units with: wbrag units list --kb {kb_path}",
+                                 api="list units with kb.units()")
+            if status == "active":
+                other = unit_records.current_sibling(conn, unit_id)
+                if other is not None:
+                    raise InputError(f"unit {other} is the current unit of the same source passage; "
+                                     f"retire it before restoring {unit_id}")
+            self.set_status(conn, unit_id, status, change)
+            unit_records.clear_end(conn, unit_id)
+            if status == "active":
+                unit_records.reset_against(conn, unit_id)
+        return was
 
     def reindex(self, re_embed=False, show_progress=False):
         """Rebuild every index from the store; with re_embed, embed every chunk again with the configured model."""

@@ -8,14 +8,12 @@ import sqlite3
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from . import config as cfgmod
-from . import ranking, store
+from . import store
 from .backends import CachedEmbedder, embedder_model_id, get_embedder
-from .filters import Filter
-from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, StorageError, storage_error, translating
+from .errors import EmbedderMismatch, InputError, NotAKnowledgeBase, storage_error, translating
 from .store import documents, querylog
 from .store import units as unit_records
 from .store.changes import head
@@ -23,48 +21,12 @@ from .corpus import Corpus
 from .indexes import backend as index_backend
 from .loaders import IngestReport
 from .text import normalize_id
-from .tuning import FUSIONS, UNTUNED, Active, fuse, units_off
+from .search import Hit, SearchResult, Search
+from .tuning import fuse, units_off
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
 __all__ = ["KnowledgeBase", "Hit", "SearchResult", "IngestReport", "fuse"]
 
-MODES = ("bm25", "dense", "hybrid")
-
-
-@dataclass
-class Hit:
-    """One retrieved chunk: its document, text and scores (`bm25`/`dense`: the retrievers' own, when it
-    was in their list), and the document's `source` and metadata for citations."""
-
-    rank: int
-    chunk_id: int
-    doc_id: str
-    title: str
-    text: str
-    kind: str
-    score: float
-    bm25: float | None = None
-    dense: float | None = None
-    source: str | None = None
-    meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class SearchResult:
-    """A search's hits and its `query_id` (None when not logged): feedback names the query by it."""
-
-    query_id: int | None
-    query: str
-    mode: str
-    hits: list[Hit]
-    latency_ms: float
-
-    def to_dict(self) -> dict:
-        return {"query_id": self.query_id, "query": self.query, "mode": self.mode,
-                "latency_ms": round(self.latency_ms, 2), "hits": [h.to_dict() for h in self.hits]}
 
 
 _storage_guard = translating(lambda kb, e: storage_error(e, kb.path)
@@ -77,8 +39,6 @@ _storage_guard.__doc__ = "sqlite3 and OS failures below a public method become o
 class KnowledgeBase:
     """A folder: kb.sqlite (truth), dense.faiss and bm25.npz with manifests (derived), config.toml."""
 
-    ROW_CACHE = 4096  # hits' rows kept between searches (_hits)
-
     def __init__(self, path, cfg, embedder=None, notify=None, readonly=False):
         self.path = os.path.abspath(path)
         self.readonly = readonly
@@ -87,17 +47,16 @@ class KnowledgeBase:
         self.dense_path = os.path.join(self.path, DENSE_NAME)
         self.bm25_path = os.path.join(self.path, BM25_NAME)
         self._conns = store.Connections(self.db_path, readonly)
-        self._at_head = (None, frozenset())  # see _units_off
-        self._rows = (None, {})  # see _hits
         self._embedder_lock = threading.Lock()
         self._llm_lock = threading.Lock()  # its own: loading the LLM never waits for (or blocks) a writer
         self._embedder = embedder
         self._notify = notify or _stderr
-        self._indexes = index_backend(cfg["index"]["backend"])(
+        indexes = index_backend(cfg["index"]["backend"])(
             self.dense_path, self.bm25_path, cfg, self._identity, self._dim, self._notify, readonly)
         self._llm = None
-        self._tuning = Active()
-        self.corpus = Corpus(lambda: self.conn, self._indexes, cfg, lambda: self.embedder, _units_go_stale)
+        self.corpus = Corpus(lambda: self.conn, indexes, cfg, lambda: self.embedder, _units_go_stale)
+        self._search = Search(self.path, cfg, lambda: self.corpus.indexes, lambda: self.records, lambda: self.conn,
+                              lambda: self.embedder, readonly)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -231,11 +190,11 @@ class KnowledgeBase:
         """Save any index file that has fallen far behind the log, then close the connections."""
         if not getattr(self, "_closed", False) and not self.readonly:
             try:
-                self._indexes.save_if_due(self.records)
+                self.corpus.indexes.save_if_due(self.records)
             except (sqlite3.Error, OSError):
                 pass  # read-only or damaged: the files are only caches of the store
         self._closed = True
-        self._indexes.close()
+        self.corpus.indexes.close()
         self._conns.close()
 
     def __enter__(self) -> "KnowledgeBase":
@@ -306,15 +265,19 @@ class KnowledgeBase:
 
     def _ensure_indexes(self, need_dense=True, need_bm25=True):
         """Bring the asked-for indexes to the newest commit (a replay of the change log); returns it."""
-        return self._indexes.catch_up(self.records, dense=need_dense, bm25=need_bm25)
+        return self.corpus.indexes.catch_up(self.records, dense=need_dense, bm25=need_bm25)
+
+    @property
+    def _indexes(self):
+        return self.corpus.indexes
 
     @property
     def _dense(self):
-        return self._indexes.dense
+        return self.corpus.indexes.dense
 
     @property
     def _bm25(self):
-        return self._indexes.bm25
+        return self.corpus.indexes.bm25
 
     @_storage_guard
     def reindex(self, re_embed: bool = False, show_progress: bool = False, backend: str | None = None,
@@ -323,7 +286,7 @@ class KnowledgeBase:
         model (and record it in config.toml). `backend` (embedded or milvus, with `milvus_uri`) moves the
         indexes there, from the stored vectors (no re-embedding), then removes the old ones.
         Returns {"chunks", "generation", "backend"}."""
-        old, moved = self._indexes, None
+        old, moved = self.corpus.indexes, None
         if backend is not None or milvus_uri is not None:
             moved = copy.deepcopy(self.config)
             moved["index"]["backend"] = backend or moved["index"]["backend"]
@@ -334,17 +297,17 @@ class KnowledgeBase:
                                                            self._identity, self._dim, self._notify, self.readonly)
             for section in ("index", "milvus"):
                 self.config[section].update(moved[section])
-            self._indexes = self.corpus.indexes = new
+            self.corpus.indexes = new
         try:
             out = self.corpus.reindex(re_embed, show_progress)
         except BaseException:
             if moved is not None:  # nothing moved: the KB keeps its old place
-                self._indexes = self.corpus.indexes = old
+                self.corpus.indexes = old
                 self.config.update(cfgmod.load(os.path.join(self.path, CONFIG_NAME)))
             raise
         if re_embed or moved is not None:
             cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
-        if moved is not None and type(old) is not type(self._indexes):
+        if moved is not None and type(old) is not type(self.corpus.indexes):
             old.drop(self.records)
         return dict(out, backend=self.config["index"]["backend"])
 
@@ -355,7 +318,7 @@ class KnowledgeBase:
         Problems are states that give wrong results (an index that claims to be current and is not: chunks
         missing or extra, vectors that differ from the stored ones, lengths or term statistics that differ from the text); each says
         how to repair it. Notes are normal lags (a saved file older than the KB, rebuilt on next use)."""
-        problems, notes, counts = self._indexes.verify(self.records, sample, seed)
+        problems, notes, counts = self.corpus.indexes.verify(self.records, sample, seed)
         orphans = unit_records.orphans(self.conn)
         if orphans:
             problems.append(f"{orphans} knowledge units have no provenance record; roll back their run")
@@ -395,129 +358,7 @@ class KnowledgeBase:
         `max_units` slots (default: retrieval.max_units, and none in a mode where write-back's canary found them
         worse: stats()["units_off"]; -1: no cap). Every call is logged (its query id is
         in the result, for feedback) unless log=False."""
-        if not isinstance(query, str) or not query.strip():
-            raise InputError("empty query; give the question text")
-        mode = mode or self.config["retrieval"]["mode"]
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-        if int(k) < 1:
-            raise InputError("k must be at least 1")
-        if mode != "bm25":
-            self.embedder  # a first call loads the model; that is not query latency
-        t0 = time.perf_counter()
-        r = self.config["retrieval"]
-        fusion = fusion or r["fusion"]
-        unit_fusion = r["unit_fusion"]
-        if fusion not in FUSIONS:
-            raise InputError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
-        where = Filter.parse(filters, include_units)
-        head = self._ensure_indexes(need_dense=mode != "bm25", need_bm25=mode != "dense")
-        if max_units is None and where.kinds == {"source", "unit"} and mode in self._units_off(head):
-            where = where.only("source")  # the canary found units worse in this mode (tuning.judge_units)
-        kinds = self._indexes.kinds
-        units = "unit" in where.kinds and kinds.counts["unit"] > 0
-        tuning = self._tuning.get(self.conn, head) if r["learned"] else UNTUNED
-        qv = tuning.query_vector(self.embedder.encode([query])[0], mode) if mode != "bm25" else None
-        # separate candidate lists for sources and units, as if units had their own index (the paper's
-        # layout): units never shift the ranks the sources fuse on
-        parts = (where.only("source"), where.only("unit")) if units and unit_fusion == "separate" else (where,)
-        cap = int(r["max_units"] if max_units is None else max_units)
-        ranker = tuning.rankers.get(mode)
-        # a ranker reorders the top DEPTH sources whatever k is asked for, as it learned to (hybrid has more)
-        depth = max(int(r["candidates"]), 2 * k) if mode == "hybrid" else max(k, ranking.DEPTH) if ranker else k
-        while True:
-            fused, bm_all, dn_all, deeper = {}, {}, {}, False
-            for part in parts:
-                bm, dn = self._candidates(query, qv, mode, part, depth)
-                fused.update(fuse(bm, dn, mode, fusion, int(tuning.rrf_k or r["rrf_k"]), float(r["dense_weight"]),
-                                  tuning.bm25_weight))
-                bm_all.update(bm)
-                dn_all.update(dn)
-                deeper = deeper or len(bm) >= depth or len(dn) >= depth
-            if ranker is not None:
-                fused = self._rerank(ranker, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
-            top = self._top(fused, k, cap, units)
-            # units over the cap were dropped and left fewer than k hits: look deeper (ranks above stay)
-            if len(top) >= k or not units or cap < 0 or not deeper:
-                break
-            depth *= 2
-        hits = self._hits(top, bm_all, dn_all, head)
-        latency = (time.perf_counter() - t0) * 1000
-        if log and self.readonly:
-            raise StorageError(f"{self.path}: opened read-only, so this query cannot be logged",
-                               cli="add --no-log, or make the folder writable", api="search with log=False")
-        qid = self._log(query, mode, k, {"filters": filters or {}, "include_units": include_units, "fusion": fusion,
-                                         "tuning": tuning.id}, latency, hits, source) if log else None
-        return SearchResult(qid, query, mode, hits, latency)
-
-    def _candidates(self, query, qv, mode, where, n):
-        """({chunk id: BM25 score}, {chunk id: cosine}) of the top n per retriever within `where`."""
-        return self._indexes.scores(self.records, query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
-                                    dense=mode in ("dense", "hybrid"))
-
-    def _rerank(self, ranker, query, fused, bm, dn, rrf_k):
-        """The learned ranker's order of the top source candidates, within the slots they held (ranking.py)."""
-        kinds = self._indexes.kinds
-        cands, X = ranking.inputs(self.records, query, fused, bm, dn, rrf_k, sum(kinds.counts.values()), kinds.is_unit)
-        return ranking.reorder(ranker, fused, cands, X)
-
-    def _top(self, fused, k, cap, units):
-        """Best k by fused score, at most `cap` of them knowledge units (-1: no cap), so units
-        cannot crowd the original documents out of the top k."""
-        ranked = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
-        if not units or cap < 0:
-            return ranked[:k]
-        is_unit = self._indexes.kinds.is_unit
-        out, n_units = [], 0
-        for cid, score in ranked:
-            if is_unit(cid):
-                if n_units >= cap:
-                    continue
-                n_units += 1
-            out.append((cid, score))
-            if len(out) == k:
-                break
-        return out
-
-    def _units_off(self, head):
-        """Modes whose searches leave units out (the canary's verdict, tuning.set_units_off): read again only
-        when the change log's head has moved, as setting it moves the head."""
-        kept = self._at_head
-        if kept[0] != head:
-            kept = (head, units_off(self.conn))
-            self._at_head = kept
-        return kept[1]
-
-    def _hits(self, top, bm, dn, head):
-        """Hits for (chunk id, score) pairs: each chunk with its document's header, read in one statement and
-        kept until the change log's head moves (a chunk's text never changes; its document's header and
-        status change only in writes that move the head), as search engines keep stored fields in a block
-        cache. At most ROW_CACHE rows are kept; a thread that saw another head fills its own dict."""
-        if not top:
-            return []
-        kept = self._rows
-        if kept[0] != head or len(kept[1]) > self.ROW_CACHE:
-            kept = (head, {})
-            self._rows = kept
-        rows = kept[1]
-        missing = [cid for cid, _ in top if cid not in rows]
-        if missing:
-            for r in self.records.hits(missing):
-                rows[r[0]] = r
-        out = []
-        for cid, score in top:
-            row = rows.get(cid)
-            if row is None:  # deleted by another process since the index was loaded
-                continue
-            _, doc_id, text, title, kind, source, meta = row
-            out.append(Hit(len(out) + 1, cid, doc_id, title, text, kind, float(score), bm.get(cid), dn.get(cid),
-                           source, json.loads(meta) if meta and meta != "{}" else {}))
-        return out
-
-    def _log(self, query, mode, k, params, latency, hits, source):
-        conn = self.conn
-        with store.transaction(conn):
-            return querylog.log(conn, query, mode, k, params, latency, hits, source)
+        return self._search.search(query, k, mode, filters, include_units, log, source, fusion, max_units)
 
     @_storage_guard
     def queries(self, last: int = 20, source: str | None = None) -> list[dict]:
@@ -548,7 +389,7 @@ class KnowledgeBase:
             "model_id": self.model_id,
             "generation": self.generation,
             **store.counts(self.conn),
-            "tuning": self._tuning.get(self.conn).id,
+            "tuning": self._search.tuning.get(self.conn).id,
             "units_off": sorted(units_off(self.conn)),
             "dense_index": self.config["dense"]["index"],
             "index_backend": self.config["index"]["backend"],
@@ -631,24 +472,7 @@ class KnowledgeBase:
         return self._set_unit_status(unit_id, "active")
 
     def _set_unit_status(self, unit_id, status):
-        unit_id = normalize_id(unit_id)
-        conn = self.conn
-        with self.corpus.changing(conn) as change:
-            was = unit_records.unit_status(conn, unit_id)
-            if was is None:
-                raise InputError(f"no knowledge unit {unit_id!r}", cli=f"list units with: wbrag units list --kb {self.path}",
-                                 api="list units with kb.units()")
-            if status == "active":
-                other = unit_records.current_sibling(conn, unit_id)
-                if other is not None:
-                    raise InputError(f"unit {other} is the current unit of the same source passage; "
-                                     f"retire it before restoring {unit_id}")
-            self.corpus.set_status(conn, unit_id, status, change)
-            # by hand, not by a run: no rollback changes it back
-            unit_records.clear_end(conn, unit_id)
-            if status == "active":
-                unit_records.reset_against(conn, unit_id)
-        return was
+        return self.corpus.set_unit_status(normalize_id(unit_id), status, self.path)
 
     # ---- async (apps on an event loop) ---------------------------------------------------
 
