@@ -14,6 +14,7 @@ from conftest import CORPUS
 from writeback_rag import KnowledgeBase
 from writeback_rag.backends import HashEmbedder
 from writeback_rag.errors import WbragError
+from writeback_rag.filters import Filter
 from writeback_rag.milvus import MilvusCollection, collection_name, connect
 
 QUERIES = ("Who built Fenwick Point Light?", "lighthouse stamps", "fog signal at Corran Head", "keepers' wives")
@@ -51,7 +52,7 @@ def test_same_corpus_ranks_the_same_on_both_backends(tmp_path, milvus_uri):
 def test_update_delete_and_filters(tmp_path, milvus_uri):
     kb = make(tmp_path / "kb", milvus_uri)
     kb.ingest([{"id": "a/zebra", "text": "The zebra grazes on the savanna grass.", "lang": "en", "n": 3},
-               {"id": "b/okapi", "text": "The okapi hides in the rainforest.", "lang": "fr"},
+               {"id": "b/okapi", "text": "The okapi hides in the rainforest.", "lang": "fr", "score": 0.5},
                {"id": "b/zebra-fr", "text": "Le zebra grazes pres du lac.", "lang": "fr"}])
     for mode in ("bm25", "dense", "hybrid"):
         assert ranked(kb, "zebra grazes savanna", mode)[0] == "a/zebra"
@@ -63,6 +64,13 @@ def test_update_delete_and_filters(tmp_path, milvus_uri):
         assert ranked(kb, "zebra", mode, filters={"meta.n": 3}) == ["a/zebra"]
         assert ranked(kb, "zebra", mode, filters={"doc": "?/zebra*"})[0] in ("a/zebra", "b/zebra-fr")
         assert ranked(kb, "zebra", mode, filters={"kind": "unit"}) == []
+        assert ranked(kb, "okapi", mode, filters={"score": 0.5}) == ["b/okapi"]  # a float: ids from the records
+    # pushed down as Milvus expressions; only what Milvus cannot say the same way goes as the records' ids
+    expr = lambda f: kb._indexes.expression(kb.records, Filter.parse(f))  # noqa: E731
+    assert expr({"lang": "fr"}) == '(meta["lang"] == "fr")' and expr({"meta.n": 3}) == '(meta["n"] == "3")'
+    assert expr({"doc": "?/zebra*"}) == '(doc_id like "_/zebra%")'
+    assert expr({"score": 0.5}).startswith("(id in [") and expr({"doc": "[ab]/*"}).startswith("(id in [")
+    assert expr({"lang": "de"}) == '(meta["lang"] == "de")' and expr({"doc": "[x]*"}) is None
     kb.ingest([{"id": "a/zebra", "text": "The quagga once lived on the plains.", "lang": "en"}])
     kb.delete(["b/okapi"])
     for mode in ("bm25", "dense", "hybrid"):
@@ -139,6 +147,24 @@ def test_check_finds_a_damaged_collection_and_reindex_repairs_it(tmp_path, milvu
     assert any("missing from Milvus" in n for n in notes) and k2.check()["ok"]
 
 
+def test_a_collection_made_by_an_older_version_is_rebuilt_with_a_notice(tmp_path, milvus_uri, monkeypatch):
+    kb = make(tmp_path / "kb", milvus_uri)
+    kb.ingest([CORPUS])
+    assert ranked(kb, "Who built Fenwick Point Light?", "hybrid")[0] == "fenwick-point-light.md"
+    kb.close()
+    monkeypatch.setattr(MilvusCollection, "SCHEMA", MilvusCollection.SCHEMA + 1)  # a newer layout than the server's
+    notes = []
+    k2 = KnowledgeBase.open(tmp_path / "kb", notify=notes.append)
+    assert ranked(k2, "Who built Fenwick Point Light?", "hybrid")[0] == "fenwick-point-light.md"
+    assert any("made by an older version; rebuilding" in n for n in notes), notes
+    assert k2.check()["ok"]
+    notes.clear()
+    k2.close()
+    k3 = KnowledgeBase.open(tmp_path / "kb", notify=notes.append)
+    assert ranked(k3, "fog signal", "bm25") and notes == []  # rebuilt once, ours from then on
+    k3.close()
+
+
 def test_a_replay_done_twice_adds_nothing(tmp_path, milvus_uri):
     """As after a kill between the collection's writes and the sequence's: the whole log replayed again."""
     from writeback_rag import store
@@ -148,7 +174,7 @@ def test_a_replay_done_twice_adds_nothing(tmp_path, milvus_uri):
     kb.delete(["fenwick-point-light.md"])
     assert kb.check()["ok"]
     name = collection_name(kb._identity()["kb_created"])
-    connect(milvus_uri).insert(name, [{"id": 1, "kind": "source", "doc_id": "x", "source": "", "terms": "w",
+    connect(milvus_uri).insert(name, [{"id": 1, "kind": "source", "doc_id": "x", "source": "", "terms": "w", "meta": {},
                                        "vector": [1.0] + [0.0] * 255}])  # a row twice: check must see it
     assert "twice" in " ".join(kb.check()["problems"])
     at = kb.reindex()["generation"]

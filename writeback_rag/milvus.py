@@ -36,7 +36,18 @@ TOP_LIMIT = 16384  # Milvus's largest top-k
 MAX_TERMS = 60000  # bytes of joined terms per chunk (Milvus VARCHAR holds 65,535)
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
-_SIMPLE_GLOB = re.compile(r"^[A-Za-z0-9 ./:@+*-]*$")  # globs that Milvus `like` says the same way
+_SIMPLE_GLOB = re.compile(r"^[A-Za-z0-9 ./:@+*?-]*$")  # globs that Milvus `like` says the same way (* %, ? _)
+_META_KEY = re.compile(r"^[A-Za-z0-9_]+$")  # metadata keys pushed down as meta["key"]
+_FLOAT = re.compile(r"^[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+|inf|nan)$", re.I)
+
+
+def _meta_text(meta_json):
+    """A document's metadata as Milvus stores it for filters: each value as the text SQLite's
+    CAST(json_extract(...) AS TEXT) gives (a filter compares text), floats left out (their text differs
+    between the two; a filter on a float value is evaluated by the records)."""
+    meta = json.loads(meta_json) if meta_json else {}
+    return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in meta.items()
+            if isinstance(v, (str, int))}
 
 
 def connect(uri, token=None, timeout=30.0):
@@ -116,9 +127,11 @@ class MilvusCollection:
     def consistency(self):
         return self.config["milvus"]["consistency"]
 
+    SCHEMA = 2  # 2: a JSON field of document metadata, so metadata filters are pushed down
+
     @property
     def description(self):
-        return "writeback-rag " + json.dumps(self.identity, sort_keys=True)
+        return "writeback-rag " + json.dumps(dict(self.identity, schema=self.SCHEMA), sort_keys=True)
 
     @property
     @_engine_errors
@@ -130,11 +143,20 @@ class MilvusCollection:
 
     @_engine_errors
     def state(self):
-        """'missing', 'ours' or 'foreign' (another KB's or someone else's collection: never dropped)."""
+        """'missing', 'ours', 'outdated' (ours, made by an older version: rebuilt) or 'foreign' (another KB's or
+        someone else's collection: never dropped)."""
         if not self.client.has_collection(self.name):
             return "missing"
         desc = self.client.describe_collection(self.name).get("description", "")
-        return "ours" if desc == self.description else "foreign"
+        if desc == self.description:
+            return "ours"
+        try:  # this KB's collection in an older layout (before schema 2: no schema number)
+            found = json.loads(desc.removeprefix("writeback-rag ")) if desc.startswith("writeback-rag ") else None
+        except ValueError:
+            found = None
+        if isinstance(found, dict) and int(found.pop("schema", 1)) < self.SCHEMA and found == self.identity:
+            return "outdated"
+        return "foreign"
 
     @_engine_errors
     def create(self):
@@ -146,6 +168,7 @@ class MilvusCollection:
         schema.add_field("kind", DataType.VARCHAR, max_length=16)
         schema.add_field("doc_id", DataType.VARCHAR, max_length=2048)
         schema.add_field("source", DataType.VARCHAR, max_length=4096)
+        schema.add_field("meta", DataType.JSON)
         schema.add_field("terms", DataType.VARCHAR, max_length=65535, enable_analyzer=True,
                          analyzer_params={"tokenizer": "whitespace"})
         schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
@@ -165,12 +188,12 @@ class MilvusCollection:
 
     @_engine_errors
     def drop(self):
-        if self.state() == "ours":
+        if self.state() in ("ours", "outdated"):
             self.client.drop_collection(self.name)
 
     @_engine_errors
     def insert(self, rows, missing_only=True):
-        """(chunk id, kind, doc id, source, text, title, vector bytes) rows. A chunk id always names the same
+        """(chunk id, kind, doc id, source, text, title, vector bytes, meta JSON) rows. A chunk id always names the same
         content, so a row already there is left alone: a replay done twice adds nothing (an insert costs a few
         ms where an upsert, a delete and an insert, cost about 170 ms on milvus-lite)."""
         for start in range(0, len(rows), BATCH):
@@ -183,7 +206,8 @@ class MilvusCollection:
                 self.client.insert(self.name, [
                     {"id": int(r[0]), "kind": r[1], "doc_id": r[2][:2048], "source": (r[3] or "")[:4096],
                      "terms": _terms(index_text(r[5], r[4])),
-                     "vector": np.frombuffer(r[6], dtype=np.float32).tolist()} for r in part])
+                     "vector": np.frombuffer(r[6], dtype=np.float32).tolist(), "meta": _meta_text(r[7])}
+                    for r in part])
 
     @_engine_errors
     def delete(self, ids):
@@ -295,6 +319,8 @@ class MilvusIndexes(Indexes):
             why = None
             if state == "missing":
                 why = "missing" if seq < 0 else "missing from Milvus"
+            elif state == "outdated":
+                why = "was made by an older version"
             elif seq < 0 or seq > records.head():
                 why = "from another history"
             else:
@@ -310,7 +336,7 @@ class MilvusIndexes(Indexes):
             if not self.readonly:
                 records.set_position(self.META, remote.seq)
 
-    _FIELDS = ["kind", "doc", "source", "text", "title", "vector"]  # what a row of the collection holds
+    _FIELDS = ["kind", "doc", "source", "text", "title", "vector", "meta"]  # what a row of the collection holds
 
     def _replay_remote(self, records, remote, seq):
         with records.snapshot():
@@ -363,9 +389,9 @@ class MilvusIndexes(Indexes):
                 if dense else None)
 
     def expression(self, records, where):
-        """A Filter in Milvus's filter language: kinds and simple globs pushed down as they are; a document
-        predicate Milvus cannot say the same way (metadata, ? or [] globs) as the ids the records allow; None
-        when no chunk can match."""
+        """A Filter in Milvus's filter language: kinds, globs of plain characters (* and ?) and metadata values
+        pushed down; a predicate Milvus cannot say the same way ([] classes, _ or % in a glob, a float value, a
+        key or value with quotes) as the ids the records allow; None when no chunk can match."""
         parts = []
         if not where.kinds >= set(KINDS):
             parts.append("kind in [" + ", ".join(json.dumps(k) for k in sorted(where.kinds)) + "]")
@@ -373,11 +399,16 @@ class MilvusIndexes(Indexes):
         for field, globs in (("doc_id", where.doc_globs), ("source", where.source_globs)):
             for g in globs:
                 if _SIMPLE_GLOB.match(g):
-                    parts.append(f"{field} like {json.dumps(g.replace('*', '%'))}" if "*" in g
-                                 else f"{field} == {json.dumps(g)}")
+                    parts.append(f"{field} like {json.dumps(g.replace('*', '%').replace('?', '_'))}"
+                                 if "*" in g or "?" in g else f"{field} == {json.dumps(g)}")
                 else:
                     rest.append(g)
-        if where.meta or rest:
+        for key, value in where.meta:
+            if _META_KEY.match(key) and not _FLOAT.match(value) and '"' not in value and "\\" not in value:
+                parts.append(f"meta[{json.dumps(key)}] == {json.dumps(value, ensure_ascii=False)}")
+            else:
+                rest.append(key)
+        if rest:
             ids = self.record_ids(records, where).tolist()
             if not ids:
                 return None  # nothing can match (and Milvus refuses `id in []`)

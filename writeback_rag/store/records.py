@@ -7,7 +7,7 @@ Filter itself is pushed down and translated here). A second record store is a se
 methods; tests/test_contract.py runs the same contract against each.
 
 Fields a chunk row can carry, by name: kind (its document's kind), text, title, vector (float32 bytes),
-doc (its document's id), source (its document's source)."""
+doc (its document's id), source (its document's source), meta (its document's metadata, JSON text)."""
 
 import contextlib
 
@@ -17,7 +17,7 @@ from .. import store
 from . import changes
 
 _COLUMNS = {"kind": "d.kind", "text": "c.text", "title": "d.title", "vector": "c.embedding", "doc": "d.id",
-            "source": "d.source"}
+            "source": "d.source", "meta": "d.meta"}
 _LIVE = "FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE d.status='active'"
 _HITS = ("SELECT c.id, c.doc_id, c.text, d.title, d.kind, d.source, d.meta FROM chunks c "
          "JOIN documents d INDEXED BY documents_header ON d.id=c.doc_id WHERE c.id IN ({})")
