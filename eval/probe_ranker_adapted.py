@@ -35,7 +35,7 @@ def main():
     learn = [i for i in fit_rows if i not in chosen]
     first = T._train_adapter(pool, learn, pool.dense(T.UNTUNED, learn), cfg)
     final = T._train_adapter(pool, fit_rows, pool.dense(T.UNTUNED, fit_rows), cfg)
-    tuning = kb._tuning.get(kb.conn)
+    tuning = kb._search.tuning.get(kb.conn)
     w, k = tuning.bm25_weight, tuning.rrf_k or int(kb.config["retrieval"]["rrf_k"])
 
     def examples(rows, adapter, extra):

@@ -36,18 +36,39 @@ TOP_LIMIT = 16384  # Milvus's largest top-k
 MAX_TERMS = 60000  # bytes of joined terms per chunk (Milvus VARCHAR holds 65,535)
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
-_SIMPLE_GLOB = re.compile(r"^[A-Za-z0-9 ./:@+*?-]*$")  # globs that Milvus `like` says the same way (* %, ? _)
-_META_KEY = re.compile(r"^[A-Za-z0-9_]+$")  # metadata keys pushed down as meta["key"]
-_FLOAT = re.compile(r"^[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+|inf|nan)$", re.I)
+_SIMPLE_GLOB = re.compile(r"^[A-Za-z0-9 ./:@+*-]*$")  # globs that Milvus `like` says the same way (* as %)
+_META_KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # metadata keys pushed down as meta["key"]
+_META_VALUE = 256  # longer values are neither stored in the collection nor pushed down
+_META_BYTES = 60_000  # under Milvus's 64 KiB limit on a JSON field
+_OVERFLOW = "__overflow__"  # a document whose metadata did not fit: filters then go as the records' ids
+_NUMBER = re.compile(r"^[-+]?(\d|\.\d|inf|nan)", re.I)
 
 
 def _meta_text(meta_json):
     """A document's metadata as Milvus stores it for filters: each value as the text SQLite's
-    CAST(json_extract(...) AS TEXT) gives (a filter compares text), floats left out (their text differs
-    between the two; a filter on a float value is evaluated by the records)."""
+    CAST(json_extract(...) AS TEXT) gives (a filter compares text). Only strings, booleans and 64-bit
+    integers, keys of _META_KEY and values of at most _META_VALUE characters are kept: the text of other
+    values differs between the two (floats, big integers, lists), and a filter on them is evaluated by the
+    records. Metadata too big for the field becomes the _OVERFLOW marker."""
     meta = json.loads(meta_json) if meta_json else {}
-    return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in meta.items()
-            if isinstance(v, (str, int))}
+    out = {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in meta.items()
+           if _META_KEY.match(k) and (isinstance(v, str) and len(v) <= _META_VALUE
+                                      or isinstance(v, int) and -(1 << 63) <= v < (1 << 63))}
+    return {_OVERFLOW: "1"} if len(json.dumps(out)) > _META_BYTES else out
+
+
+def _pushable(key, value):
+    """Whether `meta[key] == value` in Milvus means what the records' comparison means."""
+    if not _META_KEY.match(key) or len(value) > _META_VALUE or '"' in value or "\\" in value:
+        return False
+    if value[:1] in ("[", "{"):
+        return False  # SQLite's text of a list or object; the collection keeps no such value
+    if _NUMBER.match(value):  # a number's text: pushed down only as an integer Milvus stores the same way
+        try:
+            return str(int(value)) == value and -(1 << 63) <= int(value) < (1 << 63)
+        except ValueError:
+            return False
+    return True
 
 
 def connect(uri, token=None, timeout=30.0):
@@ -143,8 +164,8 @@ class MilvusCollection:
 
     @_engine_errors
     def state(self):
-        """'missing', 'ours', 'outdated' (ours, made by an older version: rebuilt) or 'foreign' (another KB's or
-        someone else's collection: never dropped)."""
+        """'missing', 'ours', 'outdated' (ours, made by an older version: rebuilt), 'newer' (ours, made by a
+        newer version: refused) or 'foreign' (another KB's or someone else's collection: never dropped)."""
         if not self.client.has_collection(self.name):
             return "missing"
         desc = self.client.describe_collection(self.name).get("description", "")
@@ -152,10 +173,11 @@ class MilvusCollection:
             return "ours"
         try:  # this KB's collection in an older layout (before schema 2: no schema number)
             found = json.loads(desc.removeprefix("writeback-rag ")) if desc.startswith("writeback-rag ") else None
-        except ValueError:
-            found = None
-        if isinstance(found, dict) and int(found.pop("schema", 1)) < self.SCHEMA and found == self.identity:
-            return "outdated"
+            schema = int(found.pop("schema", 1)) if isinstance(found, dict) else None
+        except (ValueError, TypeError):
+            found = schema = None
+        if schema is not None and found == self.identity:
+            return "outdated" if schema < self.SCHEMA else "newer"
         return "foreign"
 
     @_engine_errors
@@ -229,6 +251,12 @@ class MilvusCollection:
                                  search_params=params, output_fields=[], consistency_level=self.consistency)[0]
         return (np.array([h["id"] for h in res], dtype=np.int64),
                 np.array([h["distance"] for h in res], dtype=np.float32))
+
+    @_engine_errors
+    def has_overflow(self):
+        """Whether a chunk of the collection carries the metadata-overflow marker."""
+        return bool(self.client.query(self.name, filter=f'meta["{_OVERFLOW}"] == "1"', output_fields=["id"],
+                                      limit=1, consistency_level=self.consistency))
 
     @_engine_errors
     def vectors(self, ids):
@@ -316,6 +344,9 @@ class MilvusIndexes(Indexes):
             if state == "foreign":
                 raise WbragError(f"Milvus collection {remote.name!r} belongs to something else; set another "
                                  "milvus.collection (wbrag config milvus.collection=NAME)")
+            if state == "newer":
+                raise WbragError(f"Milvus collection {remote.name!r} was made by a newer writeback-rag; upgrade "
+                                 "this one (pip install -U writeback-rag)")
             why = None
             if state == "missing":
                 why = "missing" if seq < 0 else "missing from Milvus"
@@ -389,9 +420,10 @@ class MilvusIndexes(Indexes):
                 if dense else None)
 
     def expression(self, records, where):
-        """A Filter in Milvus's filter language: kinds, globs of plain characters (* and ?) and metadata values
-        pushed down; a predicate Milvus cannot say the same way ([] classes, _ or % in a glob, a float value, a
-        key or value with quotes) as the ids the records allow; None when no chunk can match."""
+        """A Filter in Milvus's filter language: kinds, globs of plain characters and * and metadata values
+        pushed down; a predicate Milvus cannot say the same way (? or [] in a glob, _ or %, a value whose text
+        could differ: _pushable) as the ids the records allow, and every metadata predicate so when a
+        document's metadata overflowed the collection's field; None when no chunk can match."""
         parts = []
         if not where.kinds >= set(KINDS):
             parts.append("kind in [" + ", ".join(json.dumps(k) for k in sorted(where.kinds)) + "]")
@@ -399,12 +431,13 @@ class MilvusIndexes(Indexes):
         for field, globs in (("doc_id", where.doc_globs), ("source", where.source_globs)):
             for g in globs:
                 if _SIMPLE_GLOB.match(g):
-                    parts.append(f"{field} like {json.dumps(g.replace('*', '%').replace('?', '_'))}"
-                                 if "*" in g or "?" in g else f"{field} == {json.dumps(g)}")
+                    parts.append(f"{field} like {json.dumps(g.replace('*', '%'))}" if "*" in g
+                                 else f"{field} == {json.dumps(g)}")
                 else:
                     rest.append(g)
+        overflow = where.meta and self._overflow(records)
         for key, value in where.meta:
-            if _META_KEY.match(key) and not _FLOAT.match(value) and '"' not in value and "\\" not in value:
+            if _pushable(key, value) and not overflow:
                 parts.append(f"meta[{json.dumps(key)}] == {json.dumps(value, ensure_ascii=False)}")
             else:
                 rest.append(key)
@@ -414,6 +447,13 @@ class MilvusIndexes(Indexes):
                 return None  # nothing can match (and Milvus refuses `id in []`)
             parts.append("id in [" + ",".join(str(int(i)) for i in ids) + "]")
         return " and ".join(f"({p})" for p in parts)
+
+    def _overflow(self, records):
+        """Whether some chunk's metadata overflowed the collection's field (asked once per change)."""
+        head = records.head()
+        if getattr(self, "_overflow_at", (None,))[0] != head:
+            self._overflow_at = (head, self.remote.has_overflow())
+        return self._overflow_at[1]
 
     # -- checking
 
