@@ -209,7 +209,7 @@ def test_records_give_the_asked_fields_of_live_chunks(records_of, store):
                                                           [ids[-1]])
     assert (kind, text, title, doc, source) == ("source", "lamp oil", "Keeper", "m1", store.document("m1")["source"])
     assert np.allclose(np.frombuffer(vec, dtype=np.float32), r.vector(cid))
-    assert r.passages([cid]) == {cid: ("Keeper", "lamp oil")}
+    assert r.passages([cid]) == {cid: ("Keeper", "lamp oil")} and sorted(r.passages(range(1, 2000))) == ids
     assert json.loads(r.chunks(["meta"], [cid])[0][1]) == {"lang": "en"}
     hit, = r.hits([cid])
     assert hit[:6] == (cid, "m1", "lamp oil", "Keeper", "source", source) and json.loads(hit[6]) == {"lang": "en"}

@@ -329,7 +329,8 @@ class Indexes:
         out = []
         rng = np.random.default_rng(seed)
         some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
-        rows = records.chunks(["text", "title"], some.tolist())
+        # read whatever the chunks' status (as the engine's snapshot saw them), not only the live ones
+        rows = [(cid, text, title) for cid, (title, text) in records.passages(some.tolist()).items()]
         bad = [r[0] for r in rows if r[0] >= len(engine.doc_len)
                or engine.doc_len[r[0]] != len(bm25_tokens(index_text(r[2], r[1])))]
         if bad:

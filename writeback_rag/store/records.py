@@ -110,12 +110,13 @@ class Records:
 
     def passages(self, ids):
         """{chunk id: (title, text)} of these chunks (live or not)."""
-        ids = list(ids)
-        if not ids:
-            return {}
-        return {r[0]: (r[1] or "", r[2]) for r in self.conn.execute(
-            f"SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE c.id IN {_in(len(ids))}",
-            ids)}
+        ids, out = [int(i) for i in ids], {}
+        for start in range(0, len(ids), _BATCH):
+            part = ids[start:start + _BATCH]
+            out.update((r[0], (r[1] or "", r[2])) for r in self.conn.execute(
+                f"SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE c.id IN "
+                f"{_in(len(part))}", part))
+        return out
 
     def hits(self, ids):
         """(chunk id, doc id, text, title, kind, source, meta JSON) per chunk id, as plain tuples in one
