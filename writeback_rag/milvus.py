@@ -300,6 +300,7 @@ class MilvusIndexes(Indexes):
         self.lock_path = lock_path or os.path.join(os.path.dirname(dense_path), "milvus.lock")
         self._client = client
         self.remote = None
+        self._overflow_at = (None, False)  # (head, whether a chunk's metadata overflowed): see _overflow
 
     @property
     def client(self):
@@ -451,7 +452,7 @@ class MilvusIndexes(Indexes):
     def _overflow(self, records):
         """Whether some chunk's metadata overflowed the collection's field (asked once per change)."""
         head = records.head()
-        if getattr(self, "_overflow_at", (None,))[0] != head:
+        if self._overflow_at[0] != head:
             self._overflow_at = (head, self.remote.has_overflow())
         return self._overflow_at[1]
 

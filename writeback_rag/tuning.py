@@ -152,7 +152,7 @@ def examples(conn):
         keep = []
         for d in docs:
             if d not in live:
-                row = tuning_records.document_state(conn, d)
+                row = documents.get(conn, d)
                 live[d] = row is not None and row["kind"] == "source" and row["status"] == "active"
             if live[d]:
                 keep.append(d)

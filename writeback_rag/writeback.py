@@ -79,7 +79,7 @@ class _source_idf:
     def __call__(self, term):
         if term not in self.cache:
             # the store keeps each term's frequency over the active source chunks (store/changes.py)
-            df = runs.term_df(self.conn, term)
+            df = store.Records(self.conn).df([term]).get(term, 0)
             # another process may have added sources since n was counted: n is never below a term's df
             raw = math.log(max(self.n, df) - df + 0.5) - math.log(df + 0.5) if df else 1.0
             self.cache[term] = max(raw, 0.01)
@@ -549,7 +549,7 @@ class _Night:
     def _end(self, conn, change, ids, status="superseded"):
         for u in ids:
             # only a unit still current: one retired for wrong answers or gone stale since stays as it is
-            if units.status(conn, u) == "active":
+            if units.unit_status(conn, u) == "active":
                 self.kb.corpus.set_status(conn, u, status, change)
                 units.end(conn, u, self.run_id)
 

@@ -125,8 +125,3 @@ def source_chunk_count(conn):
     return conn.execute("SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.doc_id "
                         "WHERE d.kind='source' AND d.status='active'").fetchone()[0]
 
-
-def term_df(conn, term):
-    """A term's document frequency over the active source chunks (store/changes.py keeps it); 0 if unknown."""
-    row = conn.execute("SELECT df FROM terms WHERE term=?", (term,)).fetchone()
-    return row[0] if row else 0

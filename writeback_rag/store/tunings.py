@@ -59,11 +59,6 @@ def labelled_answers(conn):
         "SELECT q.text, f.gold, f.answer, f.source, f.correct FROM feedback f JOIN queries q ON q.id=f.query_id")
 
 
-def document_state(conn, doc_id):
-    """A document's kind and status (a row), or None when there is no such document."""
-    return conn.execute("SELECT kind, status FROM documents WHERE id=?", (doc_id,)).fetchone()
-
-
 # ---- the canary for knowledge units ----------------------------------------------------------
 
 

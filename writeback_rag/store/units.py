@@ -35,12 +35,6 @@ def state(conn, unit_id):
                         (unit_id,)).fetchone()
 
 
-def status(conn, unit_id):
-    """The status of a unit's document row, or None when it has none."""
-    row = conn.execute("SELECT status FROM documents WHERE id=?", (unit_id,)).fetchone()
-    return None if row is None else row[0]
-
-
 def current_for(conn, anchor):
     """The active units of a source passage (rows with id, query_ids), oldest first."""
     return conn.execute("SELECT u.id, u.query_ids FROM units u JOIN documents d ON d.id=u.id "
