@@ -1,12 +1,12 @@
 """Embedding precision on SciFact: ingest throughput and nDCG@10 of `auto` (bf16 where the CPU has it)
 against fp32, in the same run.
 
-    .venv/bin/python eval/bench_precision.py [../shared/datasets/scifact] [--rounds 3] [--block 512] [--other-batch 64]
+    .venv/bin/python eval/bench_precision.py [../shared/datasets/scifact] [--rounds 3] [--block 512] [--batches 16,64]
                                              [--out eval/results/precision.md]
 
 Throughput: the same SciFact chunks embedded in alternating blocks by an fp32 and an `auto` embedder
-(`rounds` x `block` chunks each), as the ingest embeds them (title + chunk), at the default batch size and at
-`--other-batch`. Whole ingest and quality: the
+(`rounds` x `block` chunks each), as the ingest embeds them (title + chunk), at each precision's default batch size and at
+`--batches`. Whole ingest and quality: the
 corpus is ingested into one KB per precision, in slices that alternate between them, and the test queries
 are scored (dense and hybrid nDCG@10, BEIR qrels;
 settings were not tuned on the test split). Every figure comes from this run; the file written starts with
@@ -23,13 +23,30 @@ import numpy as np
 from common import DATA, command_line, write_result
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo), for the report: the target names a kind of CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def cpu_flag(flag):
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f" {flag}" in f.read()
+    except OSError:
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dataset", nargs="?", default=os.path.join(DATA, "scifact"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--slice", type=int, default=500, help="documents per alternating ingest slice")
-    ap.add_argument("--other-batch", type=int, default=64, help="a batch size measured beside the default")
+    ap.add_argument("--batches", default="16,64", help="batch sizes measured beside each precision's default")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from writeback_rag import KnowledgeBase
@@ -48,7 +65,8 @@ def main():
     sample = [chunks[i] for i in rng.choice(len(chunks), size=min(len(chunks), a.rounds * a.block), replace=False)]
     fp32.encode(sample[:32])
     auto.encode(sample[:32])  # warm both
-    batches = sorted({fp32.batch_size, a.other_batch})  # the default, and another for comparison
+    # the defaults (each precision's own: see backends.default_batch_size), and others for comparison
+    batches = sorted({fp32.batch_size, auto.batch_size, *(int(b) for b in a.batches.split(",") if b)})
     t = {(name, bs): 0.0 for name in ("fp32", "auto") for bs in batches}
     cos = []
     for r in range(a.rounds):
@@ -87,11 +105,17 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
 
     q32, qa = quality["fp32"], quality["auto"]
+
+    def default_of(bs):
+        which = [name for name, e in (("fp32", fp32), ("auto", auto)) if e.batch_size == bs]
+        return f" ({' and '.join(which)} default)" if which else ""
+
     out = ["# Embedding precision: fp32 vs auto (MiniLM on SciFact)", "", f"Command: `{command_line()}`", "",
            f"CPU with native bf16: {cpu_has_bf16()}; `auto` chose **{chosen}** (its agreement check on the fixed "
-           f"sample gave a lowest cosine of {auto.agreement():.5f}). torch threads: {auto.threads}. 2 shared cores.", "",
+           f"sample gave a lowest cosine of {auto.agreement():.5f}). torch threads: {auto.threads}. CPU: {cpu_name()}, "
+           f"{os.cpu_count()} logical cores, AMX: {cpu_flag('amx_bf16')}, AVX512-BF16: {cpu_flag('avx512_bf16')}.", "",
            "| measure | fp32 | auto | ratio / difference |", "|---|---|---|---|",
-           *[f"| embedding throughput at batch size {bs}{' (the default)' if bs == fp32.batch_size else ''}, {n} "
+           *[f"| embedding throughput at batch size {bs}{default_of(bs)}, {n} "
              f"SciFact chunks in alternating blocks of {a.block} (chunks/s) | {n / t['fp32', bs]:.1f} | "
              f"{n / t['auto', bs]:.1f} | {t['fp32', bs] / t['auto', bs]:.2f}x |" for bs in batches],
            f"| whole-corpus ingest ({len(data['corpus'])} documents in alternating slices of {a.slice}), seconds | "

@@ -271,6 +271,28 @@ def test_a_model_loaded_after_a_query_keeps_torchs_threads_for_batches(tmp_path)
 
 
 @pytest.mark.slow
+def test_without_a_batch_size_bf16_on_amx_embeds_4_chunks_a_thread_and_else_16(monkeypatch):
+    """embedder.batch_size 0 (the default) chooses by the CPU, checked by forcing the CPU check: bf16 on AMX
+    gets 4 chunks a pass per torch thread, 16 to 64; fp32 and bf16 without AMX 16; a set size wins."""
+    from writeback_rag import backends
+
+    texts = [f"Lighthouse number {i} stands on the northern cape." for i in range(70)]
+    for amx, precision, threads, configured, want in [(True, "bf16", 16, 0, 64), (True, "bf16", 2, 0, 16),
+                                                      (True, "bf16", 8, 0, 32), (False, "bf16", 16, 0, 16),
+                                                      (True, "fp32", 16, 0, 16), (True, "bf16", 16, 5, 5)]:
+        monkeypatch.setattr(backends, "cpu_has_amx", lambda: amx)
+        emb = backends.get_embedder({"name": "minilm", "precision": precision, "threads": threads,
+                                     "batch_size": configured})
+        seen = []
+        handle = emb.model[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]["input_ids"].shape[0]))
+        try:
+            emb.encode(texts)
+        finally:
+            handle.remove()
+        assert (emb.batch_size, max(seen), sum(seen)) == (want, want, 70), (amx, precision, threads, configured)
+
+
+@pytest.mark.slow
 def test_the_batch_size_setting_sets_the_forward_passes(tmp_path):
     """embedder.batch_size reaches the model: each forward pass embeds at most that many chunks."""
     kb = KnowledgeBase.create(tmp_path / "kb", config={"embedder": {"batch_size": 3}}, notify=lambda m: None)

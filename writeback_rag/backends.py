@@ -87,14 +87,34 @@ def embedder_model_id(spec):
     return base + "@bf16" if precision == "bf16" and getattr(factory, "precisions", True) else base
 
 
-def cpu_has_bf16():
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+def _cpu_has(pattern):
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = f.read()
     except OSError:
         return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return re.search(pattern, flags) is not None
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return _cpu_has(r"\b(avx512_bf16|amx_bf16)\b")
+
+
+def cpu_has_amx():
+    """Whether this CPU has AMX tiles for bf16 matrix products, which pay off only on larger batches."""
+    return _cpu_has(r"\bamx_bf16\b")
+
+
+def default_batch_size(precision, threads):
+    """Chunks per forward pass when none is configured. fp32, and bf16 without AMX: 16 (a long chunk's
+    attention stays in cache; larger batches were slower). bf16 on AMX: 4 per thread, 16 to 64: AMX makes
+    the matrix products cheap, and with many threads a small batch leaves them idle in the other operations
+    (16 threads: 64 a pass 207 chunks/s, 16 a pass 176; 2 threads: 16 a pass 72, 64 a pass 60).
+    Measured: eval/results/precision-amx16.md, precision.md."""
+    if precision == "bf16" and cpu_has_amx():
+        return min(64, max(16, 4 * int(threads)))
+    return 16
 
 
 # varied lengths and topics: what `auto` compares fp32 and bf16 vectors on before it chooses bf16
@@ -122,10 +142,11 @@ def _batch_threads():
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, model, model_id=None, device="cpu", batch_size=16, precision="fp32", threads=0):
+    def __init__(self, model, model_id=None, device="cpu", batch_size=0, precision="fp32", threads=0):
         """`precision`: fp32, bf16, or auto (bf16 only on a CPU with native bf16 and only when its vectors
         agree with fp32 ones, cosine >= 0.999, on a fixed sample). `threads`: torch threads for batches
-        (0: torch's default); a single query always runs on one thread, which is fastest on a busy machine."""
+        (0: torch's default); a single query always runs on one thread, which is fastest on a busy machine.
+        `batch_size`: chunks per forward pass (0: `default_batch_size` of the precision chosen)."""
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from sentence_transformers import SentenceTransformer
@@ -137,13 +158,15 @@ class SentenceTransformerEmbedder:
                              "give a local model folder or an installed model package") from None
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
-        self.batch_size, self.threads = batch_size, int(threads) or _batch_threads()
+        self.threads = int(threads) or _batch_threads()
+        self.batch_size = 16  # for the agreement check; set below once the precision is known
         self.precision = "fp32"
         if precision == "auto":
             precision = "bf16" if cpu_has_bf16() and self.agreement() >= 0.999 else "fp32"
         if precision not in ("fp32", "bf16"):
             raise WbragError(f"unknown precision {precision!r}; use fp32, bf16 or auto")
         self.precision = precision
+        self.batch_size = int(batch_size) or default_batch_size(precision, self.threads)
         base = model_id or model
         self.model_id = base + "@bf16" if precision == "bf16" else base
 

@@ -124,8 +124,9 @@ KEYS = [
         choices=("fp32", "bf16", "auto")),
     Key("embedder", "threads", int, 0, "torch threads for embedding batches (0: torch's default); a single "
         "query always uses one, the fastest on a busy machine.", min=0, max=1024),
-    Key("embedder", "batch_size", int, 16, "Chunks per forward pass when embedding. Small batches are faster on "
-        "a CPU (the attention of long chunks stays in cache): eval/results/precision.md.", min=1, max=4096),
+    Key("embedder", "batch_size", int, 0, "Chunks per forward pass when embedding; 0 chooses by the CPU: for "
+        "bf16 on a CPU with AMX 4 per torch thread (16 to 64), else 16 (a long chunk's attention stays in "
+        "cache): eval/results/precision.md, precision-amx16.md.", min=0, max=4096),
     Key("chunking", "size", int, 200, "Chunk size in tokens (applies to documents ingested from now on).",
         min=16, max=100_000),
     Key("chunking", "overlap", int, 40, "Tokens carried from the end of one chunk into the next; below size.",
