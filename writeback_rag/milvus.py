@@ -206,7 +206,11 @@ class MilvusCollection:
         params.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25",
                          params={"bm25_k1": float(b["k1"]), "bm25_b": float(b["b"])})
         params.add_index("kind", index_type="INVERTED")
-        c.create_collection(self.name, schema=schema, index_params=params, consistency_level="Strong")
+        c.create_collection(self.name, schema=schema, consistency_level="Strong")
+        # the collection is empty, so its indexes have nothing to build: not waiting for them (pymilvus polls
+        # every 0.5 s, 1.5 s a collection) is safe, and loading it needs them defined, not built
+        c.create_index(self.name, params, sync=False)
+        c.load_collection(self.name)
 
     @_engine_errors
     def drop(self):
