@@ -91,6 +91,10 @@ def test_config_set_read_one_key_and_toml_values(kb_path):
     kb.close()
     one_line_error(wbrag("config", "--kb", kb_path, "llm.modle"), 2, "did you mean llm.model")
     one_line_error(wbrag("config", "--kb", kb_path, "embedder.name=minilm"), 2, "wbrag reindex --re-embed")
+    one_line_error(wbrag("config", "--kb", kb_path, "embedder.precision=bf16"), 2, "wbrag reindex --re-embed")
+    # how vectors are computed, not what they are: changed like any setting
+    assert wbrag("config", "--kb", kb_path, "embedder.batch_size=0", "embedder.threads=1").exit_code == 0
+    assert wbrag("config", "--kb", kb_path, "embedder.batch_size").output == "0\n"
 
 
 def test_hand_edited_bad_value_is_refused_on_open_and_can_be_repaired(kb_path):

@@ -192,6 +192,29 @@ def test_reindex_re_embed_switches_embedder(tmp_path):
     assert kb.check()["ok"] and len(kb.conn.execute("SELECT embedding FROM chunks LIMIT 1").fetchone()[0]) == 384 * 4
 
 
+@pytest.mark.slow
+def test_reindex_re_embed_switches_precision_and_auto_is_decided_there(tmp_path, monkeypatch):
+    """`reindex --re-embed --precision` changes an existing KB's precision (`wbrag config` refuses it: the
+    vectors would not match); `auto` is decided by that embedding and stored resolved, so the KB opens again."""
+    from writeback_rag import backends
+
+    kb_path = str(tmp_path / "kb")
+    runner = CliRunner()
+    runner.invoke(app, ["init", "--kb", kb_path])
+    runner.invoke(app, ["ingest", "--kb", kb_path, CORPUS, "--quiet"])
+    assert runner.invoke(app, ["reindex", "--kb", kb_path, "--precision", "bf16"]).exit_code == 2  # needs --re-embed
+    for precision, has_bf16, want in [("bf16", True, "bf16"), ("auto", False, "fp32"), ("auto", True, "bf16")]:
+        monkeypatch.setattr(backends, "cpu_has_bf16", lambda: has_bf16)
+        r = runner.invoke(app, ["reindex", "--kb", kb_path, "--re-embed", "--precision", precision, "--quiet"])
+        assert r.exit_code == 0, r.output
+        kb = KnowledgeBase.open(kb_path)
+        assert kb.config["embedder"]["precision"] == want, (precision, has_bf16)
+        assert kb.model_id.endswith("@bf16") == (want == "bf16")
+        assert kb.search("Fenwick Point designer", mode="dense", log=False).hits[0].doc_id == "fenwick-point-light.md"
+        assert kb.check()["ok"]
+        kb.close()
+
+
 @isolated
 def test_eval_protocol_with_real_embedder_and_reader(tmp_path):
     """The benchmark protocol end to end on MiniLM, FAISS and SmolLM2 as judge and reader (EM/F1)."""

@@ -219,6 +219,8 @@ def check(kb: Optional[str] = KB, as_json: bool = JSON):
 @app.command()
 def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="Embed all chunks again."),
             embedder: Optional[str] = typer.Option(None, help="With --re-embed: switch to this embedder."),
+            precision: Optional[str] = typer.Option(None, help="With --re-embed: embed in fp32, bf16 or auto (bf16 on "
+                                                    "a CPU with native bf16 when it agrees with fp32)."),
             backend: Optional[str] = typer.Option(None, help="Move the indexes to embedded or milvus (from the "
                                                   "stored vectors), then remove the old ones."),
             milvus_uri: Optional[str] = typer.Option(None, help="With --backend milvus: the server "
@@ -228,16 +230,20 @@ def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="E
     from . import config as cfgmod
     from .kb import CONFIG_NAME
 
-    if embedder and not re_embed:
-        raise InputError("--embedder needs --re-embed (every chunk must be embedded with the new model)")
+    if (embedder or precision) and not re_embed:
+        raise InputError("--embedder and --precision need --re-embed (every chunk must be embedded again)")
+    if precision not in (None, "fp32", "bf16", "auto"):
+        raise InputError(f"unknown precision {precision!r}; use fp32, bf16 or auto")
+    spec = {**({"name": embedder} if embedder else {}), **({"precision": precision} if precision else {})}
     path = _kb_path(kb)
     try:
-        k = KnowledgeBase.open(path, embedder=embedder)
+        k = KnowledgeBase.open(path, embedder=spec or None)
     except EmbedderMismatch:
-        if not (re_embed and embedder):
+        if not (re_embed and spec):
             raise
         cfg = cfgmod.load(os.path.join(os.path.abspath(path), CONFIG_NAME))
-        cfg["embedder"] = {"name": embedder}
+        # a new model starts from its defaults; a new precision keeps the model and its other settings
+        cfg["embedder"] = {"name": embedder, **spec} if embedder else {**cfg["embedder"], **spec}
         k = KnowledgeBase(os.path.abspath(path), cfg)
     with k:
         out = k.reindex(re_embed=re_embed, show_progress=not quiet, backend=backend, milvus_uri=milvus_uri)

@@ -25,6 +25,7 @@ from .search import Hit, SearchResult, Search
 from .tuning import fuse, units_off
 
 DB_NAME, DENSE_NAME, BM25_NAME, CONFIG_NAME = "kb.sqlite", "dense.faiss", "bm25.npz", "config.toml"
+VECTOR_SETTINGS = ("embedder.name", "embedder.precision")  # what the stored vectors were made with
 __all__ = ["KnowledgeBase", "Hit", "SearchResult", "IngestReport", "fuse"]
 
 
@@ -177,9 +178,9 @@ class KnowledgeBase:
                                     cli=f"create one with: wbrag init --kb {path}",
                                     api="create one with KnowledgeBase.create(path)")
         for s in settings:
-            if s.split("=", 1)[0].strip().startswith("embedder."):
+            if s.split("=", 1)[0].strip() in VECTOR_SETTINGS:
                 raise InputError("the embedder is fixed when a KB is built: every chunk must be embedded again",
-                                 cli="switch with: wbrag reindex --re-embed --embedder NAME",
+                                 cli="switch with: wbrag reindex --re-embed --embedder NAME (or --precision P)",
                                  api="switch with kb.reindex(re_embed=True) on a KB opened with the new embedder")
         try:
             return cfgmod.update_file(os.path.join(path, CONFIG_NAME), list(settings))
@@ -305,6 +306,8 @@ class KnowledgeBase:
                 self.corpus.indexes = old
                 self.config.update(cfgmod.load(os.path.join(self.path, CONFIG_NAME)))
             raise
+        if re_embed:  # `auto` is decided by this embedding: the KB keeps the precision its vectors were made in
+            self.config["embedder"]["precision"] = getattr(self.embedder, "precision", "fp32")
         if re_embed or moved is not None:
             cfgmod.dump(self.config, os.path.join(self.path, CONFIG_NAME))
         if moved is not None and type(old) is not type(self.corpus.indexes):
