@@ -106,9 +106,10 @@ class KnowledgeBase:
         return cls.create(path, embedder=embedder, config=config, notify=notify)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, embedder: str | None = None, notify: Callable[[str], Any] | None = None,
-             readonly: bool | None = None) -> "KnowledgeBase":
-        """Open an existing KB; refuses one built with another embedder than `embedder`/config asks for.
+    def open(cls, path: str | os.PathLike, embedder: str | dict | None = None,
+             notify: Callable[[str], Any] | None = None, readonly: bool | None = None) -> "KnowledgeBase":
+        """Open an existing KB; refuses one built with another embedder than `embedder`/config asks for
+        (`embedder`: a name, or settings of the [embedder] table such as {"precision": "bf16"}).
 
         `readonly` (default: when the folder or database cannot be written) opens it for searches without
         logging, stats, check and the query log: nothing is written, indexes are replayed in memory only."""
