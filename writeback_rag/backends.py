@@ -1,5 +1,6 @@
 """One registry for embedders and LLMs; third parties add theirs with register_embedder/register_llm."""
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -87,13 +88,17 @@ def embedder_model_id(spec):
     return base + "@bf16" if precision == "bf16" and getattr(factory, "precisions", True) else base
 
 
-def _cpu_has(pattern):
+@functools.cache
+def _cpuinfo():
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
-    return re.search(pattern, flags) is not None
+        return ""
+
+
+def _cpu_has(pattern):
+    return re.search(pattern, _cpuinfo()) is not None
 
 
 def cpu_has_bf16():
@@ -159,7 +164,7 @@ class SentenceTransformerEmbedder:
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()
         self.threads = int(threads) or _batch_threads()
-        self.batch_size = 16  # for the agreement check; set below once the precision is known
+        self.batch_size = default_batch_size("fp32", self.threads)  # for the agreement check; set below
         self.precision = "fp32"
         if precision == "auto":
             precision = "bf16" if cpu_has_bf16() and self.agreement() >= 0.999 else "fp32"

@@ -33,6 +33,7 @@ app.add_typer(units_app, name="units")
 KB = typer.Option(None, "--kb", help="Knowledge-base folder [default: $WBRAG_KB or ./kb]")
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+PRECISION = "fp32, bf16, or auto (bf16 on a CPU with native bf16 when it agrees with fp32)"
 
 
 def _kb_path(kb):
@@ -54,9 +55,7 @@ def init(kb: Optional[str] = KB,
          dense_index: Optional[str] = typer.Option(None, help="flat (exact) or hnsw (large corpora) [default: dense.index]."),
          chunk_size: Optional[int] = typer.Option(None, help="Chunk size in tokens [default: chunking.size]."),
          chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens [default: chunking.overlap]."),
-         precision: Optional[str] = typer.Option(None, help="Embedding precision: fp32, bf16, or auto (bf16 on a "
-                                                 "CPU with native bf16 when it agrees with fp32) [default: "
-                                                 "embedder.precision]."),
+         precision: Optional[str] = typer.Option(None, help="Embedding precision: " + PRECISION + " [default: embedder.precision]."),
          backend: Optional[str] = typer.Option(None, help="Where the indexes live: embedded or milvus "
                                                "[default: index.backend]."),
          milvus_uri: Optional[str] = typer.Option(None, help="With --backend milvus: the server, e.g. "
@@ -219,8 +218,7 @@ def check(kb: Optional[str] = KB, as_json: bool = JSON):
 @app.command()
 def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="Embed all chunks again."),
             embedder: Optional[str] = typer.Option(None, help="With --re-embed: switch to this embedder."),
-            precision: Optional[str] = typer.Option(None, help="With --re-embed: embed in fp32, bf16 or auto (bf16 on "
-                                                    "a CPU with native bf16 when it agrees with fp32)."),
+            precision: Optional[str] = typer.Option(None, help="With --re-embed: embed in " + PRECISION + "."),
             backend: Optional[str] = typer.Option(None, help="Move the indexes to embedded or milvus (from the "
                                                   "stored vectors), then remove the old ones."),
             milvus_uri: Optional[str] = typer.Option(None, help="With --backend milvus: the server "
@@ -232,8 +230,8 @@ def reindex(kb: Optional[str] = KB, re_embed: bool = typer.Option(False, help="E
 
     if (embedder or precision) and not re_embed:
         raise InputError("--embedder and --precision need --re-embed (every chunk must be embedded again)")
-    if precision not in (None, "fp32", "bf16", "auto"):
-        raise InputError(f"unknown precision {precision!r}; use fp32, bf16 or auto")
+    if precision:
+        cfgmod.validate({"embedder": {"precision": precision}})  # a bad value: the setting's one-line error
     spec = {**({"name": embedder} if embedder else {}), **({"precision": precision} if precision else {})}
     path = _kb_path(kb)
     try:

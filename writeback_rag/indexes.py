@@ -330,9 +330,8 @@ class Indexes:
         rng = np.random.default_rng(seed)
         some = rng.choice(active, size=min(sample, len(active)), replace=False) if len(active) else active
         # read whatever the chunks' status (as the engine's snapshot saw them), not only the live ones
-        rows = [(cid, text, title) for cid, (title, text) in records.passages(some.tolist()).items()]
-        bad = [r[0] for r in rows if r[0] >= len(engine.doc_len)
-               or engine.doc_len[r[0]] != len(bm25_tokens(index_text(r[2], r[1])))]
+        bad = [cid for cid, (title, text) in records.passages(some.tolist()).items() if cid >= len(engine.doc_len)
+               or engine.doc_len[cid] != len(bm25_tokens(index_text(title, text)))]
         if bad:
             out.append(f"BM25 engine: {len(bad)} of {len(rows)} sampled chunks have other lengths than their "
                        f"text (e.g. {bad[:5]}); " + repair)

@@ -73,13 +73,13 @@ class _source_idf:
     would. Terms in more than half of the chunks get a small positive weight instead of a negative one."""
 
     def __init__(self, conn):
-        self.conn, self.cache = conn, {}
+        self.records, self.cache = store.Records(conn), {}
         self.n = runs.source_chunk_count(conn)
 
     def __call__(self, term):
         if term not in self.cache:
             # the store keeps each term's frequency over the active source chunks (store/changes.py)
-            df = store.Records(self.conn).df([term]).get(term, 0)
+            df = self.records.df([term]).get(term, 0)
             # another process may have added sources since n was counted: n is never below a term's df
             raw = math.log(max(self.n, df) - df + 0.5) - math.log(df + 0.5) if df else 1.0
             self.cache[term] = max(raw, 0.01)

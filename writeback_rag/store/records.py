@@ -34,6 +34,12 @@ class Records:
     def __init__(self, conn):
         self.conn = conn
 
+    def _rows_in(self, sql, keys, args=()):
+        """Rows of `sql`, whose last clause is `IN {}`, for `keys` in batches under SQLite's parameter limit."""
+        for start in range(0, len(keys), _BATCH):
+            part = keys[start:start + _BATCH]
+            yield from self.conn.execute(sql.format(_in(len(part))), [*args, *part])
+
     # -- the change log
 
     def head(self):
@@ -86,12 +92,7 @@ class Records:
         args = [kind] if kind else []
         if ids is None:
             return self.conn.execute(sql + " ORDER BY c.id", args).fetchall()
-        ids = [int(i) for i in ids]
-        out = []
-        for start in range(0, len(ids), _BATCH):
-            part = ids[start:start + _BATCH]
-            out += self.conn.execute(f"{sql} AND c.id IN {_in(len(part))}", args + part).fetchall()
-        return out
+        return list(self._rows_in(sql + " AND c.id IN {}", [int(i) for i in ids], args))
 
     def scan(self, fields, batch):
         """Every live chunk's (chunk id, *fields), in id order, `batch` rows at a time (a rebuild that does not
@@ -110,13 +111,9 @@ class Records:
 
     def passages(self, ids):
         """{chunk id: (title, text)} of these chunks (live or not)."""
-        ids, out = [int(i) for i in ids], {}
-        for start in range(0, len(ids), _BATCH):
-            part = ids[start:start + _BATCH]
-            out.update((r[0], (r[1] or "", r[2])) for r in self.conn.execute(
-                f"SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE c.id IN "
-                f"{_in(len(part))}", part))
-        return out
+        return {r[0]: (r[1] or "", r[2]) for r in self._rows_in(
+            "SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id=c.doc_id WHERE c.id IN {}",
+            [int(i) for i in ids])}
 
     def hits(self, ids):
         """(chunk id, doc id, text, title, kind, source, meta JSON) per chunk id, as plain tuples in one
@@ -156,12 +153,7 @@ class Records:
 
     def df(self, terms):
         """{term: document frequency over the active source chunks} for those of `terms` the dictionary has."""
-        terms = sorted(set(terms))
-        out = {}
-        for start in range(0, len(terms), _BATCH):
-            part = terms[start:start + _BATCH]
-            out.update(self.conn.execute(f"SELECT term, df FROM terms WHERE term IN {_in(len(part))}", part))
-        return out
+        return {r[0]: r[1] for r in self._rows_in("SELECT term, df FROM terms WHERE term IN {}", sorted(set(terms)))}
 
     def sample_terms(self, n):
         """Up to `n` random (term id, term, stored document frequency) rows (for check())."""
