@@ -47,6 +47,13 @@ MUTANTS = [
      "            if ranker is not None:\n                fused = self._rerank(", "            if False:\n                fused = self._rerank("),
     ("the ranker leaves every candidate in its slot", "writeback_rag/ranking.py",
      "for slot, i in zip(slots, order):", "for slot, i in zip(slots, range(len(cands))):"),
+    ("hybrid searches ignore the adopted cross-encoder", "writeback_rag/search.py",
+     "            if score is None:\n                ranker = ranker.first", "            if True:\n                ranker = ranker.first"),
+    ("a cross-encoder kept though the held-out questions rank no better with it", "writeback_rag/tuning.py",
+     "        if read <= alone:\n            cross, ranker = None, ranker.first",
+     "        if False:\n            cross, ranker = None, ranker.first"),
+    ("the cross-encoder reads the fused order's first candidates, not its first ranker's", "writeback_rag/ranking.py",
+     "best = sorted(range(len(cands)), key=lambda i: (-s[i], i))[:top]", "best = list(range(len(cands)))[:top]"),
 ]
 
 

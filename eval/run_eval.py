@@ -23,6 +23,7 @@ import time
 
 from common import DATA, ROOT, command_line, log
 from writeback_rag.errors import WbragError
+from writeback_rag import config as cfgmod
 from writeback_rag import eval as ev
 
 
@@ -50,7 +51,7 @@ def choose_include_query(folder, work, base, args):
         log(f"validation: include_query={flag}: write back {len(sub)} train queries, measure {len(val)} held-out train queries")
         runs[flag] = ev.run_protocol(folder, fresh(os.path.join(work, f"val-include_query-{flag}")),
                                      modes=args.val_modes, embedder=args.embedder, distiller=args.distiller, k=args.k,
-                                     config={"writeback": {"include_query": flag}}, train_examples=sub,
+                                     config=settings(args, flag), train_examples=sub,
                                      test_examples=val, base_kb=base, seed=args.seed, progress=log)
     score = {f: runs[f]["deltas"]["hybrid" if "hybrid" in args.val_modes else args.val_modes[0]][metric]["delta"]
              for f in runs}
@@ -112,6 +113,13 @@ def targets(res):
     return out
 
 
+def settings(args, include_query):
+    """The evaluation KBs' settings: --set values and the include_query choice."""
+    out = cfgmod.parse_settings(args.settings)
+    out.setdefault("writeback", {})["include_query"] = include_query
+    return out
+
+
 def report_markdown(result):
     """eval-<name>.md from what eval-<name>.json holds (eval/rewrite_reports.py writes it again from there)."""
     name = result["protocol"]["name"]
@@ -143,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--val-frac", type=float, default=0.2)
     ap.add_argument("--val-modes", default="bm25,dense,hybrid", help="modes measured on validation (the choice uses hybrid)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                    help="a setting of the evaluation KBs (repeat), e.g. learning.cross_encoder=2000")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "wbrag-eval"),
                     help="where the KBs go (outside the repo); base KBs there are reused")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "eval", "results"))
@@ -171,7 +181,7 @@ def main(argv=None):
             res = ev.run_protocol(folder, fresh(os.path.join(work, "main")), modes=args.modes,
                                   train_split=args.train_split, test_split=args.test_split, embedder=args.embedder,
                                   distiller=args.distiller, limit_train=args.limit_train, limit_test=args.limit_test,
-                                  k=args.k, config={"writeback": {"include_query": include_query}}, base_kb=base,
+                                  k=args.k, config=settings(args, include_query), base_kb=base,
                                   seed=args.seed, progress=log)
             curve, png = None, None
             if name in curve_names:
@@ -181,7 +191,7 @@ def main(argv=None):
                                           test_split=args.test_split, embedder=args.embedder,
                                           distiller=args.distiller, limit_train=args.limit_train,
                                           limit_test=args.limit_test, k=args.k,
-                                          config={"writeback": {"include_query": include_query}}, base_kb=base,
+                                          config=settings(args, include_query), base_kb=base,
                                           seed=args.seed, progress=log)
                 png = os.path.join(args.out_dir, f"learning-curve-{name}.png")
                 ev.plot_learning_curve(curve, png)

@@ -143,7 +143,7 @@ def test_a_tuning_adopted_or_rolled_back_reaches_a_process_that_searched_before_
               "examples": 1, "holdout": 1, "metrics": {}, "reason": "a test"}
     gen = hall.stats()["generation"]
     with store.transaction(hall.conn):  # an adapter that turns every query vector around
-        tuning.record(hall.conn, report, ("flip", hall.model_id, dim, -2 * np.eye(dim, dtype=np.float32), {}))
+        tuning.record(hall.conn, report, ("flip", hall.model_id, dim, -2 * np.eye(dim, dtype=np.float32), {}, None))
     assert hall.stats()["generation"] == gen + 1
     assert cosines() == sorted(-c for c in static) != static and watcher.stats()["tuning"] == "tuning:flip"
     with store.transaction(hall.conn):

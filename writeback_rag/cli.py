@@ -386,7 +386,7 @@ def tunings(kb: Optional[str] = KB, as_json: bool = JSON):
         m = r["metrics"]
         typer.echo(f"{r['id']}  {r['status']:<11} adapter={'yes' if r['adapter'] else 'no'}{' (dense only)' if r['adapter'] and not r['hybrid_adapter'] else ''} "
                    f"bm25_weight={r['bm25_weight']:.1f} rrf_k={r['rrf_k']} rerankers={','.join(r['ranker']) or 'none'} "
-                   f"fitted={r['examples']} held_out={r['holdout']} "
+                   f"cross_encoder={'yes' if r['cross_encoder'] else 'no'} fitted={r['examples']} held_out={r['holdout']} "
                    f"hybrid {m['current']['hybrid']:.3f}->{m['candidate']['hybrid']:.3f} "
                    f"dense {m['current']['dense']:.3f}->{m['candidate']['dense']:.3f}  {r['reason']}")
 

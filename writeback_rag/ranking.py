@@ -26,6 +26,7 @@ DEPTH = 30  # source candidates the ranker reorders
 FEATURES = ("log fused score", "fused rank", "bm25 rrf term", "dense rrf term", "bm25 / best bm25", "cosine",
             "cosine - best cosine", "words in passage", "words in best sentence", "words in best two sentences",
             "words in title", "word pairs in passage", "word stems in best sentence")
+CROSS_FEATURES = ("cross-encoder score", "cross-encoder score - best")  # with a learned cross-encoder
 _SUFFIX = re.compile(r"(ing|ed|es|s|ly)$")
 _ABSENT = 100  # the rank a candidate missing from one retriever's list is given
 
@@ -46,24 +47,35 @@ def _stem(word):
 
 @dataclass(frozen=True)
 class Ranker:
-    """Linear weights over standardized features ((x - mean) / scale)."""
+    """Linear weights over standardized features ((x - mean) / scale). With `first`, a ranker that also
+    weighs a cross-encoder's score (FEATURES + CROSS_FEATURES): `first` (over FEATURES) picks the
+    candidates the cross-encoder reads (with_cross_encoder), and ranks alone where there is no cross-encoder."""
     weights: np.ndarray
     mean: np.ndarray
     scale: np.ndarray
+    first: "Ranker | None" = None
+
+    @property
+    def features(self):
+        return FEATURES + CROSS_FEATURES if self.first is not None else FEATURES
 
     def score(self, X):
         return ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.weights
 
     def to_dict(self):
-        return {"features": list(FEATURES), "weights": self.weights.tolist(), "mean": self.mean.tolist(),
-                "scale": self.scale.tolist()}
+        out = {"features": list(self.features), "weights": self.weights.tolist(), "mean": self.mean.tolist(),
+               "scale": self.scale.tolist()}
+        if self.first is not None:
+            out["first"] = self.first.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, o):
         """None when stored for another feature set (an older or newer version): such a ranker is not used."""
-        if o.get("features") != list(FEATURES):
+        first = cls.from_dict(o["first"]) if isinstance(o.get("first"), dict) else None
+        if o.get("features") != list(FEATURES + CROSS_FEATURES if first is not None else FEATURES):
             return None
-        return cls(*(np.asarray(o[k], dtype=np.float64) for k in ("weights", "mean", "scale")))
+        return cls(*(np.asarray(o[k], dtype=np.float64) for k in ("weights", "mean", "scale")), first=first)
 
 
 def dumps(rankers):
@@ -169,6 +181,19 @@ def inputs(records, query, fused, bm, dn, rrf_k, n_chunks, is_unit=None, weights
     return cands, features(query, cands, fused, bm, dn, records.passages(cands), weights, rrf_k)
 
 
+def with_cross_encoder(first, cands, X, score, top):
+    """X with CROSS_FEATURES appended: `score(chunk ids)` (a cross-encoder's scores) reads the `top` best
+    candidates by the ranker `first`; the others get the lowest of those scores minus one."""
+    if not len(cands):
+        return np.zeros((0, X.shape[1] + len(CROSS_FEATURES)))
+    s = first.score(X)
+    best = sorted(range(len(cands)), key=lambda i: (-s[i], i))[:top]
+    got = np.asarray(score([cands[i] for i in best]), dtype=np.float64)
+    v = np.full(len(cands), got.min() - 1.0)
+    v[best] = got
+    return np.hstack([X, v[:, None], (v - v.max())[:, None]])
+
+
 def reorder(ranker, fused, cands, X):
     """`fused` with `cands` (fused order) reordered by the ranker within the slots they held: the i-th best
     by the ranker takes the i-th of their fused scores."""
@@ -183,9 +208,10 @@ def reorder(ranker, fused, cands, X):
     return out
 
 
-def fit(questions, epochs=30, lr=0.01, decay=1e-4, seed=0):
+def fit(questions, epochs=30, lr=0.01, decay=1e-4, seed=0, first=None):
     """A Ranker from [(X, y)] per question (y: 1 for candidates from a relevant document), by a softmax over
-    each question's candidates that puts its relevant ones first. None with no question that has both."""
+    each question's candidates that puts its relevant ones first. None with no question that has both.
+    `first`: the ranker that chose what a cross-encoder read (X then has CROSS_FEATURES too)."""
     import torch
 
     questions = [(X, y) for X, y in questions if len(X) and np.any(y) and not np.all(y)]
@@ -193,7 +219,7 @@ def fit(questions, epochs=30, lr=0.01, decay=1e-4, seed=0):
         return None
     allX = np.concatenate([X for X, _ in questions])
     mean, scale = allX.mean(0), allX.std(0) + 1e-6
-    n, width = len(questions), len(FEATURES)
+    n, width = len(questions), allX.shape[1]
     Xs = np.zeros((n, DEPTH, width), np.float32)
     pos = np.zeros((n, DEPTH), bool)
     valid = np.zeros((n, DEPTH), bool)
@@ -214,4 +240,4 @@ def fit(questions, epochs=30, lr=0.01, decay=1e-4, seed=0):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return Ranker(w.detach().numpy().astype(np.float64), mean, scale)
+    return Ranker(w.detach().numpy().astype(np.float64), mean, scale, first)

@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import ranking, store
+from . import crossencoder, ranking, store
 from .errors import InputError, StorageError
 from .filters import Filter
 from .store import querylog
@@ -114,7 +114,7 @@ class Search:
                 dn_all.update(dn)
                 deeper = deeper or len(bm) >= depth or len(dn) >= depth
             if ranker is not None:
-                fused = self._rerank(ranker, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
+                fused = self._rerank(ranker, tuning, query, fused, bm_all, dn_all, int(tuning.rrf_k or r["rrf_k"]))
             top = self._top(fused, k, cap, units)
             # units over the cap were dropped and left fewer than k hits: look deeper (ranks above stay)
             if len(top) >= k or not units or cap < 0 or not deeper:
@@ -134,10 +134,17 @@ class Search:
         return self._indexes().scores(self._records(), query, qv, n, where, sparse=mode in ("bm25", "hybrid"),
                                     dense=mode in ("dense", "hybrid"))
 
-    def _rerank(self, ranker, query, fused, bm, dn, rrf_k):
-        """The learned ranker's order of the top source candidates, within the slots they held (ranking.py)."""
+    def _rerank(self, ranker, tuning, query, fused, bm, dn, rrf_k):
+        """The learned ranker's order of the top source candidates, within the slots they held (ranking.py);
+        a ranker that reads a cross-encoder gets its scores of its first ranker's best (crossencoder.py)."""
         kinds = self._indexes().kinds
         cands, X = ranking.inputs(self._records(), query, fused, bm, dn, rrf_k, sum(kinds.counts.values()), kinds.is_unit)
+        if ranker.first is not None:
+            score = tuning.cross_scorer(self._embedder(), self._records(), query)
+            if score is None:
+                ranker = ranker.first
+            else:
+                X = ranking.with_cross_encoder(ranker.first, cands, X, score, crossencoder.TOP)
         return ranking.reorder(ranker, fused, cands, X)
 
     def _top(self, fused, k, cap, units):

@@ -10,12 +10,13 @@ verdict is part of its run, and rolling the run back restores the one before).""
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ranking, store
+from . import crossencoder, ranking, store
 from .store.changes import Change
 from .store.changes import record as record_change
 from .store import documents
@@ -39,6 +40,13 @@ class Tuning:
     rrf_k: int | None = None            # None: retrieval.rrf_k
     hybrid_adapter: bool = True         # whether hybrid searches use the adapter too (chosen on the fit set)
     rankers: dict = field(default_factory=dict)  # {search mode: ranking.Ranker}: reorders its top candidates
+    cross_encoder: crossencoder.Stored | None = None  # what hybrid's ranker reads, when it has one
+
+    def cross_scorer(self, embedder, records, query):
+        """score(chunk ids) -> the cross-encoder's scores of those passages for `query`, or None where this
+        tuning has none (or the embedder has no transformer)."""
+        model = self.cross_encoder.get(embedder) if self.cross_encoder is not None else None
+        return None if model is None else crossencoder.scorer(model, records, query)
 
     def query_vector(self, qv, mode):
         """The vector a search in `mode` uses."""
@@ -109,14 +117,14 @@ def load(conn, tuning_id):
     if r["adapter"] is not None:
         adapter = np.frombuffer(r["adapter"], dtype=np.float32).reshape(r["dim"], r["dim"]).copy()
     return Tuning(r["id"], adapter, float(r["bm25_weight"]), int(r["rrf_k"]), bool(r["hybrid_adapter"]),
-                  ranking.loads(r["ranker"]))
+                  ranking.loads(r["ranker"]), crossencoder.Stored(r["cross_encoder"]) if r["cross_encoder"] else None)
 
 
 def list_tunings(conn):
     """Every fit, oldest first, with its run, status ('adopted', 'inactive', 'rolled-back'), reason and
     the canary's figures."""
     return [dict(r, metrics=json.loads(r["metrics"]), adapter=bool(r["adapter"]), hybrid_adapter=bool(r["hybrid_adapter"]),
-                 ranker=sorted(ranking.loads(r["ranker"])))
+                 ranker=sorted(ranking.loads(r["ranker"])), cross_encoder=bool(r["cross_encoder"]))
             for r in tuning_records.listing(conn)]
 
 
@@ -183,8 +191,9 @@ class _Pool:
         self.where = Filter.parse(None, include_units=False)  # sources only: what a tuning ranks
         self.texts = [t for t, _ in exs]
         self.relevant = [set(d) for _, d in exs]
-        self.q = np.asarray(kb.embedder.encode(self.texts), dtype=np.float32)
-        self.doc_of, self.vec, self.weights = {}, {}, {}
+        self.embedder = kb.embedder
+        self.q = np.asarray(self.embedder.encode(self.texts), dtype=np.float32)
+        self.doc_of, self.vec, self.weights, self.cross_scores = {}, {}, {}, {}
         self.n_chunks = sum(self.indexes.kinds.counts.values())
         self.bm = [self._search(t, None, sparse=True)[0] for t in self.texts]
         self.pos = []
@@ -226,9 +235,10 @@ class _Pool:
         dn = dn if mode != "bm25" else {}
         return fuse(bm, dn, mode, "rrf", rrf_k, bm25_weight=bm25_weight), bm, dn
 
-    def ranked(self, mode, i, dn, bm25_weight, rrf_k, rankers=(None,)):
+    def ranked(self, mode, i, dn, bm25_weight, rrf_k, rankers=(None,), cross=None):
         """Question i's documents in the order a search in `mode` gives, once per ranker (None: no ranker);
-        the ranking features are computed once for all of them."""
+        the ranking features are computed once for all of them. `cross`: the cross-encoder a ranker that
+        reads one gets."""
         f, bm, dn = self.lists(mode, i, dn, bm25_weight, rrf_k)
         out, X = [], None
         for ranker in rankers:
@@ -236,20 +246,43 @@ class _Pool:
             if ranker is not None:
                 if X is None:
                     cands, X = self.features(i, f, bm, dn, rrf_k)
-                g = ranking.reorder(ranker, f, cands, X)
+                use, Xr = self.rerank_inputs(ranker, i, cands, X, cross)
+                g = ranking.reorder(use, f, cands, Xr)
             out.append(self.docs(sorted(g, key=lambda c: (-g[c], c))))
         return out
 
-    def mode_scores(self, mode, rows, dense_lists, bm25_weight, rrf_k, rankers=(None,)):
+    def rerank_inputs(self, ranker, i, cands, X, cross):
+        """(ranker, features) as a search uses them: a ranker that reads a cross-encoder gets its scores
+        (kept per model, question and chunk: the canary scores a slice more than once); with no
+        cross-encoder its first ranker ranks alone."""
+        if ranker.first is None:
+            return ranker, X
+        if cross is None:
+            return ranker.first, X
+        return ranker, self.with_cross_encoder(ranker.first, i, cands, X, cross)
+
+    def with_cross_encoder(self, first, i, cands, X, cross):
+        """Question i's features with the cross-encoder's scores of `first`'s best candidates."""
+        read = crossencoder.scorer(cross, self.records, self.texts[i])
+
+        def score(ids):
+            todo = [c for c in ids if (cross, i, c) not in self.cross_scores]
+            if todo:
+                self.cross_scores.update(((cross, i, c), v) for c, v in zip(todo, read(todo)))
+            return [self.cross_scores[(cross, i, c)] for c in ids]
+        return ranking.with_cross_encoder(first, cands, X, score, crossencoder.TOP)
+
+    def mode_scores(self, mode, rows, dense_lists, bm25_weight, rrf_k, rankers=(None,), cross=None):
         """Mean nDCG@10 over `rows` of searches in `mode`, one per ranker (dense_lists: one per row, or None
         for bm25)."""
-        per = [[_ndcg10(docs, self.relevant[i]) for docs in self.ranked(mode, i, dn, bm25_weight, rrf_k, rankers)]
+        per = [[_ndcg10(docs, self.relevant[i])
+                for docs in self.ranked(mode, i, dn, bm25_weight, rrf_k, rankers, cross)]
                for i, dn in zip(rows, dense_lists or [None] * len(rows))]
         return [float(np.mean(col)) for col in zip(*per)] if per else [float("nan")] * len(rankers)
 
-    def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k, ranker=None):
+    def hybrid_score(self, rows, dense_lists, bm25_weight, rrf_k, ranker=None, cross=None):
         """Mean nDCG@10 over `rows` of hybrid RRF with these weights (and this ranker)."""
-        return self.mode_scores("hybrid", rows, dense_lists, bm25_weight, rrf_k, (ranker,))[0]
+        return self.mode_scores("hybrid", rows, dense_lists, bm25_weight, rrf_k, (ranker,), cross)[0]
 
     def features(self, i, fused, bm, dn, rrf_k):
         """(candidates, ranking features) of question i's fused list, as a search computes them (its words'
@@ -273,8 +306,10 @@ class _Pool:
         """{dense, hybrid} mean nDCG@10 of a tuning over `rows`."""
         dense = self.dense(tuning, rows)
         hybrid = dense if tuning.hybrid_adapter or tuning.adapter is None else self.dense(tuning, rows, "hybrid")
+        cross = tuning.cross_encoder.get(self.embedder) if tuning.cross_encoder is not None else None
         return {"dense": self.dense_score(rows, dense),
-                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k, tuning.rankers.get("hybrid"))}
+                "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k, tuning.rankers.get("hybrid"),
+                                            cross)}
 
 
 def _train_adapter(pool, rows, static, cfg, seed=0):
@@ -356,6 +391,41 @@ def _mode_rankers(pool, current, adapter, choose, held, bm25_weight, rrf_k):
     return picked, metrics
 
 
+def _fit_cross_encoder(pool, rows, choose, choose_lists, searching, bm25_weight, rrf_k, first, most, seed=0):
+    """(cross-encoder, hybrid ranker that reads it, report): the model is trained on at most `most` of
+    `rows` (a fixed sample by question hash, so a night's cost is bounded whatever the feedback), each
+    question's relevant passage against NEGATIVES of the others among `first`'s best POOL; the ranker is
+    fitted on the fusion's questions (`choose`, which the model never saw) with its scores of `first`'s
+    best TOP. `searching`: the tuning whose query vectors make the rows' hybrid lists."""
+    t0 = time.time()
+    rows = sorted(rows, key=lambda i: hashlib.sha1(_question(pool.texts[i]).encode()).digest())[:most]
+    rng = random.Random(seed)
+    triples = []
+    for i, dn in zip(rows, pool.dense(searching, rows, "hybrid")):
+        f, bm, dn = pool.lists("hybrid", i, dn, bm25_weight, rrf_k)
+        cands, X = pool.features(i, f, bm, dn, rrf_k)
+        s = first.score(X)
+        order = [cands[j] for j in sorted(range(len(cands)), key=lambda j: (-s[j], j))]
+        pool.docs(order)
+        pos = [c for c in order if pool.doc_of.get(c) in pool.relevant[i]]
+        neg = [c for c in order[:crossencoder.POOL] if pool.doc_of.get(c) not in pool.relevant[i]]
+        if pos and neg:
+            triples.append((i, pos[0], rng.sample(neg, min(crossencoder.NEGATIVES, len(neg)))))
+    texts = pool.records.passages([c for _, p, ns in triples for c in (p, *ns)])
+    model = crossencoder.CrossEncoder(pool.embedder).train(
+        [(pool.texts[i], texts.get(p, ("", "")), [texts.get(c, ("", "")) for c in ns]) for i, p, ns in triples],
+        seed=seed)
+    exs = []
+    for i, dn in zip(choose, choose_lists):
+        f, bm, dn = pool.lists("hybrid", i, dn, bm25_weight, rrf_k)
+        cands, X = pool.features(i, f, bm, dn, rrf_k)
+        pool.docs(cands)
+        exs.append((pool.with_cross_encoder(first, i, cands, X, model),
+                    np.array([pool.doc_of.get(c) in pool.relevant[i] for c in cands], dtype=np.float64)))
+    ranker = ranking.fit(exs, first=first)
+    return model, ranker, {"questions": len(triples), "seconds": round(time.time() - t0, 1)}
+
+
 def decide(now, new, has_adapter, hybrid_uses_it, current):
     """The canary's verdict on a candidate from its held-out nDCG@10 ({dense, hybrid}) against the tuning in
     use: "all" when it is not worse on either; "dense" when its adapter helps dense search but its hybrid
@@ -413,16 +483,33 @@ def fit(kb, run_id, exs=None):
     use, w, k = _fit_fusion(pool, choose, lists)
     # hybrid's ranker learns on the same questions, from the lists the chosen fusion makes of them
     ranker = ranking.fit(pool.ranker_examples("hybrid", choose, lists[use], w, k)) if cfg["ranker"] else None
+    cross, cross_report = None, None
+    if ranker is not None and int(cfg["cross_encoder"]) > 0:
+        if crossencoder.transformer_of(pool.embedder) is None:
+            cross_report = {"kept": False, "reason": "the embedder has no transformer to make one of"}
+        else:  # trained on the adapter's questions: the ranker that weighs it learns on the fusion's
+            cross, ranker, cross_report = _fit_cross_encoder(
+                pool, [i for i in fit_rows if i not in chosen], choose, lists[use],
+                Tuning(None, adapter) if use else UNTUNED, w, k, ranker, int(cfg["cross_encoder"]))
     if adapter is not None:  # the fusion chosen, the adapter learns from every fitted question
         adapter = _train_adapter(pool, fit_rows, pool.dense(UNTUNED, fit_rows), cfg)
-    candidate = Tuning(None, adapter, w, k, use, {"hybrid": ranker} if ranker is not None else {})
+    if cross is not None:  # kept only where it ranks the held-out questions better than its first ranker alone
+        held_lists = pool.dense(Tuning(None, adapter, w, k, use), held_rows, "hybrid")
+        alone, read = pool.mode_scores("hybrid", held_rows, held_lists, w, k, (ranker.first, ranker), cross)
+        cross_report.update(kept=read > alone, held_out={"without": alone, "with": read})
+        if read <= alone:
+            cross, ranker = None, ranker.first
+    candidate = Tuning(None, adapter, w, k, use, {"hybrid": ranker} if ranker is not None else {},
+                       crossencoder.Stored(model=cross) if cross is not None else None)
     cur_k = current.rrf_k or int(kb.config["retrieval"]["rrf_k"])
     now = pool.score(current, held_rows, cur_k)
     new = pool.score(candidate, held_rows, k)
     verdict, reason = decide(now, new, adapter is not None, use, current)
     adopt = verdict is not None
+    cross_stored = candidate.cross_encoder
     if verdict == "dense":  # hybrid searches exactly as they are now (the current weights, no adapter)
         use, w, k, ranker = False, current.bm25_weight, cur_k, current.rankers.get("hybrid")
+        cross_stored = current.cross_encoder
         new = {"dense": new["dense"], "hybrid": now["hybrid"]}
     elif verdict == "hybrid":  # dense searches as now: the adapter in use is kept
         adapter = current.adapter
@@ -434,20 +521,24 @@ def fit(kb, run_id, exs=None):
     metrics = {"current": now, "candidate": new, "current_id": current.id, "seconds": round(time.time() - t0, 2)}
     if adopt and cfg["ranker"]:
         metrics["rankers"] = metrics_r
+    if cross_report is not None:
+        metrics["cross_encoder"] = cross_report
     report = {"status": "adopted" if adopt else "inactive", "id": f"tuning:{run_id}", "examples": len(train),
               "holdout": len(held), "bm25_weight": w, "rrf_k": k, "adapter": adapter is not None,
-              "hybrid_adapter": use, "ranker": sorted(rankers),
+              "hybrid_adapter": use, "ranker": sorted(rankers), "cross_encoder": cross_stored is not None,
               "metrics": metrics, "reason": reason}
-    return report, (run_id, model, int(pool.q.shape[1]), adapter, rankers)
+    # only an adopted tuning keeps its cross-encoder's bytes: no search uses an inactive one
+    return report, (run_id, model, int(pool.q.shape[1]), adapter, rankers, cross_stored if adopt else None)
 
 
 def record(conn, report, row):
     """Store a fit, before the night's units are judged with it (a run killed after this has the fit rolled
     back when the night is resumed, and fitted again)."""
-    run_id, model, dim, adapter, rankers = row
+    run_id, model, dim, adapter, rankers, cross = row
     tuning_records.insert(conn, report["id"], run_id, time.time(), report["status"], model, dim,
                           report["bm25_weight"], report["rrf_k"], int(report["hybrid_adapter"]),
                           None if adapter is None else adapter.tobytes(), ranking.dumps(rankers),
+                          None if cross is None else cross.blob,
                           report["examples"], report["holdout"], json.dumps(report["metrics"]), report["reason"])
     record_change(conn, Change())  # searches read the adopted tuning again (Active)
 

@@ -198,6 +198,10 @@ MIGRATIONS = [
     """
     ALTER TABLE tunings ADD COLUMN ranker TEXT;
     """,
+    # 12: ... and a cross-encoder its hybrid ranker reads (crossencoder.py): the trained weights' bytes.
+    """
+    ALTER TABLE tunings ADD COLUMN cross_encoder BLOB;
+    """,
 ]
 
 

@@ -22,7 +22,8 @@ def get(conn, tuning_id):
 def listing(conn):
     """Every tuning, oldest first, without its adapter's bytes (a cursor of rows)."""
     return conn.execute("SELECT id, run_id, created, status, model, bm25_weight, rrf_k, hybrid_adapter, "
-                        "adapter IS NOT NULL AS adapter, ranker, examples, holdout, "
+                        "adapter IS NOT NULL AS adapter, ranker, cross_encoder IS NOT NULL AS cross_encoder, "
+                        "examples, holdout, "
                         "metrics, reason FROM tunings "
                         "ORDER BY created, id")
 
@@ -34,13 +35,14 @@ def roll_back(conn, run_id):
 
 
 def insert(conn, tuning_id, run_id, created, status, model, dim, bm25_weight, rrf_k, hybrid_adapter, adapter, ranker,
-           examples, holdout, metrics, reason):
-    """Store one tuning (replacing one of the same id); values as stored (adapter bytes, JSON text)."""
+           cross_encoder, examples, holdout, metrics, reason):
+    """Store one tuning (replacing one of the same id); values as stored (adapter and cross-encoder bytes,
+    JSON text)."""
     conn.execute("INSERT OR REPLACE INTO tunings(id, run_id, created, status, model, dim, bm25_weight, rrf_k, "
-                 "hybrid_adapter, adapter, ranker, examples, holdout, metrics, reason) "
-                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                 "hybrid_adapter, adapter, ranker, cross_encoder, examples, holdout, metrics, reason) "
+                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                  (tuning_id, run_id, created, status, model, dim, bm25_weight, rrf_k, hybrid_adapter, adapter, ranker,
-                  examples, holdout, metrics, reason))
+                  cross_encoder, examples, holdout, metrics, reason))
 
 
 # ---- what feedback teaches ------------------------------------------------------------------
