@@ -30,3 +30,39 @@ def write_result(text, out=None):
     if out:
         with open(out, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def feedback_slices(kb_path):
+    """What the probes of learned retrieval share: the KB write-back left at `kb_path`, the candidate pool of
+    its feedback, and the slices write-back uses (tuning.split and the fusion slice). A namespace of kb, cfg,
+    pool, train, held, fit_rows, held_rows, choose (ranker and fusion) and learn (the adapter's)."""
+    from types import SimpleNamespace
+
+    from writeback_rag import KnowledgeBase
+    from writeback_rag import tuning as T
+
+    kb = KnowledgeBase.open(kb_path, notify=lambda m: None)
+    cfg = kb.config["learning"]
+    train, held, _ = T.split(cfg, T.examples(kb.conn))
+    pool = T._Pool(kb, train + held, int(cfg["candidates"]))
+    fit_rows = list(range(len(train)))
+    held_rows = list(range(len(train), len(train) + len(held)))
+    choose = [i for i in fit_rows if T.in_holdout("fusion " + train[i][0], T.FUSION_SLICE)]
+    chosen = set(choose)
+    return SimpleNamespace(kb=kb, cfg=cfg, pool=pool, train=train, held=held, fit_rows=fit_rows,
+                           held_rows=held_rows, choose=choose, learn=[i for i in fit_rows if i not in chosen])
+
+
+def recall_at(pool, rows, lists, score, ks=(1, 5)):
+    """(len(rows), len(ks)) array: whether a relevant document is in the top k of question i's candidates
+    ordered by `score(i, X)`; `lists`: {i: (candidates, features, relevant or not)}."""
+    import numpy as np
+
+    out = []
+    for i in rows:
+        cands, X, _ = lists[i]
+        s = score(i, X)
+        order = sorted(range(len(cands)), key=lambda j: (-s[j], j))
+        docs = list(dict.fromkeys(pool.doc_of.get(cands[j]) for j in order))
+        out.append([float(any(d in pool.relevant[i] for d in docs[:k])) for k in ks])
+    return np.array(out)

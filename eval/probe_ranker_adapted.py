@@ -18,21 +18,15 @@ import time
 import numpy as np
 
 import common  # noqa: F401,E402  (puts the repository root on sys.path)
-from writeback_rag import KnowledgeBase, ranking  # noqa: E402
+from writeback_rag import ranking  # noqa: E402
 from writeback_rag import tuning as T  # noqa: E402
 
 
 def main():
-    kb = KnowledgeBase.open(sys.argv[1], notify=lambda m: None)
-    cfg = kb.config["learning"]
     t0 = time.time()
-    train, held, _ = T.split(cfg, T.examples(kb.conn))
-    pool = T._Pool(kb, train + held, int(cfg["candidates"]))
-    fit_rows = list(range(len(train)))
-    held_rows = list(range(len(train), len(train) + len(held)))
-    choose = [i for i in fit_rows if T.in_holdout("fusion " + train[i][0], T.FUSION_SLICE)]
-    chosen = set(choose)
-    learn = [i for i in fit_rows if i not in chosen]
+    S = common.feedback_slices(sys.argv[1])
+    kb, cfg, pool, train, held = S.kb, S.cfg, S.pool, S.train, S.held
+    fit_rows, held_rows, choose, learn = S.fit_rows, S.held_rows, S.choose, S.learn
     first = T._train_adapter(pool, learn, pool.dense(T.UNTUNED, learn), cfg)
     final = T._train_adapter(pool, fit_rows, pool.dense(T.UNTUNED, fit_rows), cfg)
     tuning = kb._search.tuning.get(kb.conn)
