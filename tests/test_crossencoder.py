@@ -106,9 +106,8 @@ def test_the_cross_encoder_learns_from_feedback_and_its_stored_bytes_score_the_s
     q, pos, negs = new[0]
     a, b = model.scores(q, [pos] + negs), again.scores(q, [pos] + negs)
     assert np.argmax(a) == np.argmax(b) and np.allclose(a, b, atol=0.05 * (np.ptp(a) + 1e-6))
-    from writeback_rag.backends import HashEmbedder
-
     assert Stored(blob).get(HashEmbedder()) is None  # no transformer: the ranker ranks without it
+    assert Stored(b"not a model").get(minilm) is None  # bytes that do not load: the same
 
 
 DOCS = [{"id": f"d{i}", "title": f"Vessel {i}", "text": t} for i, t in enumerate([

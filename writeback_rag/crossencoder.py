@@ -157,9 +157,13 @@ class Stored:
         return self._blob
 
     def get(self, embedder):
-        """The model, or None where the embedder has no transformer (the ranker then ranks without it)."""
+        """The model, or None where the embedder has no transformer or the bytes do not load into it (the
+        ranker then ranks without it: a search never fails for its reranker's sake)."""
         if self._model is None:
             if transformer_of(embedder) is None:
                 return None
-            self._model = CrossEncoder(embedder, self.blob)
+            try:
+                self._model = CrossEncoder(embedder, self.blob)
+            except Exception:  # torch.load and load_state_dict raise several kinds for bytes that do not fit
+                return None
         return self._model
