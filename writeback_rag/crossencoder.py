@@ -5,10 +5,11 @@ them; reading both at once can. No second model is downloaded: write-back copies
 and fine-tunes them on the feedback's questions (each relevant passage against passages the hybrid ranker
 put near it), within a bounded number of questions, so a night's cost grows with feedback, not with the
 corpus. Hybrid search scores its ranker's top TOP candidates with it, and the ranker weighs that score
-beside its other features (ranking.py). Measured: eval/results/probe-cross-encoder.md, eval-squad.md.
+beside its other features (ranking.py). Measured: eval/results/probe-cross-encoder.md and
+cross-encoder/eval-squad.md.
 
 Only the weights that training changes are stored (the word embeddings stay the embedder's), in bfloat16:
-about 21 MB for MiniLM, in the tuning's row, so a rollback brings back the one before."""
+about 22 MB for MiniLM, in the tuning's row, so a rollback brings back the one before."""
 
 import copy
 import io
