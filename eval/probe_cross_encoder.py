@@ -87,14 +87,11 @@ def ce_feats(i):
 t2 = time.time()
 ext = {i: np.hstack([base[i][1], ce_feats(i)]) for i in choose + held_rows}
 print("scored", round(time.time() - t2), "s", flush=True)
-NF = ranking.FEATURES
 def ev(r, extra):
     return common.recall_at(pool, held_rows, base, lambda i, X: r.score(ext[i] if extra else X))
 a = ev(rk, False)
-ranking.FEATURES = NF + ("ce", "ce-best")
-r2 = ranking.fit([(ext[i], base[i][2]) for i in choose])
+r2 = ranking.fit([(ext[i], base[i][2]) for i in choose])  # fit takes the width of the features it is given
 b = ev(r2, True)
-ranking.FEATURES = NF
 # ce alone within top TOPN
 print("current R@1 %.4f R@5 %.4f" % tuple(a.mean(0)), " +ce R@1 %.4f R@5 %.4f" % tuple(b.mean(0)), "w", np.round(r2.weights, 2))
 print("R@5 delta", T._paired_ci(b[:, 1], a[:, 1]), "R@1 delta", T._paired_ci(b[:, 0], a[:, 0]))

@@ -45,12 +45,8 @@ def nb_feats(i, cands):
 pos_of = {i: n for n, i in enumerate(rows)}
 ext = {i: np.hstack([base[i][1], nb_feats(i, base[i][0])]) for i in rows}
 print("nb", round(time.time() - t0), "s", flush=True)
-NF = ranking.FEATURES
 def fitX(rs, extra):
-    if extra:
-        ranking.FEATURES = NF + ("a", "b", "c", "d")
     r = ranking.fit([((ext[i] if extra else base[i][1]), base[i][2]) for i in rs])
-    ranking.FEATURES = NF
     return r
 def evaluate(r, extra):
     return common.recall_at(pool, held_rows, base, lambda i, X: r.score(ext[i] if extra else X))

@@ -36,12 +36,6 @@ def transformer_of(embedder):
         return None
 
 
-def _bf16():
-    from .backends import cpu_has_bf16
-
-    return cpu_has_bf16()
-
-
 class CrossEncoder:
     """A copy of the embedder's transformer with a linear score on its first token."""
 
@@ -58,7 +52,9 @@ class CrossEncoder:
         with torch.no_grad():  # a fixed start: the same feedback trains the same model
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen) * 0.02)
             self.head.bias.zero_()
-        self.bf16 = _bf16()
+        from .backends import cpu_has_bf16
+
+        self.bf16 = cpu_has_bf16()
         if state is not None:
             self.load_bytes(state)
 
