@@ -171,7 +171,7 @@ KEYS = [
         "hybrid's is judged with the rest of the fit; bm25's and dense's are kept only where they rank the "
         "held-out questions better."),
     Key("learning", "cross_encoder", int, 0, "Train a cross-encoder from the embedder's own weights on at most this "
-        "many feedback questions each night (0: none); hybrid search scores its reranker's top 10 candidates "
+        "many feedback questions each night (0: none); hybrid search scores its reranker's top 20 candidates "
         "with it. Kept only where the held-out questions rank better. Costs 21 min a night for 2,000 questions "
         "and ~0.18 s a hybrid search on 2 CPU cores: eval/results/cross-encoder/eval-squad.md.",
         min=0, max=10_000_000),

@@ -17,7 +17,7 @@ import random
 
 import numpy as np
 
-TOP = 10         # candidates a search scores with it (its ranker's best)
+TOP = 20         # candidates a search scores with it (its ranker's best; 20 over 10: probe-cross-encoder.md)
 MAX_TOKENS = 224  # question + passage, truncated from the passage's end
 NEGATIVES = 3     # non-relevant passages each training question is contrasted with
 POOL = 15         # ... drawn from the ranker's best POOL candidates
