@@ -172,8 +172,8 @@ KEYS = [
         "held-out questions better."),
     Key("learning", "cross_encoder", int, 0, "Train a cross-encoder from the embedder's own weights on at most this "
         "many feedback questions each night (0: none); hybrid search scores its reranker's top 20 candidates "
-        "with it. Kept only where the held-out questions rank better. Costs 21 min a night for 2,000 questions "
-        "and ~0.18 s a hybrid search on 2 CPU cores: eval/results/cross-encoder/eval-squad.md.",
+        "with it. Kept only where the held-out questions rank better. Costs 25 min a night for 2,000 questions "
+        "and ~0.22 s a hybrid search on 2 CPU cores: eval/results/cross-encoder/eval-squad.md.",
         min=0, max=10_000_000),
     Key("learning", "holdout", float, 0.2, "Share of the questions (fixed by their text) held out to judge a fit.",
         min=0.01, max=0.9),
