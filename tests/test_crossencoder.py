@@ -110,6 +110,21 @@ def test_the_cross_encoder_learns_from_feedback_and_its_stored_bytes_score_the_s
     assert Stored(b"not a model").get(minilm) is None  # bytes that do not load: the same
 
 
+def test_stored_bytes_that_do_not_load_are_tried_once_not_on_every_search(minilm, monkeypatch):
+    from writeback_rag import crossencoder
+
+    made = []
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return CrossEncoder(*args, **kwargs)
+
+    monkeypatch.setattr(crossencoder, "CrossEncoder", counting)
+    bad = Stored(b"not a model")
+    assert [bad.get(minilm) for _ in range(3)] == [None, None, None]
+    assert len(made) == 1  # a search after the first does not copy the transformer again to fail again
+
+
 DOCS = [{"id": f"d{i}", "title": f"Vessel {i}", "text": t} for i, t in enumerate([
     "The vessel Korrin sailed north with grain in spring.",
     "Records of the vessel Korrin were confirmed by the registry.",

@@ -146,6 +146,7 @@ class Stored:
 
     def __init__(self, blob=None, model=None):
         self._blob, self._model = blob, model
+        self._unusable = False  # tried and failed: not tried again on every search
 
     @property
     def blob(self):
@@ -156,11 +157,10 @@ class Stored:
     def get(self, embedder):
         """The model, or None where the embedder has no transformer or the bytes do not load into it (the
         ranker then ranks without it: a search never fails for its reranker's sake)."""
-        if self._model is None:
-            if transformer_of(embedder) is None:
-                return None
+        if self._model is None and not self._unusable:
             try:
-                self._model = CrossEncoder(embedder, self.blob)
+                self._model = CrossEncoder(embedder, self.blob) if transformer_of(embedder) is not None else None
             except Exception:  # torch.load and load_state_dict raise several kinds for bytes that do not fit
-                return None
+                self._model = None
+            self._unusable = self._model is None
         return self._model

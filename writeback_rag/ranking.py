@@ -194,6 +194,17 @@ def with_cross_encoder(first, cands, X, score, top):
     return np.hstack([X, v[:, None], (v - v.max())[:, None]])
 
 
+def rerank_inputs(ranker, cands, X, score, top):
+    """(ranker, features) a search reorders with: a ranker that weighs a cross-encoder gets `score`'s
+    reading of its first ranker's best `top` (with_cross_encoder); where `score` is None (no cross-encoder
+    to read) its first ranker ranks alone."""
+    if ranker.first is None:
+        return ranker, X
+    if score is None:
+        return ranker.first, X
+    return ranker, with_cross_encoder(ranker.first, cands, X, score, top)
+
+
 def reorder(ranker, fused, cands, X):
     """`fused` with `cands` (fused order) reordered by the ranker within the slots they held: the i-th best
     by the ranker takes the i-th of their fused scores."""

@@ -139,12 +139,8 @@ class Search:
         a ranker that reads a cross-encoder gets its scores of its first ranker's best (crossencoder.py)."""
         kinds = self._indexes().kinds
         cands, X = ranking.inputs(self._records(), query, fused, bm, dn, rrf_k, sum(kinds.counts.values()), kinds.is_unit)
-        if ranker.first is not None:
-            score = tuning.cross_scorer(self._embedder(), self._records(), query)
-            if score is None:
-                ranker = ranker.first
-            else:
-                X = ranking.with_cross_encoder(ranker.first, cands, X, score, crossencoder.TOP)
+        score = tuning.cross_scorer(self._embedder(), self._records(), query) if ranker.first is not None else None
+        ranker, X = ranking.rerank_inputs(ranker, cands, X, score, crossencoder.TOP)
         return ranking.reorder(ranker, fused, cands, X)
 
     def _top(self, fused, k, cap, units):

@@ -42,10 +42,14 @@ class Tuning:
     rankers: dict = field(default_factory=dict)  # {search mode: ranking.Ranker}: reorders its top candidates
     cross_encoder: crossencoder.Stored | None = None  # what hybrid's ranker reads, when it has one
 
+    def cross_model(self, embedder):
+        """This tuning's cross-encoder made with `embedder`, or None where it has none (or the embedder has
+        no transformer for it)."""
+        return self.cross_encoder.get(embedder) if self.cross_encoder is not None else None
+
     def cross_scorer(self, embedder, records, query):
-        """score(chunk ids) -> the cross-encoder's scores of those passages for `query`, or None where this
-        tuning has none (or the embedder has no transformer)."""
-        model = self.cross_encoder.get(embedder) if self.cross_encoder is not None else None
+        """score(chunk ids) -> the cross-encoder's scores of those passages for `query`, or None (cross_model)."""
+        model = self.cross_model(embedder)
         return None if model is None else crossencoder.scorer(model, records, query)
 
     def query_vector(self, qv, mode):
@@ -252,17 +256,14 @@ class _Pool:
         return out
 
     def rerank_inputs(self, ranker, i, cands, X, cross):
-        """(ranker, features) as a search uses them: a ranker that reads a cross-encoder gets its scores
-        (kept per model, question and chunk: the canary scores a slice more than once); with no
-        cross-encoder its first ranker ranks alone."""
-        if ranker.first is None:
-            return ranker, X
-        if cross is None:
-            return ranker.first, X
-        return ranker, self.with_cross_encoder(ranker.first, i, cands, X, cross)
+        """(ranker, features) as a search uses them (ranking.rerank_inputs), `cross` (a cross-encoder or
+        None) reading question i's passages."""
+        score = self.cross_score(cross, i) if cross is not None and ranker.first is not None else None
+        return ranking.rerank_inputs(ranker, cands, X, score, crossencoder.TOP)
 
-    def with_cross_encoder(self, first, i, cands, X, cross):
-        """Question i's features with the cross-encoder's scores of `first`'s best candidates."""
+    def cross_score(self, cross, i):
+        """score(chunk ids) -> the cross-encoder's scores of their passages for question i, kept per model,
+        question and chunk (the canary scores a slice more than once)."""
         read = crossencoder.scorer(cross, self.records, self.texts[i])
 
         def score(ids):
@@ -270,7 +271,7 @@ class _Pool:
             if todo:
                 self.cross_scores.update(((cross, i, c), v) for c, v in zip(todo, read(todo)))
             return [self.cross_scores[(cross, i, c)] for c in ids]
-        return ranking.with_cross_encoder(first, cands, X, score, crossencoder.TOP)
+        return score
 
     def mode_scores(self, mode, rows, dense_lists, bm25_weight, rrf_k, rankers=(None,), cross=None):
         """Mean nDCG@10 over `rows` of searches in `mode`, one per ranker (dense_lists: one per row, or None
@@ -292,12 +293,15 @@ class _Pool:
             self.weights[i] = ranking.idf(self.records, bm25_tokens(self.texts[i]), self.n_chunks)
         return ranking.inputs(self.records, self.texts[i], fused, bm, dn, rrf_k, self.n_chunks, weights=self.weights[i])
 
-    def ranker_examples(self, mode, rows, dense_lists, bm25_weight, rrf_k):
-        """[(features, relevant or not)] per question of searches in `mode`: what its ranker learns from."""
+    def ranker_examples(self, mode, rows, dense_lists, bm25_weight, rrf_k, first=None, cross=None):
+        """[(features, relevant or not)] per question of searches in `mode`: what its ranker learns from.
+        With `cross`, a cross-encoder's scores of the best candidates of the ranker `first` too."""
         out = []
         for i, dn in zip(rows, dense_lists or [None] * len(rows)):
             f, bm, dn = self.lists(mode, i, dn, bm25_weight, rrf_k)
             cands, X = self.features(i, f, bm, dn, rrf_k)
+            if cross is not None:
+                X = ranking.with_cross_encoder(first, cands, X, self.cross_score(cross, i), crossencoder.TOP)
             self.docs(cands)  # fills doc_of
             out.append((X, np.array([self.doc_of.get(c) in self.relevant[i] for c in cands], dtype=np.float64)))
         return out
@@ -306,10 +310,9 @@ class _Pool:
         """{dense, hybrid} mean nDCG@10 of a tuning over `rows`."""
         dense = self.dense(tuning, rows)
         hybrid = dense if tuning.hybrid_adapter or tuning.adapter is None else self.dense(tuning, rows, "hybrid")
-        cross = tuning.cross_encoder.get(self.embedder) if tuning.cross_encoder is not None else None
         return {"dense": self.dense_score(rows, dense),
                 "hybrid": self.hybrid_score(rows, hybrid, tuning.bm25_weight, rrf_k, tuning.rankers.get("hybrid"),
-                                            cross)}
+                                            tuning.cross_model(self.embedder))}
 
 
 def _train_adapter(pool, rows, static, cfg, seed=0):
@@ -415,14 +418,8 @@ def _fit_cross_encoder(pool, rows, choose, choose_lists, searching, bm25_weight,
     model = crossencoder.CrossEncoder(pool.embedder).train(
         [(pool.texts[i], texts.get(p, ("", "")), [texts.get(c, ("", "")) for c in ns]) for i, p, ns in triples],
         seed=seed)
-    exs = []
-    for i, dn in zip(choose, choose_lists):
-        f, bm, dn = pool.lists("hybrid", i, dn, bm25_weight, rrf_k)
-        cands, X = pool.features(i, f, bm, dn, rrf_k)
-        pool.docs(cands)
-        exs.append((pool.with_cross_encoder(first, i, cands, X, model),
-                    np.array([pool.doc_of.get(c) in pool.relevant[i] for c in cands], dtype=np.float64)))
-    ranker = ranking.fit(exs, first=first)
+    ranker = ranking.fit(pool.ranker_examples("hybrid", choose, choose_lists, bm25_weight, rrf_k, first, model),
+                         first=first)
     return model, ranker, {"questions": len(triples), "seconds": round(time.time() - t0, 1)}
 
 
